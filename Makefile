@@ -1,0 +1,60 @@
+# r1kit developer entry points.
+#
+#   make venv    create .venv and install r1kit (runtime deps only)
+#   make dev     venv + test/lint tools ('.[dev]')
+#   make run     the main job: python -m r1kit demo
+#   make test    pytest + ruff (pass extra pytest args via PYTEST_ARGS="-k foo -x")
+#   make bench   decode benchmark
+#   make lint    ruff only
+#   make clean   remove build/test caches (keeps .venv; 'make distclean' removes it too)
+
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTHON := $(BIN)/python
+PIP := $(PYTHON) -m pip
+# Pinned so pip takes the local CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
+TORCH_VERSION ?= 2.13.0
+PYTEST_ARGS ?=
+# Only lint the directories that exist (benchmarks/ may be absent in a fresh checkout).
+LINT_PATHS := $(wildcard r1kit tests benchmarks)
+
+.DEFAULT_GOAL := venv
+.PHONY: venv dev run test lint bench clean distclean
+
+venv: $(VENV)/.stamp-run
+
+dev: $(VENV)/.stamp-dev
+
+$(PYTHON):
+	$(PY) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+
+$(VENV)/.stamp-run: pyproject.toml | $(PYTHON)
+	$(PIP) install "torch==$(TORCH_VERSION)"
+	$(PIP) install -e .
+	@touch $@
+
+$(VENV)/.stamp-dev: $(VENV)/.stamp-run pyproject.toml
+	$(PIP) install -e '.[dev]'
+	@touch $@
+
+run: venv
+	$(PYTHON) -m r1kit demo
+
+test: dev
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+	$(BIN)/ruff check $(LINT_PATHS)
+
+lint: dev
+	$(BIN)/ruff check $(LINT_PATHS)
+
+bench: dev
+	$(PYTHON) benchmarks/bench_decode.py
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

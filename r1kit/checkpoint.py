@@ -1,0 +1,399 @@
+"""Hugging Face-format checkpoints: config.json <-> ModelConfig, safetensors in and out, FP8 dequantisation.
+
+Loading builds the model on the meta device, then reads each tensor through a memory-mapped
+`safe_open`, converts it to the target dtype/device and assigns it, so a load needs about one copy of the
+weights. DeepSeek's released FP8 weights (float8_e4m3fn with a `weight_scale_inv` per 128x128 block) are
+dequantised on the way in. Saving writes the same layout back (sharded with an index past the shard
+size), every file through a temporary name and an atomic rename.
+
+Pickle checkpoints (.bin/.pt) are refused unless `allow_pickle=True`, and even then are read with
+`torch.load(weights_only=True)`, which never unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from r1kit.model.config import ConfigError, ModelConfig, rope_type
+from r1kit.model.transformer import Transformer
+
+log = logging.getLogger("r1kit")
+
+HF_ARCHITECTURES = {
+    "DeepseekV3ForCausalLM": "deepseek_v3",
+    "DeepseekV2ForCausalLM": "deepseek_v2",
+    "Qwen2ForCausalLM": "qwen2",
+    "LlamaForCausalLM": "llama",
+}
+_ARCH_TO_HF = {v: k for k, v in HF_ARCHITECTURES.items()}
+_MODEL_TYPE = {"deepseek_v3": "deepseek_v3", "deepseek_v2": "deepseek_v2", "qwen2": "qwen2", "llama": "llama"}
+# Kept in fp32 whatever the model dtype: routing decisions are sensitive (the references do the same).
+FP32_TENSORS = re.compile(r"mlp\.gate\.(weight|e_score_correction_bias)$")
+# Present in some checkpoints, derived or shared in r1kit.
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq$)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable or does not match its config. The message names it."""
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+
+def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """Translate a Hugging Face config.json dict into a ModelConfig (errors name the field and file)."""
+    archs = hf.get("architectures") or []
+    arch = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
+    if arch is None:
+        arch = {v: k for k, v in _MODEL_TYPE.items()}.get(hf.get("model_type", ""))
+    if arch is None:
+        raise CheckpointError(f"{source}: unsupported architecture {archs or hf.get('model_type')!r}; "
+                              f"r1kit loads {sorted(HF_ARCHITECTURES)}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
+    if hf.get("mlp_bias"):
+        raise CheckpointError(f"{source}: mlp_bias = true is not supported")
+    if arch == "llama" and hf.get("attention_bias"):
+        raise CheckpointError(f"{source}: attention_bias = true is not supported for llama")
+
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
+    rope.pop("partial_rotary_factor", None)
+    scaling = rope if rope_type(rope) != "default" else None
+    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+    missing = [k for k in required if hf.get(k) is None]
+    if missing:
+        raise CheckpointError(f"{source}: missing field(s) {missing}")
+    fields: dict[str, Any] = dict(
+        arch=arch, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+        intermediate_size=hf.get("intermediate_size", 0), num_heads=hf["num_attention_heads"],
+        max_position_embeddings=hf.get("max_position_embeddings", 4096), rope_theta=float(theta),
+        rope_scaling=scaling, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"), initializer_range=hf.get("initializer_range", 0.02),
+    )
+    if arch in ("qwen2", "llama"):
+        fields.update(attention="gqa", num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                      head_dim=hf.get("head_dim"), attention_bias=arch == "qwen2", rope_interleave=False)
+    else:
+        n_experts = hf.get("n_routed_experts") or 0
+        fields.update(
+            attention="mla", q_lora_rank=hf.get("q_lora_rank"), kv_lora_rank=hf["kv_lora_rank"],
+            qk_nope_head_dim=hf["qk_nope_head_dim"], qk_rope_head_dim=hf["qk_rope_head_dim"],
+            v_head_dim=hf["v_head_dim"], n_routed_experts=n_experts, n_shared_experts=hf.get("n_shared_experts") or 0,
+            num_experts_per_tok=hf.get("num_experts_per_tok") or 0,
+            moe_intermediate_size=hf.get("moe_intermediate_size") or 0,
+            first_k_dense_replace=hf.get("first_k_dense_replace") or 0, moe_layer_freq=hf.get("moe_layer_freq") or 1,
+            scoring_func=hf.get("scoring_func", "sigmoid" if arch == "deepseek_v3" else "softmax"),
+            topk_method=hf.get("topk_method", "noaux_tc" if arch == "deepseek_v3" else "greedy"),
+            n_group=hf.get("n_group") or 1, topk_group=hf.get("topk_group") or 1,
+            norm_topk_prob=bool(hf.get("norm_topk_prob", arch == "deepseek_v3")),
+            routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+            rope_interleave=bool(hf.get("rope_interleave", True)),
+            num_mtp_layers=hf.get("num_nextn_predict_layers") or 0,
+        )
+    try:
+        return ModelConfig(**fields, extra={"hf_config": hf})
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """ModelConfig -> config.json dict (starting from the original config.json when there was one)."""
+    hf = dict(cfg.extra.get("hf_config") or {})
+    hf.update(architectures=[_ARCH_TO_HF[cfg.arch]], model_type=_MODEL_TYPE[cfg.arch], vocab_size=cfg.vocab_size,
+              hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+              intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings,
+              rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_word_embeddings,
+              bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, hidden_act="silu",
+              initializer_range=cfg.initializer_range, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling)
+    hf.pop("rope_parameters", None)
+    hf.pop("quantization_config", None)  # r1kit writes dequantised weights
+    if cfg.attention == "gqa":
+        hf.update(num_key_value_heads=cfg.num_kv_heads)
+        if cfg.head_dim is not None:
+            hf["head_dim"] = cfg.head_dim
+    else:
+        hf.update(num_key_value_heads=cfg.num_heads, q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank,
+                  qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
+                  v_head_dim=cfg.v_head_dim, n_routed_experts=cfg.n_routed_experts or None,
+                  n_shared_experts=cfg.n_shared_experts or None, num_experts_per_tok=cfg.num_experts_per_tok or None,
+                  moe_intermediate_size=cfg.moe_intermediate_size, first_k_dense_replace=cfg.first_k_dense_replace,
+                  moe_layer_freq=cfg.moe_layer_freq, scoring_func=cfg.scoring_func, topk_method=cfg.topk_method,
+                  n_group=cfg.n_group, topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
+                  routed_scaling_factor=cfg.routed_scaling_factor, rope_interleave=cfg.rope_interleave,
+                  num_nextn_predict_layers=cfg.num_mtp_layers)
+    return hf
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    """ModelConfig of a checkpoint folder, from its config.json."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{file}: not found; a checkpoint folder needs config.json")
+    try:
+        hf = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    return config_from_hf(hf, str(file))
+
+
+# ---------------------------------------------------------------------------------------------------- names
+
+
+def _hf_names(name: str, cfg: ModelConfig) -> str | list[str] | None:
+    """r1kit parameter name -> its checkpoint name(s). Stacked experts map to a list (one per expert)."""
+    if name == "lm_head.weight":
+        return None if cfg.tie_word_embeddings else name
+    m = re.match(r"mtp\.(\d+)\.(.+)$", name)
+    if m:  # DeepSeek stores MTP depth d as decoder layer num_layers + d
+        rest = m.group(2).removeprefix("block.").replace("shared_head_norm", "shared_head.norm")
+        name = f"layers.{cfg.num_layers + int(m.group(1))}.{rest}"
+    m = re.match(r"(.*mlp\.experts)\.(gate_up_proj|down_proj)$", name)
+    if m:
+        prefix = f"model.{m.group(1)}"
+        if m.group(2) == "down_proj":
+            return [f"{prefix}.{e}.down_proj.weight" for e in range(cfg.n_routed_experts)]
+        return [f"{prefix}.{e}.{p}.weight" for e in range(cfg.n_routed_experts) for p in ("gate_proj", "up_proj")]
+    return f"model.{name}"
+
+
+class _Reader:
+    """Tensor name -> file, over one safetensors file, a sharded index, or (opt-in) a pickle file."""
+
+    def __init__(self, path: Path, allow_pickle: bool):
+        self.path, self.files, self.where = path, {}, {}
+        index = path / "model.safetensors.index.json"
+        single = sorted(path.glob("*.safetensors"))
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            for name, file in weight_map.items():
+                self.where[name] = path / file
+        elif single:
+            for file in single:
+                for name in self._open(file).keys():
+                    self.where[name] = file
+        else:
+            pickles = sorted([*path.glob("*.bin"), *path.glob("*.pt"), *path.glob("*.pth")])
+            if not pickles:
+                raise CheckpointError(f"{path}: no *.safetensors weights found")
+            if not allow_pickle:
+                raise CheckpointError(
+                    f"{path}: only pickle weights ({', '.join(p.name for p in pickles)}); r1kit refuses pickle "
+                    "files, which can run code when loaded. Convert them to safetensors, or pass "
+                    "allow_pickle=True to read them with torch.load(weights_only=True)")
+            for file in pickles:
+                try:
+                    sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                except Exception as e:  # noqa: BLE001 - any failure is the file's fault
+                    raise CheckpointError(f"{file}: cannot be read as a weights-only pickle ({e})") from None
+                for name in sd:
+                    self.where[name] = file
+                self.files[file] = sd
+
+    def _open(self, file: Path) -> Any:
+        if file not in self.files:
+            if not file.is_file():
+                raise CheckpointError(f"{file}: listed in the index but missing")
+            try:
+                self.files[file] = safe_open(str(file), framework="pt")
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+                raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+        return self.files[file]
+
+    def names(self) -> set[str]:
+        return set(self.where)
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self.where.get(name)
+        if file is None:
+            raise CheckpointError(f"{self.path}: tensor {name!r} not found in the checkpoint")
+        f = self._open(file)
+        try:
+            return f[name] if isinstance(f, dict) else f.get_tensor(name)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{file}: cannot read tensor {name!r} (truncated file?): {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------- FP8
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)
+                   ) -> torch.Tensor:
+    """float8 weight (O, I) * per-block scale_inv (ceil(O/bo), ceil(I/bi)) -> fp32 (O, I)."""
+    bo, bi = block
+    o, i = weight.shape
+    if scale_inv.shape != (math.ceil(o / bo), math.ceil(i / bi)):
+        raise CheckpointError(f"scale_inv of shape {tuple(scale_inv.shape)} does not match a {o}x{i} weight "
+                              f"in {bo}x{bi} blocks")
+    scale = scale_inv.float().repeat_interleave(bo, 0)[:o].repeat_interleave(bi, 1)[:, :i]
+    return weight.float() * scale
+
+
+def quantize_fp8(weight: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-wise float8_e4m3fn quantisation as DeepSeek ships it: returns (weight_fp8, scale_inv)."""
+    bo, bi = block
+    o, i = weight.shape
+    po, pi = math.ceil(o / bo) * bo, math.ceil(i / bi) * bi
+    padded = torch.zeros(po, pi, dtype=torch.float32, device=weight.device)
+    padded[:o, :i] = weight.float()
+    blocks = padded.view(po // bo, bo, pi // bi, bi)
+    amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)  # (O/bo, I/bi)
+    scale_inv = amax / torch.finfo(torch.float8_e4m3fn).max
+    q = (blocks / scale_inv[:, None, :, None]).view(po, pi)[:o, :i].to(torch.float8_e4m3fn)
+    return q, scale_inv
+
+
+# ---------------------------------------------------------------------------------------------------- load
+
+
+def _mtp_present(reader: _Reader, cfg: ModelConfig) -> int:
+    depth = 0
+    while any(n.startswith(f"model.layers.{cfg.num_layers + depth}.") for n in reader.names()):
+        depth += 1
+    return depth
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+               allow_pickle: bool = False) -> Transformer:
+    """Load a Hugging Face-format checkpoint folder into a Transformer on `device` in `dtype`."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a folder")
+    cfg = read_config(path)
+    reader = _Reader(path, allow_pickle)
+    present = _mtp_present(reader, cfg)
+    if present != cfg.num_mtp_layers:
+        if present < cfg.num_mtp_layers:
+            log.info("%s: config asks for %d MTP layer(s), checkpoint has %d; MTP disabled beyond that",
+                     path, cfg.num_mtp_layers, present)
+        cfg.num_mtp_layers = present
+    block = tuple((cfg.extra["hf_config"].get("quantization_config") or {}).get("weight_block_size", (128, 128)))
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    used: set[str] = set()
+
+    def read(name: str, shape: torch.Size) -> torch.Tensor:
+        t = reader.get(name)
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            scale_name = name.removesuffix("weight") + "weight_scale_inv"
+            if scale_name not in reader.names():
+                raise CheckpointError(f"{path}: FP8 tensor {name!r} has no {scale_name!r}")
+            t = dequantize_fp8(t, reader.get(scale_name), block)
+            used.add(scale_name)
+        if tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, "
+                                  f"the config implies {tuple(shape)}")
+        used.add(name)
+        return t
+
+    state: dict[str, torch.Tensor] = {}
+    for name, meta in model.state_dict(keep_vars=True).items():
+        target = torch.float32 if FP32_TENSORS.search(name) or not meta.is_floating_point() else dtype
+        hf = _hf_names(name, cfg)
+        if hf is None:
+            continue
+        if isinstance(hf, str):
+            state[name] = read(hf, meta.shape).to(device=device, dtype=target)
+            continue
+        out = torch.empty(meta.shape, dtype=target, device=device)  # stacked experts, filled slice by slice
+        per = len(hf) // meta.shape[0]
+        rows = meta.shape[1] // per
+        for j, h in enumerate(hf):
+            e, k = divmod(j, per)
+            out[e, k * rows:(k + 1) * rows] = read(h, torch.Size((rows, meta.shape[2]))).to(device=device)
+        state[name] = out
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rotary = model.rotary.__class__(cfg).to(device)  # non-persistent buffers are rebuilt, not loaded
+    for n, b in model.named_buffers():
+        if b.is_meta:
+            raise CheckpointError(f"{path}: tensor {n!r} was not loaded")
+    shared_mtp = re.compile(rf"model\.layers\.({'|'.join(str(cfg.num_layers + d) for d in range(present))})"
+                            r"\.(embed_tokens|shared_head\.head)\.weight$") if present else None
+    extra = sorted(n for n in reader.names() - used
+                   if not _IGNORED.search(n) and not (shared_mtp and shared_mtp.match(n))
+                   and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
+    if extra:
+        raise CheckpointError(f"{path}: {len(extra)} tensor(s) the config does not account for, e.g. {extra[:5]}")
+    log.info("loaded %s (%s, %d params) on %s in %s", path, cfg.arch, model.num_params(), device, dtype)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------- save
+
+
+def _hf_state(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
+    cfg = model.config
+    for name, t in model.state_dict().items():
+        hf = _hf_names(name, cfg)
+        if hf is None:
+            continue
+        if isinstance(hf, str):
+            yield hf, t
+            continue
+        per = len(hf) // t.shape[0]
+        for j, h in enumerate(hf):
+            e, k = divmod(j, per)
+            rows = t.shape[1] // per
+            yield h, t[e, k * rows:(k + 1) * rows]
+    for d in range(cfg.num_mtp_layers):  # DeepSeek's MTP layers carry their own copy of the shared tensors
+        yield f"model.layers.{cfg.num_layers + d}.embed_tokens.weight", model.embed_tokens.weight
+        yield f"model.layers.{cfg.num_layers + d}.shared_head.head.weight", model.lm_head.weight
+
+
+def _atomic_write(file: Path, write: Any) -> None:
+    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, file)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_model(model: Transformer, path: str | Path, dtype: torch.dtype | None = None,
+               max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write config.json and safetensors (sharded with an index beyond max_shard_bytes), each file atomically."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in _hf_state(model):
+        t = t.detach().to("cpu")
+        if dtype is not None and t.is_floating_point() and not FP32_TENSORS.search(name):
+            t = t.to(dtype)
+        t = t.contiguous().clone()  # safetensors refuses tensors that share storage (stacked experts, ties)
+        if size and size + t.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += t.nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for shard, file in zip(shards, names, strict=True):
+        _atomic_write(path / file, lambda tmp, s=shard: save_file(s, str(tmp), metadata={"format": "pt"}))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for s in shards for t in s.values())},
+                 "weight_map": {n: f for s, f in zip(shards, names, strict=True) for n in s}}
+        _atomic_write(path / "model.safetensors.index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
+    hf = config_to_hf(model.config)
+    hf["torch_dtype"] = str(dtype or model.embed_tokens.weight.dtype).removeprefix("torch.")
+    _atomic_write(path / "config.json", lambda tmp: tmp.write_text(json.dumps(hf, indent=2) + "\n"))

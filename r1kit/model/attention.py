@@ -1,0 +1,269 @@
+"""Attention: RoPE, the KV cache, grouped-query attention (GQA) and multi-head latent attention (MLA).
+
+Both attention modules share one signature:
+
+    forward(x, rope, mask, cache, pos) -> y
+        x     (B, T, C)  hidden states of the T new tokens
+        rope  (cos, sin), each (B or 1, T, rope_dim // 2)
+        mask  None (plain causal) or a bool tensor (B, 1, T, S) where True = may attend, S = pos + T
+        cache None, or this layer's KV buffers; the new keys are written at [pos, pos + T)
+        pos   number of tokens already in the cache
+
+MLA caches only the compressed latent and the shared rotary key, (B, S, kv_lora_rank + qk_rope_head_dim)
+per layer, as DeepSeek does. It has two mathematically equal paths: "naive" expands the latent into full
+keys and values (cheap for long prefill), "absorb" folds kv_b_proj into the query and the output so that
+attention runs directly on the latent (cheap for decode: nothing of size S is expanded).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from r1kit.model.config import ModelConfig, rope_type
+
+# ---------------------------------------------------------------------------------------------------- norm
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back before the weight, as the reference implementations do."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------- RoPE
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (rope_dim // 2,) and the cos/sin scale, for plain, linear, Llama-3 and YaRN RoPE."""
+    dim, base = cfg.rope_dim, cfg.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    sc, kind = cfg.rope_scaling or {}, rope_type(cfg.rope_scaling)
+    attention_factor = 1.0
+    if kind == "linear":
+        inv_freq = inv_freq / sc["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = sc["factor"], sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
+        old_len = sc.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind == "yarn":
+        factor = sc["factor"]
+        old_len = sc.get("original_max_position_embeddings", cfg.max_position_embeddings)
+        beta_fast, beta_slow = sc.get("beta_fast") or 32, sc.get("beta_slow") or 1
+
+        def correction_dim(rotations: float) -> float:
+            return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low = max(math.floor(correction_dim(beta_fast)), 0)
+        high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
+        extrapolate = 1 - ramp  # 1: keep the original frequency, 0: interpolate by `factor`
+        inv_freq = inv_freq / factor * (1 - extrapolate) + inv_freq * extrapolate
+        if sc.get("attention_factor") is not None:
+            attention_factor = float(sc["attention_factor"])
+        elif sc.get("mscale") and sc.get("mscale_all_dim"):
+            attention_factor = _yarn_mscale(factor, sc["mscale"]) / _yarn_mscale(factor, sc["mscale_all_dim"])
+        else:
+            attention_factor = _yarn_mscale(factor)
+    return inv_freq.float(), attention_factor
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin for arbitrary (per-row) positions; computed on the fly, nothing of size max_len is stored."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        inv_freq, self.attention_factor = rope_inv_freq(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq  # (B|1, T, D/2)
+        cos, sin = freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
+        return cos.to(dtype), sin.to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate x (B, T, H, D) by cos/sin (B|1, T, D/2). interleave: pairs (x0,x1),(x2,x3)..; else halves."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------- KV cache
+
+
+@dataclass
+class KVCache:
+    """Contiguous per-layer KV buffers for a batch of B rows, all sharing one write position.
+
+    Rows of different prompt lengths are left-padded; ``pad[b]`` is row b's number of pad tokens, which
+    the attention mask hides and the positions skip. (The paged cache of the engine is another issue.)
+    """
+
+    layers: list[tuple[torch.Tensor, ...]]
+    max_len: int
+    pos: int = 0
+    pad: torch.Tensor | None = None  # (B,) long
+    extra: dict = field(default_factory=dict)
+
+
+def attention_mask(batch: int, t: int, pos: int, pad: torch.Tensor | None, device: torch.device
+                   ) -> torch.Tensor | None:
+    """Bool mask (B, 1, T, pos + T) for T new tokens after `pos` cached ones; None when plain causal will do.
+
+    A key is visible when it is not in the future and not left padding. A padded query row still sees
+    itself, so that no row of the softmax is empty (its output is never used).
+    """
+    if pad is None and (t == 1 or pos == 0):
+        return None
+    q_idx = torch.arange(pos, pos + t, device=device)[:, None]  # (T, 1)
+    k_idx = torch.arange(pos + t, device=device)[None, :]  # (1, S)
+    mask = (k_idx <= q_idx).expand(batch, 1, t, pos + t)
+    if pad is not None:
+        mask = mask & ((k_idx >= pad[:, None, None, None]) | (k_idx == q_idx))
+    return mask
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+          ) -> torch.Tensor:
+    """q (B, H, T, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv) -> (B, H, T, Dv)."""
+    causal = mask is None and q.shape[2] > 1
+    if causal and q.shape[2] != k.shape[2]:
+        raise ValueError("a causal query block shorter than the keys needs an explicit mask")
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------------- GQA
+
+
+class GQAttention(nn.Module):
+    """Grouped-query attention (Llama, Qwen2): num_kv_heads key/value heads shared by num_heads queries."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.gqa_head_dim
+        self.interleave = cfg.rope_interleave
+        self.scale = self.head_dim**-0.5
+        c, d = cfg.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(c, self.n_heads * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(c, self.n_kv * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(c, self.n_kv * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * d, c, bias=False)
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device
+                  ) -> tuple[torch.Tensor, ...]:
+        shape = (batch, self.n_kv, max_len, self.head_dim)
+        return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                cache: tuple[torch.Tensor, ...] | None = None, pos: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        q, k = apply_rope(q, *rope, self.interleave), apply_rope(k, *rope, self.interleave)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if cache is not None:
+            k_cache, v_cache = cache
+            k_cache[:, :, pos:pos + T] = k
+            v_cache[:, :, pos:pos + T] = v
+            k, v = k_cache[:, :, :pos + T], v_cache[:, :, :pos + T]  # (B, Hkv, S, D)
+        y = _sdpa(q, k, v, mask, self.scale)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+# ---------------------------------------------------------------------------------------------------- MLA
+
+
+class MLAttention(nn.Module):
+    """DeepSeek multi-head latent attention; caches (B, S, kv_lora_rank + qk_rope_head_dim) per layer."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        c, h = cfg.hidden_size, cfg.num_heads
+        self.n_heads, self.q_lora_rank, self.kv_lora_rank = h, cfg.q_lora_rank, cfg.kv_lora_rank
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.interleave = cfg.rope_interleave
+        self.impl = "auto"  # "naive" | "absorb" | "auto" (absorb for short query blocks, i.e. decode)
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(c, h * cfg.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(c, self.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, h * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c, self.kv_lora_rank + self.rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, h * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(h * self.v_dim, c, bias=False)
+        self.scale = cfg.qk_head_dim**-0.5
+        sc = cfg.rope_scaling or {}
+        if rope_type(sc) == "yarn" and sc.get("mscale_all_dim"):
+            self.scale *= _yarn_mscale(sc["factor"], sc["mscale_all_dim"]) ** 2
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device
+                  ) -> tuple[torch.Tensor, ...]:
+        return (torch.zeros(batch, max_len, self.kv_lora_rank + self.rope, dtype=dtype, device=device),)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                cache: tuple[torch.Tensor, ...] | None = None, pos: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.view(B, T, self.n_heads, self.nope + self.rope).split([self.nope, self.rope], dim=-1)
+        q_pe = apply_rope(q_pe, *rope, self.interleave)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        k_pe = apply_rope(k_pe.unsqueeze(2), *rope, self.interleave).squeeze(2)  # (B, T, dr)
+        entry = torch.cat((self.kv_a_layernorm(latent), k_pe), dim=-1)  # (B, T, c + dr)
+        if cache is not None:
+            cache[0][:, pos:pos + T] = entry
+            entry = cache[0][:, :pos + T]  # (B, S, c + dr)
+        absorb = self.impl == "absorb" or (self.impl == "auto" and T <= 4)
+        y = (self._absorbed if absorb else self._naive)(q_nope, q_pe, entry, mask)  # (B, T, H, dv)
+        return self.o_proj(y.reshape(B, T, -1))
+
+    def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, entry: torch.Tensor, mask: torch.Tensor | None
+               ) -> torch.Tensor:
+        """Expand the latent into per-head keys and values, then ordinary attention."""
+        B, S, _ = entry.shape
+        latent, k_pe = entry.split([self.kv_lora_rank, self.rope], dim=-1)
+        kv = self.kv_b_proj(latent).view(B, S, self.n_heads, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)), dim=-1)  # (B, S, H, dqk)
+        q = torch.cat((q_nope, q_pe), dim=-1)  # (B, T, H, dqk)
+        y = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale)
+        return y.transpose(1, 2)
+
+    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, entry: torch.Tensor, mask: torch.Tensor | None
+                  ) -> torch.Tensor:
+        """Fold W_UK into the query and W_UV into the output: attention over the cached latent itself."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        q_lat = torch.einsum("bthd,hdc->bhtc", q_nope, w[:, :self.nope])  # (B, H, T, c)
+        q = torch.cat((q_lat, q_pe.transpose(1, 2)), dim=-1)  # (B, H, T, c + dr)
+        kv = entry.unsqueeze(1)  # (B, 1, S, c + dr): one shared "head"
+        o_lat = _sdpa(q, kv, kv[..., :self.kv_lora_rank], mask, self.scale)  # (B, H, T, c)
+        return torch.einsum("bhtc,hvc->bthv", o_lat, w[:, self.nope:])

@@ -1,0 +1,35 @@
+"""Multi-token prediction (DeepSeek-V3 §2.2): extra depth-d modules that predict token t + 1 + d.
+
+Module d combines the previous depth's hidden state at position t with the embedding of token t + d:
+
+    h_d(t) = Block(eh_proj([enorm(embed(x[t + d])); hnorm(h_{d-1}(t))]))
+    logits_d(t) = lm_head(shared_head_norm(h_d(t)))        # predicts x[t + 1 + d]
+
+The embedding and the output head are shared with the main model. Trained with an extra loss; at
+inference the prediction is a draft for speculative decoding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from r1kit.model.attention import RMSNorm
+
+
+class MTPLayer(nn.Module):
+    """One MTP depth around a transformer block built by the caller."""
+
+    def __init__(self, dim: int, eps: float, block: nn.Module):
+        super().__init__()
+        self.enorm = RMSNorm(dim, eps)
+        self.hnorm = RMSNorm(dim, eps)
+        self.eh_proj = nn.Linear(2 * dim, dim, bias=False)
+        self.block = block
+        self.shared_head_norm = RMSNorm(dim, eps)
+
+    def forward(self, hidden: torch.Tensor, next_embed: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """hidden (B, T, C) from the previous depth, next_embed (B, T, C) embeddings of the shifted tokens."""
+        x = self.eh_proj(torch.cat((self.enorm(next_embed), self.hnorm(hidden)), dim=-1))
+        return self.block(x, rope, mask)

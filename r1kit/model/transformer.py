@@ -1,0 +1,162 @@
+"""The r1kit transformer, top to bottom: embedding -> blocks (attention + MLP or MoE) -> norm -> head.
+
+One model class serves every family. What differs is data in ModelConfig: GQA or MLA attention, dense
+or DeepSeekMoE feed-forward per layer, RoPE flavour, tied embeddings, MTP depth. Parameter names follow
+the Hugging Face checkpoints (without the leading "model."), so the checkpoint map stays small.
+
+Shapes: B batch, T new tokens, S = cached + new tokens, C hidden size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from r1kit.model.attention import (
+    GQAttention,
+    KVCache,
+    MLAttention,
+    RMSNorm,
+    RotaryEmbedding,
+    attention_mask,
+)
+from r1kit.model.config import ModelConfig
+from r1kit.model.moe import MLP, Experts, MoE, Router
+from r1kit.model.mtp import MTPLayer
+
+
+class ContextLengthError(ValueError):
+    """A sequence does not fit in the context (the model's or the cache's)."""
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, moe: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLAttention(cfg) if cfg.attention == "mla" else GQAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                cache: tuple[torch.Tensor, ...] | None = None, pos: int = 0) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. ``forward(ids, cache)`` -> logits; the cache, when given, advances by T."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        moe_mtp = cfg.n_routed_experts > 0
+        self.mtp = nn.ModuleList(MTPLayer(cfg.hidden_size, cfg.rms_norm_eps, Block(cfg, moe_mtp))
+                                 for _ in range(cfg.num_mtp_layers))
+        self.rotary = RotaryEmbedding(cfg)
+
+    # ------------------------------------------------------------------------------------------ weights
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> Transformer:
+        """Random initialisation: normal(0, initializer_range) matrices, unit norms, zero biases."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            elif isinstance(module, Experts):
+                for p in (module.gate_up_proj, module.down_proj):
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+            elif isinstance(module, Router):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * std)
+                if module.e_score_correction_bias is not None:
+                    module.e_score_correction_bias.zero_()
+        return self
+
+    def num_params(self) -> int:
+        """Distinct parameters held (tied weights counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------------------------------ cache
+    def new_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
+        """Preallocated KV buffers for `batch` rows of up to `max_len` tokens (prompt + generated)."""
+        if max_len > self.config.max_position_embeddings:
+            raise ContextLengthError(f"{max_len} tokens exceed the model's context "
+                                     f"(max_position_embeddings = {self.config.max_position_embeddings})")
+        p = self.embed_tokens.weight
+        layers = [layer.self_attn.new_cache(batch, max_len, p.dtype, p.device) for layer in self.layers]
+        return KVCache(layers=layers, max_len=max_len, pad=pad)
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(self, ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
+                return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only.
+
+        With a cache the T tokens are placed after the cache.pos tokens already there, and cache.pos
+        advances by T. With return_hidden, also returns the final hidden states before the norm (B, T, C),
+        which the MTP modules consume.
+        """
+        B, T = ids.shape
+        pos = cache.pos if cache is not None else 0
+        pad = cache.pad if cache is not None else None
+        limit = cache.max_len if cache is not None else self.config.max_position_embeddings
+        if pos + T > limit:
+            raise ContextLengthError(f"{pos + T} tokens do not fit in a context of {limit}")
+        positions = torch.arange(pos, pos + T, device=ids.device)[None]  # (1, T)
+        if pad is not None:
+            positions = (positions - pad[:, None]).clamp(min=0)  # (B, T): left padding shifts each row
+        x = self.embed_tokens(ids)  # (B, T, C)
+        rope = self.rotary(positions, x.dtype)
+        mask = attention_mask(B, T, pos, pad, ids.device)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, cache.layers[i] if cache is not None else None, pos)
+        if cache is not None:
+            cache.pos += T
+        hidden = x
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(self.norm(x))
+        return (logits, hidden) if return_hidden else logits
+
+    def mtp_logits(self, hidden: torch.Tensor, ids: torch.Tensor) -> list[torch.Tensor]:
+        """MTP predictions without a cache. hidden (B, T, C) from forward(return_hidden=True), ids (B, T).
+
+        Returns one logits tensor per depth d (B, T - 1 - d, V): position t predicts token t + 2 + d.
+        """
+        B, T = ids.shape
+        logits = []
+        h = hidden
+        for d, layer in enumerate(self.mtp):
+            n = T - 1 - d  # positions that still have a next token to embed
+            if n <= 0:
+                break
+            positions = torch.arange(n, device=ids.device)[None]
+            rope = self.rotary(positions, h.dtype)
+            h = layer(h[:, :n], self.embed_tokens(ids[:, 1 + d:1 + d + n]), rope, None)
+            logits.append(self.lm_head(layer.shared_head_norm(h)))
+        return logits
+
+    def loss(self, ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean next-token cross-entropy of logits(ids) against targets (B, T)."""
+        logits = self(ids)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
+
+    def set_mla_impl(self, impl: str) -> None:
+        """Choose the MLA path: "naive", "absorb" or "auto" (absorb when decoding)."""
+        if impl not in ("naive", "absorb", "auto"):
+            raise ValueError(f"MLA impl must be 'naive', 'absorb' or 'auto', not {impl!r}")
+        for m in self.modules():
+            if isinstance(m, MLAttention):
+                m.impl = impl
