@@ -1,0 +1,212 @@
+"""`r1kit <command>`: one table maps each command to one function.
+
+    r1kit info MODEL|PRESET         architecture, total/active parameters, dtype, memory
+    r1kit generate MODEL --prompt   continue a prompt (streams to the terminal)
+    r1kit chat MODEL                interactive chat; reasoning shown apart from the answer
+    r1kit convert SRC OUT           rewrite a checkpoint (FP8 or pickle -> safetensors, change dtype, reshard)
+    r1kit demo                      the main job: a tour on a small model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger("r1kit")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (wins over --max-length)")
+    p.add_argument("--max-length", type=int, default=None, help="prompt + generated tokens")
+    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="checkpoint folder, r1kit/<bundled>, or org/name in the local HF cache")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps, npu")
+    p.add_argument("--dtype", default=None, help="bf16, fp32, fp16 (default: best for the device)")
+    p.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt weights (weights-only)")
+
+
+def _sampling(a: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=a.max_new_tokens, max_length=a.max_length, temperature=a.temperature,
+                top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty, stop=a.stop, seed=a.seed)
+
+
+def _load(a: argparse.Namespace):
+    from r1kit.api import R1Model
+
+    return R1Model.from_pretrained(a.model, device=a.device, dtype=a.dtype, allow_pickle=a.allow_pickle)
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+
+
+def cmd_info(a: argparse.Namespace) -> None:
+    """Architecture and parameter counts of a checkpoint (no weights loaded) or of a preset."""
+    from r1kit.api import ModelNotFoundError, resolve_model_path
+    from r1kit.checkpoint import read_config
+    from r1kit.model.config import PRESETS, format_count, preset
+
+    if a.model in PRESETS:
+        cfg, source = preset(a.model), PRESETS[a.model]["source"]
+    else:
+        try:
+            path = resolve_model_path(a.model)
+        except ModelNotFoundError as e:
+            raise ModelNotFoundError(f"{e}; or name a preset: {', '.join(sorted(PRESETS))}") from None
+        cfg, source = read_config(path), str(path)
+    total, active = cfg.num_params(include_mtp=True), cfg.num_params(active=True)
+    info = {"model": a.model, "source": source, "architecture": cfg.arch, "attention": cfg.attention,
+            "layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "heads": cfg.num_heads,
+            "vocab_size": cfg.vocab_size, "context": cfg.max_position_embeddings,
+            "routed_experts": cfg.n_routed_experts, "shared_experts": cfg.n_shared_experts,
+            "experts_per_token": cfg.num_experts_per_tok, "mtp_layers": cfg.num_mtp_layers,
+            "params_total": total, "params_active": active,
+            "memory_bf16_GiB": round(total * 2 / 2**30, 2), "memory_int8_GiB": round(total / 2**30, 2)}
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return
+    width = max(map(len, info))
+    for k, v in info.items():
+        shown = format_count(v) if k.startswith("params") else v
+        print(f"{k:<{width}}  {shown}")
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    """Generate a continuation of --prompt, streamed to stdout."""
+    model = _load(a)
+    for piece in model.generate(prompt=a.prompt, stream=True, **_sampling(a)):
+        print(piece, end="", flush=True)
+    print()
+
+
+def cmd_chat(a: argparse.Namespace) -> None:
+    """Interactive chat. /reset clears the history, /exit (or Ctrl-D) leaves."""
+    from r1kit.tokenizer import ReasoningStreamParser
+
+    model = _load(a)
+    history: list[dict[str, str]] = [{"role": "system", "content": a.system}] if a.system else []
+    dim, reset = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
+    print(f"r1kit chat: {model.path} ({model.info()['params_total_h']} params). /reset, /exit", flush=True)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print()
+            return
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            history = history[:1] if a.system else []
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        parser = ReasoningStreamParser(starts_in_reasoning=not a.no_think)
+        answer, in_reasoning = "", False
+        for piece in model.chat(history, thinking=not a.no_think, stream=True, **_sampling(a)):
+            think, content = parser.push(piece)
+            if think:
+                print(("" if in_reasoning else f"{dim}[thinking] ") + think, end="", flush=True)
+                in_reasoning = True
+            if content:
+                print((f"{reset}\n" if in_reasoning else "") + content, end="", flush=True)
+                in_reasoning, answer = False, answer + content
+        think, content = parser.flush()
+        print(f"{dim}{think}{reset}{content}" if think or content else reset, flush=True)
+        history.append({"role": "assistant", "content": answer + content})
+
+
+def cmd_convert(a: argparse.Namespace) -> None:
+    """Rewrite a checkpoint as safetensors: dequantise FP8, convert pickle, change dtype, reshard."""
+    import shutil
+
+    from r1kit.checkpoint import load_model, save_model
+    from r1kit.hardware import resolve_dtype
+
+    src, out = Path(a.src), Path(a.out)
+    if out.resolve() == src.resolve():
+        raise ValueError("convert: OUT must differ from SRC")
+    dtype, _ = resolve_dtype(a.dtype, "cpu")
+    model = load_model(src, "cpu", dtype, allow_pickle=a.allow_pickle)
+    save_model(model, out, dtype=dtype, max_shard_bytes=int(a.shard_gb * 2**30))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+    print(f"wrote {out} ({dtype})")
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    """The main job: load the bundled model (or, until one ships, a random-weights one) and show the API."""
+    from r1kit.api import BUNDLED_DIR, R1Model, random_checkpoint
+    from r1kit.tokenizer import train_bpe_tokenizer
+
+    if (BUNDLED_DIR / "nano" / "config.json").is_file():
+        name, label = "r1kit/nano", "bundled r1kit/nano"
+    else:
+        name = str(Path(tempfile.mkdtemp(prefix="r1kit-demo-")) / "random-tiny-moe")
+        label = "RANDOM WEIGHTS (no trained model is bundled yet): the text below is noise"
+        print(f"building a tiny DeepSeek-style MoE checkpoint with {label.split(':')[0].lower()} at {name}")
+        corpus = [p.read_text(errors="ignore") for p in sorted(Path(json.__file__).parent.glob("*.py"))]
+        random_checkpoint(name, "tiny-moe", tokenizer=train_bpe_tokenizer(corpus, vocab_size=500))
+    model = R1Model.from_pretrained(name, device=a.device)
+    info = model.info()
+    print(f"\n== {label}\nmodel: {info['architecture']} / {info['attention']}, {info['params_total_h']} params "
+          f"({info['params_active_h']} active), {info['dtype']} on {info['device']}: {info['device_reason']}")
+    prompt = "Explain quantum entanglement"
+    print(f"\n== generate(prompt={prompt!r}, max_length=40, temperature=0.7, stream=True)")
+    for piece in model.generate(prompt=prompt, max_length=40, temperature=0.7, seed=0, stream=True):
+        print(piece, end="", flush=True)
+    print("\n\n== chat([{'role': 'user', 'content': 'What is 17*23?'}])")
+    reply = model.chat([{"role": "user", "content": "What is 17*23?"}], max_new_tokens=48, seed=0)
+    print(f"reasoning: {reply.reasoning!r}\nanswer:    {reply.content!r}\n"
+          f"tokens: {reply.prompt_tokens} prompt + {reply.completion_tokens} generated")
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable[[argparse.ArgumentParser], None]]] = {
+    "info": (cmd_info, lambda p: (p.add_argument("model", help="checkpoint folder or preset name"),
+                                  p.add_argument("--json", action="store_true"))),
+    "generate": (cmd_generate, lambda p: (_model_args(p), p.add_argument("--prompt", required=True),
+                                          _sampling_args(p))),
+    "chat": (cmd_chat, lambda p: (_model_args(p), p.add_argument("--system", default=None),
+                                  p.add_argument("--no-think", action="store_true", help="skip the <think> phase"),
+                                  _sampling_args(p))),
+    "convert": (cmd_convert, lambda p: (p.add_argument("src"), p.add_argument("out"),
+                                        p.add_argument("--dtype", default="bf16"),
+                                        p.add_argument("--shard-gb", type=float, default=5.0),
+                                        p.add_argument("--allow-pickle", action="store_true"))),
+    "demo": (cmd_demo, lambda p: p.add_argument("--device", default="auto")),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="r1kit", description="DeepSeek-R1-style models: run, inspect, convert.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (fn, add_args) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=(fn.__doc__ or "").splitlines()[0], description=fn.__doc__))
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        COMMANDS[a.command][0](a)
+    except (ValueError, FileNotFoundError) as e:  # r1kit's errors name the file/field: no traceback needed
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

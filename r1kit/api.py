@@ -1,0 +1,278 @@
+"""R1Model: the user-facing object. Load a checkpoint, generate text, chat with reasoning separated.
+
+    model = R1Model.from_pretrained("path/to/DeepSeek-R1-Distill-Qwen-1.5B", device="auto")
+    print(model.generate(prompt="Explain quantum entanglement", max_length=200, temperature=0.7))
+    for piece in model.generate(prompt="...", max_new_tokens=64, stream=True): print(piece, end="")
+    reply = model.chat([{"role": "user", "content": "What is 17*23?"}])   # reply.reasoning, reply.content
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from r1kit import hardware
+from r1kit.checkpoint import CheckpointError, load_model
+from r1kit.generate import GenerationError, SamplingParams, generate_tokens
+from r1kit.model.config import format_count
+from r1kit.model.transformer import Transformer
+from r1kit.tokenizer import Tokenizer, split_reasoning
+
+log = logging.getLogger("r1kit")
+BUNDLED_DIR = Path(__file__).parent  # bundled models live in the package: r1kit/<name>
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model name is neither a folder, a bundled model, nor in the local Hugging Face cache."""
+
+
+def resolve_model_path(name: str | os.PathLike) -> Path:
+    """Folder of a model: a local folder, a bundled model ("r1kit/nano"), or a local Hugging Face cache entry.
+
+    Never touches the network; when the files are not here the error says how to fetch them.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    text = str(name)
+    if text.startswith("r1kit/"):
+        bundled = BUNDLED_DIR / text.removeprefix("r1kit/")
+        if (bundled / "config.json").is_file():
+            return bundled
+        raise ModelNotFoundError(f"{text!r} is not bundled with this r1kit version (looked in {bundled})")
+    if text.count("/") == 1:
+        hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface"))
+                   / "hub").expanduser()
+        repo = hub / f"models--{text.replace('/', '--')}"
+        ref = repo / "refs" / "main"
+        snapshots = repo / "snapshots"
+        if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
+            return snapshots / ref.read_text().strip()
+        if snapshots.is_dir():
+            found = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime)
+            if found:
+                return found[-1]
+    hint = (f"fetch the files first, e.g. `huggingface-cli download {text} --local-dir ./{Path(text).name}`, "
+            f"then load ./{Path(text).name}" if text.count("/") == 1 and not text.startswith((".", "/", "~"))
+            else "check the path")
+    raise ModelNotFoundError(f"no model at {text!r}: not a folder, not bundled, not in the Hugging Face cache "
+                             f"(r1kit never downloads); {hint}")
+
+
+@dataclass
+class ChatReply:
+    """A chat answer: the model's reasoning (inside <think>...</think>) and the final content."""
+
+    reasoning: str
+    content: str
+    text: str  # the raw generated text
+    prompt_tokens: int
+    completion_tokens: int
+
+    def __str__(self) -> str:
+        return self.content
+
+
+class R1Model:
+    """A loaded model + tokenizer on one device, with text generation and chat."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None, path: Path | None = None,
+                 device_reason: str = ""):
+        self.model, self.tokenizer, self.path = model, tokenizer, path
+        self.device_reason = device_reason
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = "auto",
+                        dtype: str | torch.dtype | None = None, quantization: str | None = None,
+                        allow_pickle: bool = False) -> R1Model:
+        """Load a Hugging Face-format folder (or bundled / cached model) onto a device.
+
+        Args:
+            name_or_path: folder with config.json + *.safetensors (+ tokenizer.json), "r1kit/<name>", or
+                "org/name" found in the local Hugging Face cache.
+            device: "auto" (best available, reason logged), "cpu", "cuda", "cuda:N", "mps", "npu".
+            dtype: torch dtype or name ("bf16", "fp32", ...); default chosen per device (bf16 on capable CPUs).
+            quantization: weight quantization; not available in this version (None only).
+            allow_pickle: read .bin/.pt weights with torch.load(weights_only=True); refused otherwise.
+        """
+        if quantization is not None:
+            raise ValueError(f"quantization={quantization!r} is not available in this r1kit version; "
+                             "load without it (None)")
+        path = resolve_model_path(name_or_path)
+        choice = hardware.choose(device, dtype)
+        model = load_model(path, choice.device, choice.dtype, allow_pickle=allow_pickle)
+        tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
+        if tokenizer is None:
+            log.warning("%s has no tokenizer.json: text generation needs one (token ids still work)", path)
+        return cls(model, tokenizer, path, choice.reason)
+
+    # ------------------------------------------------------------------------------------------ info
+    def info(self) -> dict[str, Any]:
+        cfg = self.config
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return {
+            "path": str(self.path) if self.path else None, "architecture": cfg.arch, "attention": cfg.attention,
+            "layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
+            "routed_experts": cfg.n_routed_experts, "experts_per_token": cfg.num_experts_per_tok,
+            "mtp_layers": cfg.num_mtp_layers, "context": cfg.max_position_embeddings,
+            "params_total": cfg.num_params(include_mtp=True),
+            "params_active": cfg.num_params(active=True),
+            "params_total_h": format_count(cfg.num_params(include_mtp=True)),
+            "params_active_h": format_count(cfg.num_params(active=True)),
+            "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
+            "weights_MiB": round(weight_bytes / 2**20, 1), "device_reason": self.device_reason,
+        }
+
+    # ------------------------------------------------------------------------------------------ generation
+    def _tok(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise GenerationError(f"{self.path}: no tokenizer.json, so text prompts cannot be encoded; "
+                                  "pass input_ids instead")
+        return self.tokenizer
+
+    def _stop_ids(self) -> list[int]:
+        ids = set(self._tok().stop_ids) if self.tokenizer else set()
+        eos = self.config.eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        return sorted(ids)
+
+    def generate(self, prompt: str | Sequence[str] | None = None, *, input_ids: Sequence[int] | None = None,
+                 stream: bool = False, max_length: int | None = None, max_new_tokens: int | None = None,
+                 temperature: float = 0.6, top_k: int = 0, top_p: float = 0.95, repetition_penalty: float = 1.0,
+                 stop: str | Sequence[str] | None = None, seed: int | None = None,
+                 ) -> str | list[str] | Iterator[str]:
+        """Continue a prompt (str -> str), a list of prompts (one batch -> list[str]), or stream the text.
+
+        ``max_length`` counts prompt + new tokens, ``max_new_tokens`` only new ones; max_new_tokens wins when
+        both are given. ``temperature=0`` is greedy. Generation ends at the tokenizer's end-of-sequence / end-of-
+        turn tokens, at a stop string (not included in the output), or at the length limit.
+        """
+        params = SamplingParams(max_new_tokens=max_new_tokens, max_length=max_length, temperature=temperature,
+                                top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                                stop=list([stop] if isinstance(stop, str) else stop or []), seed=seed)
+        if (prompt is None) == (input_ids is None):
+            raise GenerationError("pass exactly one of prompt= (text) or input_ids= (token ids)")
+        if input_ids is not None:
+            prompts = [list(input_ids)]
+        elif isinstance(prompt, str):
+            prompts = [self._encode(prompt)]
+        else:
+            if stream:
+                raise GenerationError("stream=True takes one prompt, not a list")
+            if not all(isinstance(p, str) for p in prompt):
+                raise GenerationError("prompt must be a string or a list of strings")
+            prompts = [self._encode(p) for p in prompt]
+        pieces = self._stream_rows(prompts, params)
+        if stream:
+            return (piece for _, piece in pieces)
+        texts = [""] * len(prompts)
+        for row, piece in pieces:
+            texts[row] += piece
+        return texts if isinstance(prompt, (list, tuple)) else texts[0]
+
+    def _encode(self, text: str) -> list[int]:
+        tok = self._tok()
+        return tok.encode(text, add_bos=tok.bos_id is not None)
+
+    def _stream_rows(self, prompts: list[list[int]], params: SamplingParams,
+                     usage: dict[str, int] | None = None) -> Iterator[tuple[int, str]]:
+        """(row, new text) pieces as tokens arrive; holds back text that might start a stop string."""
+        tok = self.tokenizer
+        stop_ids = set(self._stop_ids())
+        decoders = [tok.stream_decoder(skip_special_tokens=True) if tok else None for _ in prompts]
+        pending = [""] * len(prompts)
+        finished = [False] * len(prompts)
+        hold = max((len(s) for s in params.stop), default=1) - 1
+        if usage is not None:
+            usage.update(prompt_tokens=sum(map(len, prompts)), completion_tokens=0)
+        steps = generate_tokens(self.model, prompts, params, sorted(stop_ids))
+        for step in steps:
+            for row, token in enumerate(step):
+                if token is None or finished[row]:
+                    continue
+                if usage is not None:
+                    usage["completion_tokens"] += 1
+                if token in stop_ids:
+                    finished[row] = True
+                    text = pending[row] + (decoders[row].flush() if decoders[row] else "")
+                else:
+                    text = pending[row] + (decoders[row].push(token) if decoders[row] else f"<{token}>")
+                cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    finished[row] = True
+                    text = text[:cut]
+                if finished[row]:
+                    pending[row] = ""
+                    if text:
+                        yield row, text
+                    continue
+                keep = hold if params.stop else 0
+                pending[row] = text[len(text) - keep:] if keep else ""
+                if text[:len(text) - keep]:
+                    yield row, text[:len(text) - keep]
+            if all(finished):
+                steps.close()
+                return
+        for row in range(len(prompts)):  # out of budget: flush what is still held back
+            if not finished[row]:
+                rest = pending[row] + (decoders[row].flush() if decoders[row] else "")
+                if rest:
+                    yield row, rest
+
+    def chat(self, messages: Sequence[dict[str, str]], *, thinking: bool = True, stream: bool = False,
+             **sampling: Any) -> ChatReply | Iterator[str]:
+        """Answer a conversation with the model's chat template; reasoning is split from the answer.
+
+        messages: [{"role": "system"|"user"|"assistant", "content": str}, ...]. Sampling keywords as generate().
+        With stream=True, yields raw text pieces (use r1kit.tokenizer.ReasoningStreamParser to split them).
+        """
+        ids = self._tok().encode_chat(list(messages), add_generation_prompt=True, thinking=thinking)
+        if stream:
+            return self.generate(input_ids=ids, stream=True, **sampling)
+        params = SamplingParams(**{"max_new_tokens": None if "max_length" in sampling else 512, **sampling})
+        usage: dict[str, int] = {}
+        text = "".join(piece for _, piece in self._stream_rows([ids], params, usage))
+        # the thinking template already opened <think>: text without a closing tag is all reasoning
+        opened = text if text.lstrip().startswith("<think>") else "<think>" + text
+        reasoning, content = split_reasoning(opened) if thinking else ("", text.strip())
+        return ChatReply(reasoning, content, text, usage["prompt_tokens"], usage["completion_tokens"])
+
+
+def random_checkpoint(path: str | os.PathLike, preset_name: str = "tiny-moe", seed: int = 0,
+                      tokenizer: Tokenizer | None = None, **overrides: Any) -> Path:
+    """Write a randomly initialised checkpoint (for demos and tests): config.json, weights, tokenizer.json."""
+    from r1kit.checkpoint import save_model
+    from r1kit.model.config import preset
+
+    cfg = preset(preset_name, **overrides)
+    if tokenizer is not None:
+        cfg = cfg.replace(vocab_size=max(cfg.vocab_size, tokenizer.vocab_size), bos_token_id=tokenizer.bos_id,
+                          eos_token_id=tokenizer.eos_id)
+    model = Transformer(cfg).init_weights(seed)
+    path = Path(path)
+    save_model(model, path)
+    if tokenizer is not None:
+        tokenizer.save(path)
+    return path
+
+
+__all__ = ["R1Model", "ChatReply", "ModelNotFoundError", "resolve_model_path", "random_checkpoint",
+           "CheckpointError"]

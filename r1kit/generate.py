@@ -1,0 +1,148 @@
+"""Token-level generation: sampling parameters, the sampler, and the KV-cached decode loop.
+
+Token ids in, token ids out: nothing here knows about text. Stop strings, streaming text and chat
+templates live in `r1kit.api`, on top of `generate_tokens`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from r1kit.model.transformer import ContextLengthError, Transformer
+
+
+class GenerationError(ValueError):
+    """Invalid generation request (sampling parameter out of range, empty prompt...)."""
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token.
+
+    Length: ``max_new_tokens`` counts generated tokens; ``max_length`` counts prompt + generated tokens (as
+    in the original seed API and `transformers`). When both are given, ``max_new_tokens`` wins. When neither
+    is, 256 new tokens. ``temperature=0`` is greedy decoding. The defaults (0.6 / 0.95) are DeepSeek's
+    recommendation for R1 models.
+    """
+
+    max_new_tokens: int | None = None
+    max_length: int | None = None
+    temperature: float = 0.6
+    top_k: int = 0  # 0 = off
+    top_p: float = 0.95  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off; > 1 discourages tokens already in the sequence
+    stop: list[str] = field(default_factory=list)  # stop strings (handled by the text layer)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> GenerationError:
+            return GenerationError(f"{name} = {getattr(self, name)!r}: {why}")
+
+        if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
+            raise bad("max_new_tokens", "must be an int >= 1")
+        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
+            raise bad("max_length", "must be an int >= 1")
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise bad("temperature", "must be >= 0 (0 = greedy)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", "must be an int >= 0 (0 = off)")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise bad("top_p", "must be in (0, 1]")
+        if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "must be > 0 (1 = off)")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise bad("stop", "must be a list of non-empty strings")
+
+    def new_tokens_for(self, prompt_len: int) -> int:
+        """Number of tokens to generate after a prompt of prompt_len tokens."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        if self.max_length is not None:
+            n = self.max_length - prompt_len
+            if n < 1:
+                raise GenerationError(f"max_length = {self.max_length} leaves no room after a prompt of "
+                                      f"{prompt_len} tokens; raise max_length or pass max_new_tokens")
+            return n
+        return 256
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick one token per row. logits (B, V); seen (B, V) bool marks tokens already in each sequence."""
+    logits = logits.float()
+    if params.repetition_penalty != 1.0 and seen is not None:
+        p = params.repetition_penalty
+        logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / params.temperature
+    if params.top_k:
+        kth = logits.topk(min(params.top_k, logits.shape[-1]), -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= params.top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                    stop_ids: Sequence[int] = ()) -> Iterator[list[int | None]]:
+    """Generate for a batch of prompts; yields, per step, the new token of each row (None once a row is done).
+
+    A row is done after emitting a stop id (the stop id is yielded) or its token budget. Rows are left-padded
+    into one KV cache of exactly the size needed.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise GenerationError("every prompt must have at least one token")
+    device = model.embed_tokens.weight.device
+    lengths = [len(p) for p in prompts]
+    budgets = [params.new_tokens_for(n) for n in lengths]
+    longest = max(lengths)
+    total = longest + max(budgets)
+    ctx = model.config.max_position_embeddings
+    if total > ctx:
+        raise ContextLengthError(f"prompt of {longest} tokens + {max(budgets)} new tokens = {total} exceeds the "
+                                 f"model's context of {ctx} tokens; shorten the prompt or generate fewer tokens")
+    B = len(prompts)
+    ids = torch.zeros(B, longest, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+    ids = ids.to(device)
+    pad = torch.tensor([longest - n for n in lengths], device=device) if len(set(lengths)) > 1 else None
+    cache = model.new_cache(B, total, pad=pad)
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
+        seen.scatter_(1, ids, True)
+        if pad is not None:  # pad id 0 is not part of the text
+            seen[:, 0] = torch.tensor([0 in p for p in prompts], device=device)
+    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    budget = torch.tensor(budgets, device=device)
+    logits = model(ids, cache, last_only=True)[:, -1]
+    for step in range(max(budgets)):
+        token = sample(logits, params, seen, generator)  # (B,)
+        out = token.tolist()
+        finished = done.tolist()
+        yield [None if f else t for t, f in zip(out, finished, strict=True)]
+        done |= torch.isin(token, stop) | (budget <= step + 1)
+        if bool(done.all()):
+            return
+        if seen is not None:
+            seen.scatter_(1, token[:, None], True)
+        logits = model(token[:, None], cache, last_only=True)[:, -1]

@@ -1,0 +1,448 @@
+"""Tokenizer wrapper, DeepSeek-R1 chat template and reasoning parsing.
+
+r1kit reads tokenizers in the Hugging Face "fast tokenizer" format (``tokenizer.json``, plus an optional
+``tokenizer_config.json`` for the bos/eos/pad tokens) through the ``tokenizers`` library. The R1 chat template
+is implemented in Python rather than by executing the Jinja ``chat_template`` of the config.
+
+Reasoning models emit ``<think>reasoning</think>answer``; :func:`split_reasoning` splits a whole completion
+and :class:`ReasoningStreamParser` does the same incrementally while it is generated.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+# DeepSeek's special tokens use fullwidth vertical bars (U+FF5C) and U+2581 ("▁") instead of spaces.
+DEEPSEEK_BOS = "<｜begin▁of▁sentence｜>"
+DEEPSEEK_EOS = "<｜end▁of▁sentence｜>"
+DEEPSEEK_PAD = "<｜▁pad▁｜>"
+USER_TAG = "<｜User｜>"
+ASSISTANT_TAG = "<｜Assistant｜>"
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+
+DEEPSEEK_SPECIAL_TOKENS = [
+    DEEPSEEK_BOS, DEEPSEEK_EOS, USER_TAG, ASSISTANT_TAG, THINK_OPEN, THINK_CLOSE, DEEPSEEK_PAD
+]  # fmt: skip
+# Added tokens that are never split but otherwise plain text (decode keeps them even when skipping specials).
+NON_SPECIAL_ADDED_TOKENS = frozenset({THINK_OPEN, THINK_CLOSE})
+
+# Tokens that end a turn in common chat formats; those present in a vocabulary are generation stop tokens.
+END_OF_TURN_TOKENS = (
+    DEEPSEEK_EOS, "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>"
+)  # fmt: skip
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+# Jinja equivalent of Tokenizer.apply_chat_template, written into the tokenizer_config.json of trained
+# tokenizers so that transformers / vLLM render the same prompts. r1kit itself never executes it.
+_JINJA_ASSISTANT_TURN = (
+    f"'{ASSISTANT_TAG}' + message['content'].split('{THINK_CLOSE}')[-1] + '{DEEPSEEK_EOS}'"
+)
+DEEPSEEK_R1_CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system_prompt='', first=true) -%}"
+    "{%- for message in messages -%}{%- if message['role'] == 'system' -%}"
+    "{%- if ns.first -%}{%- set ns.system_prompt = message['content'] -%}{%- set ns.first = false -%}"
+    "{%- else -%}{%- set ns.system_prompt = ns.system_prompt + '\\n\\n' + message['content'] -%}{%- endif -%}"
+    "{%- endif -%}{%- endfor -%}"
+    "{{- bos_token | default('', true) -}}{{- ns.system_prompt -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{- '" + USER_TAG + "' + message['content'] -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{- " + _JINJA_ASSISTANT_TURN + " -}}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '" + ASSISTANT_TAG + "' -}}"
+    "{%- if thinking is not defined or thinking -%}{{- '" + THINK_OPEN + "\\n' -}}{%- endif -%}{%- endif -%}"
+)
+
+
+class TokenizerError(ValueError):
+    """Bad tokenizer files, tokenizer settings or chat messages."""
+
+
+class Tokenizer:
+    """A ``tokenizers.Tokenizer`` plus the bos/eos/pad settings of ``tokenizer_config.json``.
+
+    ``encode`` never adds special tokens on its own (only bos, when asked); special tokens written literally
+    in the text are recognised as single ids.
+    """
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+        add_bos_token: bool = False,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Wrap ``backend``; every given token must be in its vocabulary.
+
+        ``add_bos_token`` is the config's hint that plain-text (non-chat) inputs should start with bos;
+        ``config`` holds the other ``tokenizer_config.json`` fields, kept only to be written back by
+        :meth:`save`.
+        """
+        self._backend = backend
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.pad_token = pad_token
+        self.add_bos_token = add_bos_token
+        self._config = dict(config or {})
+        self.bos_id = self._require_id("bos_token", bos_token)
+        self.eos_id = self._require_id("eos_token", eos_token)
+        self.pad_id = self._require_id("pad_token", pad_token)
+        self._vocab_size = max(backend.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+        stop_ids = [self.eos_id] + [backend.token_to_id(token) for token in END_OF_TURN_TOKENS]
+        self.stop_ids: list[int] = list(dict.fromkeys(i for i in stop_ids if i is not None))
+
+    def _require_id(self, field: str, token: str | None) -> int | None:
+        if token is None:
+            return None
+        token_id = self._backend.token_to_id(token)
+        if token_id is None:
+            raise TokenizerError(f"{field} {token!r} is not in the tokenizer vocabulary")
+        return token_id
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        """Load ``path/tokenizer.json`` and, if present, ``path/tokenizer_config.json``."""
+        path = Path(path)
+        tokenizer_file = path / TOKENIZER_FILE
+        if not tokenizer_file.is_file():
+            found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+            hint = f" (found: {', '.join(found)})" if found else ""
+            raise TokenizerError(
+                f"{tokenizer_file} not found{hint}: r1kit needs tokenizer.json (Hugging Face fast-tokenizer "
+                "format); convert other formats with transformers' AutoTokenizer.from_pretrained(dir)"
+                ".save_pretrained(dir)"
+            )
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+        except Exception as err:  # the Rust side raises a bare Exception for any parse error
+            raise TokenizerError(f"{tokenizer_file}: not a valid tokenizers tokenizer.json: {err}") from err
+
+        config_file = path / TOKENIZER_CONFIG_FILE
+        config = _read_config(config_file) if config_file.is_file() else {}
+        add_bos_token = config.get("add_bos_token", False)
+        if not isinstance(add_bos_token, bool):
+            raise TokenizerError(
+                f"{config_file}: field 'add_bos_token' must be true or false, got {add_bos_token!r}"
+            )
+        fields = ("bos_token", "eos_token", "pad_token")
+        tokens = {field: _token_content(config, field, config_file) for field in fields}
+        try:
+            return cls(backend, **tokens, add_bos_token=add_bos_token, config=config)
+        except TokenizerError as err:
+            raise TokenizerError(f"{config_file}: {err}") from err
+
+    def save(self, path: str | Path) -> None:
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` into directory ``path`` (made if absent)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self._backend.save(str(path / TOKENIZER_FILE))
+        config = {
+            **self._config,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "add_bos_token": self.add_bos_token,
+        }
+        text = json.dumps(config, ensure_ascii=False, indent=2) + "\n"
+        (path / TOKENIZER_CONFIG_FILE).write_text(text, encoding="utf-8")
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids (largest id + 1), added tokens included."""
+        return self._vocab_size
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        """Token ids of ``text``; with ``add_bos`` the bos id is prepended."""
+        ids = self._backend.encode(text, add_special_tokens=False).ids
+        if add_bos:
+            if self.bos_id is None:
+                raise TokenizerError("encode(add_bos=True): this tokenizer has no bos_token")
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """Text of ``ids``; ``skip_special_tokens`` drops special tokens (``<think>`` is not special)."""
+        return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        """Id of ``token`` (a vocabulary entry, not text to encode), or None if it is not in the vocab."""
+        return self._backend.token_to_id(token)
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        thinking: bool = True,
+    ) -> str:
+        """Render ``messages`` in DeepSeek-R1's chat format.
+
+        ``{bos}{system contents joined by "\\n\\n"}``, then ``<｜User｜>{content}`` per user message and
+        ``<｜Assistant｜>{content}<｜end▁of▁sentence｜>`` per assistant message, where, as in R1's template,
+        everything up to the last ``</think>`` of the content is dropped. With ``add_generation_prompt`` the
+        text ends with ``<｜Assistant｜><think>\\n`` (``<｜Assistant｜>`` when ``thinking`` is False).
+        """
+        _validate_messages(messages)
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+        parts = [self.bos_token or "", system]
+        for message in messages:
+            if message["role"] == "user":
+                parts.append(USER_TAG + message["content"])
+            elif message["role"] == "assistant":
+                parts.append(ASSISTANT_TAG + message["content"].split(THINK_CLOSE)[-1] + DEEPSEEK_EOS)
+        if add_generation_prompt:
+            parts.append(ASSISTANT_TAG + (THINK_OPEN + "\n" if thinking else ""))
+        return "".join(parts)
+
+    def encode_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        thinking: bool = True,
+    ) -> list[int]:
+        """Token ids of :meth:`apply_chat_template`; bos comes from the template text, once."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, thinking))
+
+    def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
+        """A new :class:`StreamDecoder` over this tokenizer."""
+        return StreamDecoder(self, skip_special_tokens)
+
+
+class StreamDecoder:
+    """Incremental detokenizer: feed token ids one at a time, get back only the new, complete text.
+
+    Text is held back while the decoded tail ends with U+FFFD (an incomplete multi-byte UTF-8 character).
+    Each new piece is the difference between decoding a short window of recent ids with and without the newest
+    ones, which also keeps decoders that strip a leading space (SentencePiece style) correct mid-stream. The
+    concatenation of all pushes and :meth:`flush` equals ``tokenizer.decode(all_ids)``.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
+        """Start an empty stream over ``tokenizer``."""
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        self._ids: list[int] = []
+        self._prefix_offset = 0  # start of the decode window
+        self._read_offset = 0  # ids before this have been returned as text
+
+    def _decode(self, start: int, end: int | None = None) -> str:
+        return self._tokenizer.decode(self._ids[start:end], skip_special_tokens=self._skip_special_tokens)
+
+    def push(self, token_id: int) -> str:
+        """Add one token id; return the text it completes ('' while a character is still incomplete)."""
+        self._ids.append(token_id)
+        prefix_text = self._decode(self._prefix_offset, self._read_offset)
+        new_text = self._decode(self._prefix_offset)
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        return new_text[len(prefix_text) :]
+
+    def flush(self) -> str:
+        """Return the held-back text (invalid UTF-8 shows as U+FFFD), ending the current stream."""
+        prefix_text = self._decode(self._prefix_offset, self._read_offset)
+        new_text = self._decode(self._prefix_offset)
+        self._prefix_offset = self._read_offset = len(self._ids)
+        return new_text[len(prefix_text) :]
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """Split a reasoning model's completion into ``(reasoning, answer)``, both stripped of outer whitespace.
+
+    A ``<think>`` counts as opening only at the very start (after whitespace), and is optional because R1's
+    chat template already ends the prompt with it. The first ``</think>`` ends the reasoning; later tags are
+    answer text. Without any ``</think>``, the text is all reasoning if it opened with ``<think>`` (a
+    truncated completion) and all answer otherwise.
+    """
+    rest = text.lstrip()
+    opened = rest.startswith(THINK_OPEN)
+    if opened:
+        rest = rest[len(THINK_OPEN) :]
+    if THINK_CLOSE in rest:
+        reasoning, answer = rest.split(THINK_CLOSE, 1)
+        return reasoning.strip(), answer.strip()
+    if opened:
+        return rest.strip(), ""
+    return "", rest.strip()
+
+
+_START, _REASONING, _CONTENT = "start", "reasoning", "content"
+
+
+class ReasoningStreamParser:
+    """Streaming :func:`split_reasoning`: push text pieces, get ``(reasoning_delta, content_delta)``.
+
+    A piece that could be the start of a tag (``"</thi"``) is held back until it resolves, and so is
+    whitespace that may turn out to be at either end of a section: no delta ever carries leading or trailing
+    whitespace of the reasoning or of the content. Hence, for any split of ``text`` into pieces, joining the
+    deltas of all pushes and :meth:`flush` gives exactly
+
+    - ``starts_in_reasoning=True`` (the prompt ended with ``<think>``): ``split_reasoning(text)`` if ``text``
+      starts with ``<think>`` after whitespace (a repeated tag is skipped), else ``split_reasoning("<think>" +
+      text)``; i.e. the same as ``split_reasoning(text)`` except that text without any tag is reasoning.
+    - ``starts_in_reasoning=False``: ``split_reasoning(text)`` if ``text`` starts with ``<think>`` after
+      whitespace, else ``("", text.strip())``: content already emitted cannot be turned into reasoning by a
+      later ``</think>``.
+    """
+
+    def __init__(self, starts_in_reasoning: bool = True) -> None:
+        """``starts_in_reasoning``: the prompt ended with ``<think>\\n`` (R1's template with thinking on)."""
+        self._default_mode = _REASONING if starts_in_reasoning else _CONTENT
+        self._mode = _START
+        self._buffer = ""  # text received but not yet resolved
+        self._section_started = False  # whether the current section has emitted text yet
+
+    def push(self, piece: str) -> tuple[str, str]:
+        """Add the next piece of generated text; return the newly resolved ``(reasoning, content)`` text."""
+        self._buffer += piece
+        return self._process(final=False)
+
+    def flush(self) -> tuple[str, str]:
+        """Resolve everything held back at the end of the text."""
+        return self._process(final=True)
+
+    def _process(self, final: bool) -> tuple[str, str]:
+        reasoning = ""
+        if self._mode == _START:
+            self._buffer = self._buffer.lstrip()
+            if self._buffer.startswith(THINK_OPEN):
+                self._buffer = self._buffer[len(THINK_OPEN) :]
+                self._mode = _REASONING
+            elif final or not THINK_OPEN.startswith(self._buffer):
+                self._mode = self._default_mode
+            else:  # empty, or a possible start of "<think>"
+                return "", ""
+        if self._mode == _REASONING:
+            close = self._buffer.find(THINK_CLOSE)
+            if close < 0:
+                hold = 0 if final else _partial_tag_length(self._buffer, THINK_CLOSE)
+                return self._emit(len(self._buffer) - hold, final), ""
+            reasoning = self._emit(close, final=True)
+            self._buffer = self._buffer[len(THINK_CLOSE) :]
+            self._mode = _CONTENT
+            self._section_started = False
+        return reasoning, self._emit(len(self._buffer), final)
+
+    def _emit(self, end: int, final: bool) -> str:
+        """Return ``buffer[:end]`` minus section-leading whitespace; trailing whitespace stays buffered.
+
+        With ``final`` the section ends at ``end``, so its trailing whitespace is dropped instead.
+        """
+        text = self._buffer[:end]
+        kept = len(text.rstrip())
+        out = text[:kept] if self._section_started else text[:kept].lstrip()
+        self._buffer = self._buffer[end:] if final else self._buffer[kept:]
+        self._section_started = self._section_started or bool(out)
+        return out
+
+
+def _partial_tag_length(text: str, tag: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``."""
+    for length in range(min(len(text), len(tag) - 1), 0, -1):
+        if text.endswith(tag[:length]):
+            return length
+    return 0
+
+
+def _read_config(config_file: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TokenizerError(f"{config_file}: not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise TokenizerError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _token_content(config: Mapping[str, Any], field: str, config_file: Path) -> str | None:
+    """A token field of tokenizer_config.json: a string, null, or an AddedToken object with a "content"."""
+    value = config.get(field)
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise TokenizerError(
+        f"{config_file}: field {field!r} must be a string, null or an object with a string 'content', "
+        f"got {value!r}"
+    )
+
+
+def _validate_messages(messages: Sequence[Mapping[str, Any]]) -> None:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise TokenizerError(f"messages must be a list of dicts, got {type(messages).__name__}")
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise TokenizerError(f"messages[{index}] must be a dict, got {type(message).__name__}")
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            roles = ", ".join(CHAT_ROLES)
+            raise TokenizerError(f"messages[{index}]['role'] must be one of {roles}, got {role!r}")
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise TokenizerError(f"messages[{index}]['content'] must be a str, got {type(content).__name__}")
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int, special_tokens: list[str] | None = None
+) -> Tokenizer:
+    """Train a byte-level BPE tokenizer (GPT-2 style, no prefix space) on ``texts``.
+
+    ``special_tokens`` (default :data:`DEEPSEEK_SPECIAL_TOKENS`) get the first ids, in order; ``<think>`` and
+    ``</think>`` are unsplittable but not special (decode keeps them), the others are special. The DeepSeek
+    bos/eos/pad tokens become the tokenizer's bos/eos/pad when listed. ``vocab_size`` counts every token; the
+    result is smaller if the texts do not support that many merges.
+    """
+    special_tokens = list(DEEPSEEK_SPECIAL_TOKENS if special_tokens is None else special_tokens)
+    if len(set(special_tokens)) != len(special_tokens):
+        raise TokenizerError(f"special_tokens has duplicates: {special_tokens}")
+    min_size = len(pre_tokenizers.ByteLevel.alphabet()) + len(special_tokens)
+    if vocab_size < min_size:
+        raise TokenizerError(
+            f"vocab_size must be at least {min_size} (256 byte tokens + {len(special_tokens)} special "
+            f"tokens), got {vocab_size}"
+        )
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[AddedToken(token, normalized=False) for token in special_tokens],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    # The trainer marks all its tokens special, and add_tokens() would not refresh the decoder's set of
+    # special ids, so the flag is changed in the serialized form.
+    data = json.loads(backend.to_str())
+    for added in data["added_tokens"]:
+        added["special"] = added["content"] not in NON_SPECIAL_ADDED_TOKENS
+    backend = tokenizers.Tokenizer.from_str(json.dumps(data))
+
+    def listed(token: str) -> str | None:
+        return token if token in special_tokens else None
+
+    return Tokenizer(
+        backend,
+        bos_token=listed(DEEPSEEK_BOS),
+        eos_token=listed(DEEPSEEK_EOS),
+        pad_token=listed(DEEPSEEK_PAD),
+        config={
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "clean_up_tokenization_spaces": False,
+            "chat_template": DEEPSEEK_R1_CHAT_TEMPLATE,
+        },
+    )
