@@ -1,0 +1,133 @@
+"""R1Model and the CLI: text generation, streaming, stop strings, chat reasoning, name resolution, errors.
+
+Text-level behaviour is tested with a scripted model (it emits a fixed token sequence whatever the input,
+as nanochat tests its engine) so that outputs such as "<think>...</think>answer" are known exactly.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from r1kit.__main__ import main
+from r1kit.api import ModelNotFoundError, R1Model, random_checkpoint, resolve_model_path
+from r1kit.generate import GenerationError
+from r1kit.model.attention import KVCache
+from r1kit.model.config import preset
+from r1kit.model.transformer import ContextLengthError
+from r1kit.tokenizer import DEEPSEEK_EOS, train_bpe_tokenizer
+
+CORPUS = ["The answer is 391. Let me think step by step: 17 times 23 is 17*20 + 17*3 = 340 + 51 = 391.",
+          "def forward(self, x):\n    return self.proj(x)\n", "Quantum entanglement links particles. " * 3]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_bpe_tokenizer(CORPUS, vocab_size=320)
+
+
+class ScriptedModel(nn.Module):
+    """Emits `script[i]` as the i-th generated token (greedy), whatever the prompt."""
+
+    def __init__(self, script: list[int], vocab: int, eos: int):
+        super().__init__()
+        self.script, self.vocab = script, vocab
+        self.config = preset("tiny-dense", vocab_size=vocab, eos_token_id=eos)
+        self.embed_tokens = nn.Embedding(vocab, 4)
+
+    def new_cache(self, batch: int, max_len: int, pad=None) -> KVCache:
+        return KVCache(layers=[], max_len=max_len, pad=pad, extra={"step": 0})
+
+    def forward(self, ids: torch.Tensor, cache: KVCache, last_only: bool = True) -> torch.Tensor:
+        step = cache.extra["step"]
+        cache.extra["step"] += 1
+        cache.pos += ids.shape[1]
+        logits = torch.full((ids.shape[0], 1, self.vocab), -1e9)
+        logits[:, :, self.script[min(step, len(self.script) - 1)]] = 0.0
+        return logits
+
+
+def scripted(tok, text: str) -> R1Model:
+    ids = tok.encode(text) + [tok.eos_id]
+    return R1Model(ScriptedModel(ids, tok.vocab_size, tok.eos_id), tok)
+
+
+def test_generate_stream_batch_and_stop_strings(tok):
+    model = scripted(tok, "The answer is 391. Let me think")
+    full = model.generate(prompt="Q", max_new_tokens=50, temperature=0)
+    assert full == "The answer is 391. Let me think"  # ends at eos, which is not part of the text
+    assert "".join(model.generate(prompt="Q", max_new_tokens=50, temperature=0, stream=True)) == full
+    assert model.generate(prompt=["Q", "another"], max_new_tokens=50, temperature=0) == [full, full]
+    # a stop string is cut out, also when it spans several tokens, and also while streaming
+    assert model.generate(prompt="Q", max_new_tokens=50, temperature=0, stop="391") == "The answer is "
+    pieces = list(model.generate(prompt="Q", max_new_tokens=50, temperature=0, stop=[". Let"], stream=True))
+    assert "".join(pieces) == "The answer is 391"
+    # max_length counts the prompt: the budget is max_length - len(prompt tokens)
+    n_prompt = len(tok.encode("Q", add_bos=True))
+    short = model.generate(prompt="Q", max_length=n_prompt + 2, temperature=0)
+    assert tok.encode(short) == tok.encode(full)[:2]
+
+
+def test_chat_separates_reasoning(tok):
+    model = scripted(tok, "17 times 23 is 391.</think>\n\nThe answer is 391.")
+    reply = model.chat([{"role": "user", "content": "What is 17*23?"}], temperature=0)
+    assert reply.reasoning == "17 times 23 is 391."
+    assert reply.content == "The answer is 391."
+    assert reply.completion_tokens == len(tok.encode(reply.text)) + 1  # + the eos token
+    truncated = scripted(tok, "17 times 23 is").chat([{"role": "user", "content": "?"}], max_new_tokens=3,
+                                                       temperature=0)
+    assert truncated.content == "" and truncated.reasoning  # still thinking when the budget ran out
+
+
+def test_real_checkpoint_round_trip_through_api(tok, tmp_path):
+    path = random_checkpoint(tmp_path / "m", "tiny-moe", tokenizer=tok)
+    model = R1Model.from_pretrained(path, device="cpu", dtype="fp32")
+    assert model.dtype == torch.float32 and model.tokenizer.vocab_size == tok.vocab_size
+    a = model.generate(prompt="def forward", max_new_tokens=8, temperature=0)
+    assert a == model.generate(prompt="def forward", max_new_tokens=8, temperature=0)
+    assert "".join(model.generate(prompt="def forward", max_new_tokens=8, temperature=0, stream=True)) == a
+    info = model.info()
+    assert info["params_total"] == preset("tiny-moe").num_params(include_mtp=True)
+    with pytest.raises(ContextLengthError, match="context"):
+        model.generate(prompt="x " * 600, max_new_tokens=600)
+    with pytest.raises(GenerationError, match="temperature"):
+        model.generate(prompt="x", temperature=-1)
+    with pytest.raises(GenerationError, match="exactly one"):
+        model.generate()
+
+
+def test_name_resolution(tmp_path, monkeypatch):
+    with pytest.raises(ModelNotFoundError, match="huggingface-cli download deepseek-ai/X"):
+        resolve_model_path("deepseek-ai/X")
+    with pytest.raises(ModelNotFoundError, match="not bundled"):
+        resolve_model_path("r1kit/does-not-exist")
+    snap = tmp_path / "hub" / "models--org--name" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (tmp_path / "hub" / "models--org--name" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--name" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert resolve_model_path("org/name") == snap
+    with pytest.raises(ValueError, match="quantization"):
+        R1Model.from_pretrained(snap, quantization="int8")
+
+
+def test_cli(tok, tmp_path, capsys):
+    assert main(["info", "deepseek-v3", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["params_total"] > 6.7e11 and 3.6e10 < info["params_active"] < 3.8e10
+    path = random_checkpoint(tmp_path / "m", "tiny-dense", tokenizer=tok)
+    assert main(["generate", str(path), "--prompt", "def", "--max-new-tokens", "4", "--temperature", "0",
+                 "--dtype", "fp32"]) == 0
+    assert capsys.readouterr().out.strip() == R1Model.from_pretrained(path, dtype="fp32").generate(
+        prompt="def", max_new_tokens=4, temperature=0).strip()
+    assert main(["convert", str(path), str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
+    assert (tmp_path / "bf16" / "tokenizer.json").is_file()
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert main(["generate", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    assert "no model at" in capsys.readouterr().err
+    assert main(["generate", str(path), "--prompt", "x", "--top-p", "2"]) == 2
+    assert "top_p" in capsys.readouterr().err
+    assert DEEPSEEK_EOS in tok.decode([tok.eos_id])
