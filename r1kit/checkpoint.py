@@ -42,6 +42,7 @@ _MODEL_TYPE = {"deepseek_v3": "deepseek_v3", "deepseek_v2": "deepseek_v2", "qwen
 FP32_TENSORS = re.compile(r"mlp\.gate\.(weight|e_score_correction_bias)$")
 # Present in some checkpoints, derived or shared in r1kit.
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq$)")
+_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
 
 
 class CheckpointError(ValueError):
@@ -390,10 +391,15 @@ def save_model(model: Transformer, path: str | Path, dtype: torch.dtype | None =
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     for shard, file in zip(shards, names, strict=True):
         _atomic_write(path / file, lambda tmp, s=shard: save_file(s, str(tmp), metadata={"format": "pt"}))
-    if len(shards) > 1:
+    stale = [f for f in path.glob("model*.safetensors") if _WEIGHT_FILE.fullmatch(f.name) and f.name not in names]
+    if len(shards) == 1:
+        stale.append(path / "model.safetensors.index.json")
+    else:
         index = {"metadata": {"total_size": sum(t.nbytes for s in shards for t in s.values())},
                  "weight_map": {n: f for s, f in zip(shards, names, strict=True) for n in s}}
         _atomic_write(path / "model.safetensors.index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
+    for f in stale:  # weights of an earlier save in this folder would otherwise be read back
+        f.unlink(missing_ok=True)
     hf = config_to_hf(model.config)
     hf["torch_dtype"] = str(dtype or model.embed_tokens.weight.dtype).removeprefix("torch.")
     _atomic_write(path / "config.json", lambda tmp: tmp.write_text(json.dumps(hf, indent=2) + "\n"))

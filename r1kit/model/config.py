@@ -261,11 +261,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "r1-7b": dict(source="r1kit design (nominal 7B total)", published_total=7e9,
                   config=_r1kit_moe(2048, 24, 16, 64, 672, 6, 768, 512, 8)),
     "r1-13b": dict(source="r1kit design (nominal 13B total)", published_total=13e9,
-                   config=_r1kit_moe(2560, 32, 20, 64, 768, 6, 1024, 512, 8)),
+                   config=_r1kit_moe(2560, 32, 20, 64, 760, 6, 1024, 512, 8)),
     "r1-70b": dict(source="r1kit design (nominal 70B total)", published_total=70e9,
                    config=_r1kit_moe(4096, 40, 32, 128, 1088, 8, 1536, 512, 8)),
     "r1-175b": dict(source="r1kit design (nominal 175B total; MoE with 128 routed experts)", published_total=175e9,
-                    config=_r1kit_moe(5120, 48, 40, 128, 1792, 8, 1536, 512, 8)),
+                    config=_r1kit_moe(5120, 48, 40, 128, 1832, 8, 1536, 512, 8)),
     # Tiny models for tests and the random-weights demo.
     "tiny-moe": dict(source="r1kit tests", published_total=None,
                      config=dict(arch="deepseek_v3", vocab_size=512, hidden_size=64, num_layers=3,

@@ -1,0 +1,64 @@
+"""Shared fixtures for the model, checkpoint and parity tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from r1kit.model.config import preset
+from r1kit.model.transformer import Transformer
+
+# The test models are tiny: one intra-op thread is as fast, and it keeps the suite's run time stable when
+# other processes share the (2-core) machine, where spinning OpenMP workers slow tiny ops down 10-100x.
+torch.set_num_threads(1)
+
+
+@torch.no_grad()
+def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.15, bias_std: float = 0.3) -> torch.nn.Module:
+    """Re-draw every parameter and the routing bias so that nothing is trivially zero or one.
+
+    Matrices get N(0, std) (about 1/sqrt(hidden) for the tiny models, so activations stay O(1) and routing
+    decisions vary from token to token), norm weights 1 + N(0, 0.1), biases N(0, 0.1) and DeepSeek-V3's
+    e_score_correction_bias N(0, bias_std), large enough to change which experts win.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(t: torch.Tensor, s: float, mean: float = 0.0) -> torch.Tensor:
+        return (torch.randn(t.shape, generator=gen) * s + mean).to(t.dtype)
+
+    for name, p in model.named_parameters():
+        if p.ndim == 1 and "norm" in name:
+            p.copy_(draw(p, 0.1, 1.0))
+        elif p.ndim == 1:
+            p.copy_(draw(p, 0.1))
+        else:
+            p.copy_(draw(p, std))
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.copy_(draw(b, bias_std))
+    return model
+
+
+@pytest.fixture(scope="session")
+def randomize_weights() -> Callable[..., torch.nn.Module]:
+    """The `randomize` function, for tests that build models themselves (e.g. Hugging Face ones)."""
+    return randomize
+
+
+@pytest.fixture
+def make_model() -> Callable[..., Transformer]:
+    """make_model(name="tiny-moe", seed=0, std=0.15, **overrides) -> a fresh fp32 Transformer in eval mode.
+
+    Weights come from `randomize` (std=None keeps r1kit's own init_weights). Each call builds a new model,
+    so a test may change it (MLA impl, MoE reference flag, dtype) without affecting other tests.
+    """
+
+    def build(name: str = "tiny-moe", seed: int = 0, std: float | None = 0.15, **overrides) -> Transformer:
+        model = Transformer(preset(name, **overrides)).init_weights(seed)
+        if std is not None:
+            randomize(model, seed, std)
+        return model.eval()
+
+    return build
