@@ -4,6 +4,8 @@
     r1kit generate MODEL --prompt   continue a prompt (streams to the terminal)
     r1kit chat MODEL                interactive chat; reasoning shown apart from the answer
     r1kit convert SRC OUT           rewrite a checkpoint (FP8 or pickle -> safetensors, change dtype, reshard)
+    r1kit train --config YAML       train (pretraining + SFT mixture), resumable with --resume
+    r1kit eval MODEL --task T       arithmetic accuracy or held-out perplexity
     r1kit demo                      the main job: a tour on a small model
 """
 
@@ -147,6 +149,41 @@ def cmd_convert(a: argparse.Namespace) -> None:
     print(f"wrote {out} ({dtype})")
 
 
+def cmd_train(a: argparse.Namespace) -> None:
+    """Train from a YAML recipe (configs/*.yaml); --resume continues a killed run exactly."""
+    from r1kit.train.config import TrainConfig
+    from r1kit.train.loop import train
+
+    overrides = {k: v for k, v in (("out_dir", a.out_dir), ("max_steps", a.max_steps)) if v is not None}
+    if a.max_steps is not None:
+        overrides["token_budget"] = None
+    cfg = TrainConfig.from_yaml(a.config, **overrides)
+    summary = train(cfg, resume=a.resume, device=a.device)
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    """Evaluate on held-out data: --task arithmetic (accuracy per kind) or perplexity (stdlib code)."""
+    from r1kit.eval import eval_arithmetic, eval_perplexity
+
+    model = _load(a)
+    if a.task == "arithmetic":
+        res = eval_arithmetic(model, a.kinds.split(","), n=a.n, seed=a.seed or 1234)
+        for ex in res["examples"][:3]:
+            print(f"Q: {ex['question']}\n<think>{ex['reasoning']}</think> {ex['answer']}  (expected {ex['expected']})")
+        print("| kind | accuracy |\n|---|---:|")
+        for kind, acc in res["accuracy"].items():
+            print(f"| {kind} | {acc:.1%} |")
+    else:
+        from r1kit.train.data import split_files, stdlib_files
+
+        _, val_files = split_files(stdlib_files())
+        res = eval_perplexity(model, [f.read_text(errors="ignore") for f in val_files], max_tokens=a.max_tokens)
+        print(f"held-out stdlib perplexity {res['perplexity']:.3f} over {res['tokens']} tokens")
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=2))
+
+
 def cmd_demo(a: argparse.Namespace) -> None:
     """The main job: load the bundled model (or, until one ships, a random-weights one) and show the API."""
     from r1kit.api import BUNDLED_DIR, R1Model, random_checkpoint
@@ -186,6 +223,17 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable[[argpar
                                         p.add_argument("--dtype", default="bf16"),
                                         p.add_argument("--shard-gb", type=float, default=5.0),
                                         p.add_argument("--allow-pickle", action="store_true"))),
+    "train": (cmd_train, lambda p: (p.add_argument("--config", required=True, help="YAML recipe"),
+                                    p.add_argument("--resume", action="store_true"),
+                                    p.add_argument("--out-dir", default=None), p.add_argument("--max-steps", type=int),
+                                    p.add_argument("--device", default="cpu"))),
+    "eval": (cmd_eval, lambda p: (_model_args(p), p.add_argument("--task", choices=["arithmetic", "perplexity"],
+                                                                  required=True),
+                                  p.add_argument("--kinds", default="add2,sub2,add3,sub3,mul2x1,mul2x2"),
+                                  p.add_argument("--n", type=int, default=200, help="problems per kind"),
+                                  p.add_argument("--max-tokens", type=int, default=50_000),
+                                  p.add_argument("--seed", type=int, default=None),
+                                  p.add_argument("--json", default=None, help="write the results here"))),
     "demo": (cmd_demo, lambda p: p.add_argument("--device", default="auto")),
 }
 

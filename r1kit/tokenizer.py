@@ -397,14 +397,16 @@ def _validate_messages(messages: Sequence[Mapping[str, Any]]) -> None:
 
 
 def train_bpe_tokenizer(
-    texts: Iterable[str], vocab_size: int, special_tokens: list[str] | None = None
+    texts: Iterable[str], vocab_size: int, special_tokens: list[str] | None = None, split_digits: bool = False
 ) -> Tokenizer:
     """Train a byte-level BPE tokenizer (GPT-2 style, no prefix space) on ``texts``.
 
     ``special_tokens`` (default :data:`DEEPSEEK_SPECIAL_TOKENS`) get the first ids, in order; ``<think>`` and
     ``</think>`` are unsplittable but not special (decode keeps them), the others are special. The DeepSeek
     bos/eos/pad tokens become the tokenizer's bos/eos/pad when listed. ``vocab_size`` counts every token; the
-    result is smaller if the texts do not support that many merges.
+    result is smaller if the texts do not support that many merges. With ``split_digits`` every digit is
+    pre-tokenized on its own, so numbers are always one token per digit (what arithmetic needs); the setting
+    is part of ``tokenizer.json`` and decoding is unaffected.
     """
     special_tokens = list(DEEPSEEK_SPECIAL_TOKENS if special_tokens is None else special_tokens)
     if len(set(special_tokens)) != len(special_tokens):
@@ -416,7 +418,11 @@ def train_bpe_tokenizer(
             f"tokens), got {vocab_size}"
         )
     backend = tokenizers.Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_digits:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        backend.pre_tokenizer = byte_level
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -110,11 +110,14 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
         self.reference = False  # route through Experts.forward_reference (tests, debugging)
+        self.load: torch.Tensor | None = None  # (E,) tokens routed to each expert by the last training forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (N, C)
         weights, idx = self.gate(flat)
+        if self.training:  # observed load, for auxiliary-loss-free balancing and the logs
+            self.load = torch.bincount(idx.flatten(), minlength=self.experts.n_experts).detach()
         run = self.experts.forward_reference if self.reference else self.experts
         y = run(flat, weights, idx).view(shape)
         return y if self.shared_experts is None else y + self.shared_experts(x)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from r1kit.model.attention import (
@@ -62,6 +63,7 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPLayer(cfg.hidden_size, cfg.rms_norm_eps, Block(cfg, moe_mtp))
                                  for _ in range(cfg.num_mtp_layers))
         self.rotary = RotaryEmbedding(cfg)
+        self.gradient_checkpointing = False  # recompute each block in backward instead of storing activations
 
     # ------------------------------------------------------------------------------------------ weights
     @torch.no_grad()
@@ -121,7 +123,10 @@ class Transformer(nn.Module):
         rope = self.rotary(positions, x.dtype)
         mask = attention_mask(B, T, pos, pad, ids.device)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, cache.layers[i] if cache is not None else None, pos)
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, mask, use_reentrant=False)
+            else:
+                x = layer(x, rope, mask, cache.layers[i] if cache is not None else None, pos)
         if cache is not None:
             cache.pos += T
         hidden = x

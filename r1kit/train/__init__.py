@@ -1,0 +1,1 @@
+"""Training: corpora, batching and recipes."""

@@ -1,0 +1,187 @@
+"""TrainConfig: one validated dataclass per training recipe, read from YAML (configs/*.yaml).
+
+Every key is checked: an unknown or mistyped key is an error that names it and lists the known ones, and
+out-of-range values name their field. Sections `model` and `data` are nested dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from r1kit.model.config import PRESETS, ModelConfig, preset
+
+
+class TrainConfigError(ValueError):
+    """A training config key is unknown, mistyped or out of range. The message names it."""
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny-moe"  # a name from r1kit.model.config.PRESETS
+    overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields to change
+
+
+@dataclass
+class DataSection:
+    mixture: dict[str, float] = field(default_factory=lambda: {"stdlib": 0.5, "arithmetic": 0.5})
+    arithmetic_kinds: dict[str, float] = field(default_factory=lambda: {"add2": 1.0, "sub2": 1.0})
+    arithmetic_examples: int = 20000  # distinct training problems generated
+    max_files: int | None = None  # cap on standard-library files read per side (None: all)
+    max_chars: int | None = None  # cap on standard-library characters read per side (None: all)
+    tokenizer_vocab: int = 4096  # byte-level BPE trained on the training data (digits split)
+    tokenizer_chars: int = 4_000_000  # characters of text the tokenizer is trained on
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    seq_len: int = 256
+    batch_size: int = 16
+    gradient_accumulation: int = 1
+    learning_rate: float = 3e-3
+    min_lr_ratio: float = 0.1  # the schedule decays to learning_rate * min_lr_ratio
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # "cosine" | "linear" | "constant"
+    max_steps: int | None = 1000
+    token_budget: int | None = None  # alternative to max_steps: stop after this many training tokens
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    precision: str = "bf16"  # "fp32" | "bf16" | "fp8" (fp8 emulated on CPU, around the linear layers)
+    gradient_checkpointing: bool = False
+    moe_balance_rate: float = 0.001  # gamma of DeepSeek-V3's auxiliary-loss-free bias update (0 = off)
+    mtp_loss_weight: float = 0.3
+    eval_interval: int = 200
+    eval_batches: int = 8
+    checkpoint_interval: int = 200
+    keep_checkpoints: int = 2
+    log_interval: int = 10
+    seed: int = 0
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    out_dir: str = "runs/train"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, name: str, why: str) -> None:
+            if not ok:
+                raise TrainConfigError(f"{name} = {getattr(self, name, None)!r}: {why}")
+
+        for name in ("seq_len", "batch_size", "gradient_accumulation", "eval_interval", "eval_batches",
+                     "checkpoint_interval", "keep_checkpoints", "log_interval"):
+            need(getattr(self, name) >= 1, name, "must be >= 1")
+        need(self.learning_rate > 0, "learning_rate", "must be > 0")
+        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        need(self.schedule in ("cosine", "linear", "constant"), "schedule", "must be cosine, linear or constant")
+        need(self.precision in ("fp32", "bf16", "fp8"), "precision", "must be fp32, bf16 or fp8")
+        need((self.max_steps is None) != (self.token_budget is None), "max_steps",
+             "give exactly one of max_steps and token_budget")
+        need(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1")
+        need(self.token_budget is None or self.token_budget >= 1, "token_budget", "must be >= 1")
+        need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 = off)")
+        need(self.moe_balance_rate >= 0, "moe_balance_rate", "must be >= 0")
+        need(self.mtp_loss_weight >= 0, "mtp_loss_weight", "must be >= 0")
+        if self.model.preset not in PRESETS:
+            raise TrainConfigError(f"model.preset = {self.model.preset!r}: unknown; presets: {sorted(PRESETS)}")
+        self.model_config()  # the overrides must form a valid ModelConfig
+        need(bool(self.data.mixture) and all(w >= 0 for w in self.data.mixture.values())
+             and sum(self.data.mixture.values()) > 0, "data", "data.mixture needs non-negative weights, sum > 0")
+        unknown = set(self.data.mixture) - {"stdlib", "arithmetic"}
+        if unknown:
+            raise TrainConfigError(f"data.mixture: unknown source(s) {sorted(unknown)}; known: arithmetic, stdlib")
+        from r1kit.train.data import KINDS
+
+        bad = set(self.data.arithmetic_kinds) - set(KINDS)
+        if bad or not self.data.arithmetic_kinds:
+            raise TrainConfigError(f"data.arithmetic_kinds: unknown kind(s) {sorted(bad)}; kinds: {list(KINDS)}")
+
+    def model_config(self) -> ModelConfig:
+        try:
+            return preset(self.model.preset, **self.model.overrides)
+        except ValueError as e:
+            raise TrainConfigError(f"model.overrides: {e}") from None
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.gradient_accumulation
+
+    @property
+    def total_steps(self) -> int:
+        return self.max_steps if self.max_steps is not None else -(-self.token_budget // self.tokens_per_step)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> TrainConfig:
+        return _build(cls, d, where)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """Read a YAML recipe; keyword overrides (top-level keys) win over the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise TrainConfigError(f"{path}: no such config file")
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise TrainConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(d, dict):
+            raise TrainConfigError(f"{path}: the top level must be a mapping of keys")
+        return _build(cls, {**d, **overrides}, str(path))
+
+
+def _build(cls: type, d: dict[str, Any], where: str) -> Any:
+    """Instantiate dataclass `cls` from a dict, checking every key and the basic type of every value."""
+    if not isinstance(d, dict):
+        raise TrainConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise TrainConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
+    kwargs = {}
+    for name, value in d.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, f"{where}: {name}")
+        else:
+            kwargs[name] = _check_type(value, hint, f"{where}: {name}")
+    try:
+        return cls(**kwargs)
+    except TrainConfigError as e:
+        raise TrainConfigError(f"{where}: {e}") from None
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint in (str, bool) and isinstance(value, hint):
+        return value
+    if origin is dict and isinstance(value, dict):
+        return dict(value)
+    if origin is tuple and isinstance(value, (list, tuple)) and len(value) == len(args):
+        return tuple(_check_type(v, a, where) for v, a in zip(value, args, strict=True))
+    if hint is Any:
+        return value
+    raise TrainConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
