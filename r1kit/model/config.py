@@ -266,6 +266,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                    config=_r1kit_moe(4096, 40, 32, 128, 1088, 8, 1536, 512, 8)),
     "r1-175b": dict(source="r1kit design (nominal 175B total; MoE with 128 routed experts)", published_total=175e9,
                     config=_r1kit_moe(5120, 48, 40, 128, 1832, 8, 1536, 512, 8)),
+    # The bundled model r1kit/nano (trained by configs/nano.yaml): DeepSeek-V3 in miniature.
+    "nano": dict(source="r1kit: the bundled r1kit/nano, trained by configs/nano.yaml", published_total=None,
+                 config=dict(arch="deepseek_v3", vocab_size=4096, hidden_size=192, num_layers=6,
+                             intermediate_size=512, num_heads=4, attention="mla", q_lora_rank=128,
+                             kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                             n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                             moe_intermediate_size=192, first_k_dense_replace=1, n_group=4, topk_group=2,
+                             routed_scaling_factor=2.5, rope_interleave=True, num_mtp_layers=1,
+                             max_position_embeddings=1024, bos_token_id=0, eos_token_id=1)),
     # Tiny models for tests and the random-weights demo.
     "tiny-moe": dict(source="r1kit tests", published_total=None,
                      config=dict(arch="deepseek_v3", vocab_size=512, hidden_size=64, num_layers=3,
