@@ -201,14 +201,15 @@ def cmd_demo(a: argparse.Namespace) -> None:
     info = model.info()
     print(f"\n== {label}\nmodel: {info['architecture']} / {info['attention']}, {info['params_total_h']} params "
           f"({info['params_active_h']} active), {info['dtype']} on {info['device']}: {info['device_reason']}")
-    prompt = "Explain quantum entanglement"
-    print(f"\n== generate(prompt={prompt!r}, max_length=40, temperature=0.7, stream=True)")
-    for piece in model.generate(prompt=prompt, max_length=40, temperature=0.7, seed=0, stream=True):
+    prompt = "def read_config(path):\n"
+    print(f"\n== generate(prompt={prompt!r}, max_length=80, temperature=0.7, stream=True)")
+    for piece in model.generate(prompt=prompt, max_length=80, temperature=0.7, seed=0, stream=True):
         print(piece, end="", flush=True)
-    print("\n\n== chat([{'role': 'user', 'content': 'What is 17*23?'}])")
-    reply = model.chat([{"role": "user", "content": "What is 17*23?"}], max_new_tokens=48, seed=0)
-    print(f"reasoning: {reply.reasoning!r}\nanswer:    {reply.content!r}\n"
-          f"tokens: {reply.prompt_tokens} prompt + {reply.completion_tokens} generated")
+    for question in ("What is 47+38?", "What is 305-178?"):
+        print(f"\n\n== chat([{{'role': 'user', 'content': {question!r}}}], temperature=0)")
+        reply = model.chat([{"role": "user", "content": question}], max_new_tokens=200, temperature=0)
+        print(f"reasoning:\n{reply.reasoning}\nanswer: {reply.content}\n"
+              f"tokens: {reply.prompt_tokens} prompt + {reply.completion_tokens} generated")
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable[[argparse.ArgumentParser], None]]] = {

@@ -131,3 +131,13 @@ def test_cli(tok, tmp_path, capsys):
     assert main(["generate", str(path), "--prompt", "x", "--top-p", "2"]) == 2
     assert "top_p" in capsys.readouterr().err
     assert DEEPSEEK_EOS in tok.decode([tok.eos_id])
+
+
+def test_cli_chat_session(tok, tmp_path, monkeypatch, capsys):
+    path = random_checkpoint(tmp_path / "m", "tiny-dense", tokenizer=tok)
+    lines = iter(["What is 17*23?", "/reset", "", "again", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", str(path), "--max-new-tokens", "5", "--temperature", "0", "--dtype", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("r1kit chat:") and "/exit" in out
+    assert next(lines, None) is None  # every line was read: two questions answered, then /exit
