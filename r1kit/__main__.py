@@ -134,19 +134,22 @@ def cmd_convert(a: argparse.Namespace) -> None:
     """Rewrite a checkpoint as safetensors: dequantise FP8, convert pickle, change dtype, reshard."""
     import shutil
 
+    import torch
+
     from r1kit.checkpoint import load_model, save_model
-    from r1kit.hardware import resolve_dtype
 
     src, out = Path(a.src), Path(a.out)
     if out.resolve() == src.resolve():
         raise ValueError("convert: OUT must differ from SRC")
-    dtype, _ = resolve_dtype(a.dtype, "cpu")
-    model = load_model(src, "cpu", dtype, allow_pickle=a.allow_pickle)
-    save_model(model, out, dtype=dtype, max_shard_bytes=int(a.shard_gb * 2**30))
+    formats = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
+    if a.dtype not in formats:
+        raise ValueError(f"convert: --dtype {a.dtype!r} is not one of {sorted(formats)}")
+    model = load_model(src, "cpu", torch.float32, allow_pickle=a.allow_pickle)  # storage format != compute dtype
+    save_model(model, out, dtype=formats[a.dtype], max_shard_bytes=int(a.shard_gb * 2**30), fp8=a.dtype == "fp8")
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if (src / name).is_file():
             shutil.copy2(src / name, out / name)
-    print(f"wrote {out} ({dtype})")
+    print(f"wrote {out} ({a.dtype})")
 
 
 def cmd_train(a: argparse.Namespace) -> None:
@@ -168,8 +171,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
     model = _load(a)
     if a.task == "arithmetic":
-        res = eval_arithmetic(model, a.kinds.split(","), n=a.n, seed=a.seed or 1234)
-        for ex in res["examples"][:3]:
+        res = eval_arithmetic(model, a.kinds.split(","), n=a.n, seed=1234 if a.seed is None else a.seed)
+        for ex in res["examples"][::3]:  # one worked example per kind
             print(f"Q: {ex['question']}\n<think>{ex['reasoning']}</think> {ex['answer']}  (expected {ex['expected']})")
         print("| kind | accuracy |\n|---|---:|")
         for kind, acc in res["accuracy"].items():
@@ -221,7 +224,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable[[argpar
                                   p.add_argument("--no-think", action="store_true", help="skip the <think> phase"),
                                   _sampling_args(p))),
     "convert": (cmd_convert, lambda p: (p.add_argument("src"), p.add_argument("out"),
-                                        p.add_argument("--dtype", default="bf16"),
+                                        p.add_argument("--dtype", default="bf16", help="fp32, bf16, fp16, fp8"),
                                         p.add_argument("--shard-gb", type=float, default=5.0),
                                         p.add_argument("--allow-pickle", action="store_true"))),
     "train": (cmd_train, lambda p: (p.add_argument("--config", required=True, help="YAML recipe"),

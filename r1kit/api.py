@@ -26,6 +26,7 @@ from r1kit.tokenizer import Tokenizer, split_reasoning
 
 log = logging.getLogger("r1kit")
 BUNDLED_DIR = Path(__file__).parent  # bundled models live in the package: r1kit/<name>
+CHAT_MAX_NEW_TOKENS = 1024  # chat's default budget: room for the <think> phase and the answer
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -148,7 +149,8 @@ class R1Model:
                                   "pass input_ids instead")
         return self.tokenizer
 
-    def _stop_ids(self) -> list[int]:
+    def stop_ids(self) -> list[int]:
+        """Token ids that end a generation: the tokenizer's end-of-sequence/turn tokens and the config's eos."""
         ids = set(self._tok().stop_ids) if self.tokenizer else set()
         eos = self.config.eos_token_id
         ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -189,14 +191,14 @@ class R1Model:
         return texts if isinstance(prompt, (list, tuple)) else texts[0]
 
     def _encode(self, text: str) -> list[int]:
-        tok = self._tok()
-        return tok.encode(text, add_bos=tok.bos_id is not None)
+        tok = self._tok()  # bos as tokenizer_config.json's add_bos_token says (true for the R1-Distill models)
+        return tok.encode(text, add_bos=tok.add_bos_token and tok.bos_id is not None)
 
     def _stream_rows(self, prompts: list[list[int]], params: SamplingParams,
                      usage: dict[str, int] | None = None) -> Iterator[tuple[int, str]]:
         """(row, new text) pieces as tokens arrive; holds back text that might start a stop string."""
         tok = self.tokenizer
-        stop_ids = set(self._stop_ids())
+        stop_ids = set(self.stop_ids())
         decoders = [tok.stream_decoder(skip_special_tokens=True) if tok else None for _ in prompts]
         pending = [""] * len(prompts)
         finished = [False] * len(prompts)
@@ -224,10 +226,10 @@ class R1Model:
                     if text:
                         yield row, text
                     continue
-                keep = hold if params.stop else 0
-                pending[row] = text[len(text) - keep:] if keep else ""
-                if text[:len(text) - keep]:
-                    yield row, text[:len(text) - keep]
+                split = max(0, len(text) - hold) if params.stop else len(text)
+                pending[row] = text[split:]
+                if split:
+                    yield row, text[:split]
             if all(finished):
                 steps.close()
                 return
@@ -243,11 +245,15 @@ class R1Model:
 
         messages: [{"role": "system"|"user"|"assistant", "content": str}, ...]. Sampling keywords as generate().
         With stream=True, yields raw text pieces (use r1kit.tokenizer.ReasoningStreamParser to split them).
+        Without a length, up to CHAT_MAX_NEW_TOKENS new tokens (reasoning is long), as far as the context allows.
         """
         ids = self._tok().encode_chat(list(messages), add_generation_prompt=True, thinking=thinking)
+        if sampling.get("max_new_tokens") is None and sampling.get("max_length") is None:  # as much as fits
+            room = self.config.max_position_embeddings - len(ids)
+            sampling["max_new_tokens"] = max(1, min(CHAT_MAX_NEW_TOKENS, room))
         if stream:
             return self.generate(input_ids=ids, stream=True, **sampling)
-        params = SamplingParams(**{"max_new_tokens": None if "max_length" in sampling else 512, **sampling})
+        params = SamplingParams(**sampling)
         usage: dict[str, int] = {}
         text = "".join(piece for _, piece in self._stream_rows([ids], params, usage))
         # the thinking template already opened <think>: text without a closing tag is all reasoning

@@ -25,8 +25,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from r1kit.model.attention import RotaryEmbedding
 from r1kit.model.config import ConfigError, ModelConfig, rope_type
-from r1kit.model.transformer import Transformer
+from r1kit.model.transformer import FP32_TENSORS, Transformer
 
 log = logging.getLogger("r1kit")
 
@@ -37,9 +38,7 @@ HF_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
 }
 _ARCH_TO_HF = {v: k for k, v in HF_ARCHITECTURES.items()}
-_MODEL_TYPE = {"deepseek_v3": "deepseek_v3", "deepseek_v2": "deepseek_v2", "qwen2": "qwen2", "llama": "llama"}
-# Kept in fp32 whatever the model dtype: routing decisions are sensitive (the references do the same).
-FP32_TENSORS = re.compile(r"mlp\.gate\.(weight|e_score_correction_bias)$")
+FP8_BLOCK = (128, 128)  # DeepSeek-V3's weight_block_size
 # Present in some checkpoints, derived or shared in r1kit.
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq$)")
 _WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
@@ -57,7 +56,7 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
     archs = hf.get("architectures") or []
     arch = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
     if arch is None:
-        arch = {v: k for k, v in _MODEL_TYPE.items()}.get(hf.get("model_type", ""))
+        arch = hf.get("model_type") if hf.get("model_type") in _ARCH_TO_HF else None  # model_type == arch name
     if arch is None:
         raise CheckpointError(f"{source}: unsupported architecture {archs or hf.get('model_type')!r}; "
                               f"r1kit loads {sorted(HF_ARCHITECTURES)}")
@@ -69,13 +68,18 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
         raise CheckpointError(f"{source}: attention_bias = true is not supported for llama")
 
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
+    theta = rope.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
     rope.pop("partial_rotary_factor", None)
     scaling = rope if rope_type(rope) != "default" else None
-    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+    required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"]
+    if arch.startswith("deepseek"):
+        required += ["kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"]
     missing = [k for k in required if hf.get(k) is None]
     if missing:
         raise CheckpointError(f"{source}: missing field(s) {missing}")
+    wrong = [k for k in required if not isinstance(hf[k], int) or isinstance(hf[k], bool)]
+    if wrong:
+        raise CheckpointError(f"{source}: field(s) {wrong} must be integers")
     fields: dict[str, Any] = dict(
         arch=arch, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
         intermediate_size=hf.get("intermediate_size", 0), num_heads=hf["num_attention_heads"],
@@ -106,21 +110,21 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
         )
     try:
         return ModelConfig(**fields, extra={"hf_config": hf})
-    except ConfigError as e:
+    except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{source}: {e}") from None
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """ModelConfig -> config.json dict (starting from the original config.json when there was one)."""
     hf = dict(cfg.extra.get("hf_config") or {})
-    hf.update(architectures=[_ARCH_TO_HF[cfg.arch]], model_type=_MODEL_TYPE[cfg.arch], vocab_size=cfg.vocab_size,
+    hf.update(architectures=[_ARCH_TO_HF[cfg.arch]], model_type=cfg.arch, vocab_size=cfg.vocab_size,
               hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
               intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings,
               rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_word_embeddings,
               bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, hidden_act="silu",
               initializer_range=cfg.initializer_range, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling)
     hf.pop("rope_parameters", None)
-    hf.pop("quantization_config", None)  # r1kit writes dequantised weights
+    hf.pop("quantization_config", None)  # save_model adds it back when it writes FP8 weights
     if cfg.attention == "gqa":
         hf.update(num_key_value_heads=cfg.num_kv_heads)
         if cfg.head_dim is not None:
@@ -247,20 +251,6 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[i
     return weight.float() * scale
 
 
-def quantize_fp8(weight: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-wise float8_e4m3fn quantisation as DeepSeek ships it: returns (weight_fp8, scale_inv)."""
-    bo, bi = block
-    o, i = weight.shape
-    po, pi = math.ceil(o / bo) * bo, math.ceil(i / bi) * bi
-    padded = torch.zeros(po, pi, dtype=torch.float32, device=weight.device)
-    padded[:o, :i] = weight.float()
-    blocks = padded.view(po // bo, bo, pi // bi, bi)
-    amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)  # (O/bo, I/bi)
-    scale_inv = amax / torch.finfo(torch.float8_e4m3fn).max
-    q = (blocks / scale_inv[:, None, :, None]).view(po, pi)[:o, :i].to(torch.float8_e4m3fn)
-    return q, scale_inv
-
-
 # ---------------------------------------------------------------------------------------------------- load
 
 
@@ -285,7 +275,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
             log.info("%s: config asks for %d MTP layer(s), checkpoint has %d; MTP disabled beyond that",
                      path, cfg.num_mtp_layers, present)
         cfg.num_mtp_layers = present
-    block = tuple((cfg.extra["hf_config"].get("quantization_config") or {}).get("weight_block_size", (128, 128)))
+    block = tuple((cfg.extra["hf_config"].get("quantization_config") or {}).get("weight_block_size", FP8_BLOCK))
     device = torch.device(device)
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -295,7 +285,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
         t = reader.get(name)
         if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             scale_name = name.removesuffix("weight") + "weight_scale_inv"
-            if scale_name not in reader.names():
+            if scale_name not in reader.where:
                 raise CheckpointError(f"{path}: FP8 tensor {name!r} has no {scale_name!r}")
             t = dequantize_fp8(t, reader.get(scale_name), block)
             used.add(scale_name)
@@ -324,7 +314,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model.rotary = model.rotary.__class__(cfg).to(device)  # non-persistent buffers are rebuilt, not loaded
+    model.rotary = RotaryEmbedding(cfg)  # built on the meta device above; derived from the config, not loaded
     for n, b in model.named_buffers():
         if b.is_meta:
             raise CheckpointError(f"{path}: tensor {n!r} was not loaded")
@@ -362,44 +352,76 @@ def _hf_state(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _atomic_write(file: Path, write: Any) -> None:
+    """write(tmp) then fsync and rename over `file`: a reader sees the old file or the new one, never half."""
     tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, file)
     finally:
         tmp.unlink(missing_ok=True)
 
 
+# 2-D weights that DeepSeek's FP8 checkpoints keep in high precision
+_NOT_FP8 = re.compile(r"(embed_tokens|lm_head|shared_head\.head|norm|mlp\.gate)\.weight$")
+
+
+def _to_saved(name: str, t: torch.Tensor, dtype: torch.dtype | None, fp8: bool
+              ) -> list[tuple[str, torch.Tensor]]:
+    """The tensor(s) written for one checkpoint entry: cast, or FP8 + its weight_scale_inv."""
+    t = t.detach().to("cpu")
+    if fp8 and t.ndim == 2 and name.endswith(".weight") and not _NOT_FP8.search(name):
+        from r1kit.train.fp8 import quantize_weight
+
+        q, scale_inv = quantize_weight(t, torch.float8_e4m3fn, FP8_BLOCK[0])
+        return [(name, q.contiguous()), (name.removesuffix("weight") + "weight_scale_inv", scale_inv)]
+    if dtype is not None and t.is_floating_point() and not FP32_TENSORS.search(name):
+        t = t.to(dtype)
+    return [(name, t.contiguous().clone())]  # a copy: safetensors refuses tensors that share storage
+
+
 def save_model(model: Transformer, path: str | Path, dtype: torch.dtype | None = None,
-               max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write config.json and safetensors (sharded with an index beyond max_shard_bytes), each file atomically."""
+               max_shard_bytes: int = 5 * 2**30, fp8: bool = False) -> None:
+    """Write config.json and safetensors (sharded with an index beyond max_shard_bytes), each file atomically.
+
+    Shards are planned from the tensor sizes first and then written one at a time, so at most one shard is
+    held in memory beyond the model. With ``fp8=True`` the linear weights are stored as DeepSeek ships them:
+    float8_e4m3fn with a ``weight_scale_inv`` per 128x128 block (embeddings, head, norms and router stay in
+    ``dtype``).
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    itemsize = torch.empty(0, dtype=dtype).element_size() if dtype is not None else None
+    plan: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = 0
     for name, t in _hf_state(model):
-        t = t.detach().to("cpu")
-        if dtype is not None and t.is_floating_point() and not FP32_TENSORS.search(name):
-            t = t.to(dtype)
-        t = t.contiguous().clone()  # safetensors refuses tensors that share storage (stacked experts, ties)
-        if size and size + t.nbytes > max_shard_bytes:
-            shards.append({})
+        nbytes = t.numel() * (1 if fp8 and t.ndim == 2 else itemsize or t.element_size())
+        if size and size + nbytes > max_shard_bytes:
+            plan.append([])
             size = 0
-        shards[-1][name] = t
-        size += t.nbytes
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    for shard, file in zip(shards, names, strict=True):
+        plan[-1].append((name, t))
+        size += nbytes
+    names = (["model.safetensors"] if len(plan) == 1 else
+             [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
+    weight_map, total = {}, 0
+    for entries, file in zip(plan, names, strict=True):
+        shard = dict(item for name, t in entries for item in _to_saved(name, t, dtype, fp8))
         _atomic_write(path / file, lambda tmp, s=shard: save_file(s, str(tmp), metadata={"format": "pt"}))
+        weight_map.update(dict.fromkeys(shard, file))
+        total += sum(t.nbytes for t in shard.values())
+        del shard
     stale = [f for f in path.glob("model*.safetensors") if _WEIGHT_FILE.fullmatch(f.name) and f.name not in names]
-    if len(shards) == 1:
+    if len(plan) == 1:
         stale.append(path / "model.safetensors.index.json")
     else:
-        index = {"metadata": {"total_size": sum(t.nbytes for s in shards for t in s.values())},
-                 "weight_map": {n: f for s, f in zip(shards, names, strict=True) for n in s}}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         _atomic_write(path / "model.safetensors.index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
     for f in stale:  # weights of an earlier save in this folder would otherwise be read back
         f.unlink(missing_ok=True)
     hf = config_to_hf(model.config)
     hf["torch_dtype"] = str(dtype or model.embed_tokens.weight.dtype).removeprefix("torch.")
+    if fp8:
+        hf["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                     "weight_block_size": list(FP8_BLOCK)}
     _atomic_write(path / "config.json", lambda tmp: tmp.write_text(json.dumps(hf, indent=2) + "\n"))

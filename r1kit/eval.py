@@ -42,18 +42,19 @@ def eval_arithmetic(model: R1Model, kinds: list[str], n: int = 200, seed: int = 
             chunk = problems[start:start + batch_size]
             prompts = [tok.encode_chat([{"role": "user", "content": p.question}]) for p in chunk]
             outs: list[list[int]] = [[] for _ in chunk]
-            for step in generate_tokens(model.model, prompts, params, tok.stop_ids):
+            stop = model.stop_ids()
+            for step in generate_tokens(model.model, prompts, params, stop):
                 for row, t in enumerate(step):
-                    if t is not None and t not in tok.stop_ids:
+                    if t is not None and t not in stop:
                         outs[row].append(t)
             for p, ids in zip(chunk, outs, strict=True):
                 text = tok.decode(ids, skip_special_tokens=True)
                 ok = parse_answer(text) == p.answer
                 correct += ok
-                if len(results["examples"]) < 3 * len(kinds) and start == 0:
+                if start == 0 and sum(e["kind"] == kind for e in results["examples"]) < 3:
                     reasoning, answer = split_reasoning("<think>" + text)
-                    results["examples"].append({"question": p.question, "reasoning": reasoning, "answer": answer,
-                                                "expected": p.answer, "correct": ok})
+                    results["examples"].append({"kind": kind, "question": p.question, "reasoning": reasoning,
+                                                "answer": answer, "expected": p.answer, "correct": ok})
             if bar is not None:
                 bar.update(len(chunk))
         results["accuracy"][kind] = correct / n

@@ -110,11 +110,12 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], params
     lengths = [len(p) for p in prompts]
     budgets = [params.new_tokens_for(n) for n in lengths]
     longest = max(lengths)
-    total = longest + max(budgets)
     ctx = model.config.max_position_embeddings
-    if total > ctx:
-        raise ContextLengthError(f"prompt of {longest} tokens + {max(budgets)} new tokens = {total} exceeds the "
-                                 f"model's context of {ctx} tokens; shorten the prompt or generate fewer tokens")
+    need, row = max((n + b, i) for i, (n, b) in enumerate(zip(lengths, budgets, strict=True)))
+    if need > ctx:
+        raise ContextLengthError(f"prompt {row}: {lengths[row]} tokens + {budgets[row]} new tokens = {need} exceeds "
+                                 f"the model's context of {ctx} tokens; shorten the prompt or generate fewer tokens")
+    total = longest + max(budgets)  # cache slots, left padding included (positions skip the padding)
     B = len(prompts)
     ids = torch.zeros(B, longest, dtype=torch.long)
     for b, p in enumerate(prompts):
@@ -131,17 +132,15 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], params
         seen.scatter_(1, ids, True)
         if pad is not None:  # pad id 0 is not part of the text
             seen[:, 0] = torch.tensor([0 in p for p in prompts], device=device)
-    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    budget = torch.tensor(budgets, device=device)
+    stop = set(stop_ids)
+    done = [False] * B
     logits = model(ids, cache, last_only=True)[:, -1]
     for step in range(max(budgets)):
         token = sample(logits, params, seen, generator)  # (B,)
-        out = token.tolist()
-        finished = done.tolist()
-        yield [None if f else t for t, f in zip(out, finished, strict=True)]
-        done |= torch.isin(token, stop) | (budget <= step + 1)
-        if bool(done.all()):
+        out = token.tolist()  # the one host transfer per step
+        yield [None if d else t for t, d in zip(out, done, strict=True)]
+        done = [d or t in stop or budgets[b] <= step + 1 for b, (t, d) in enumerate(zip(out, done, strict=True))]
+        if all(done):
             return
         if seen is not None:
             seen.scatter_(1, token[:, None], True)

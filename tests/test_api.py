@@ -39,11 +39,12 @@ class ScriptedModel(nn.Module):
         self.embed_tokens = nn.Embedding(vocab, 4)
 
     def new_cache(self, batch: int, max_len: int, pad=None) -> KVCache:
-        return KVCache(layers=[], max_len=max_len, pad=pad, extra={"step": 0})
+        self.step = 0  # one generation at a time
+        return KVCache(layers=[], max_len=max_len, pad=pad)
 
     def forward(self, ids: torch.Tensor, cache: KVCache, last_only: bool = True) -> torch.Tensor:
-        step = cache.extra["step"]
-        cache.extra["step"] += 1
+        step = self.step
+        self.step += 1
         cache.pos += ids.shape[1]
         logits = torch.full((ids.shape[0], 1, self.vocab), -1e9)
         logits[:, :, self.script[min(step, len(self.script) - 1)]] = 0.0
@@ -65,8 +66,12 @@ def test_generate_stream_batch_and_stop_strings(tok):
     assert model.generate(prompt="Q", max_new_tokens=50, temperature=0, stop="391") == "The answer is "
     pieces = list(model.generate(prompt="Q", max_new_tokens=50, temperature=0, stop=[". Let"], stream=True))
     assert "".join(pieces) == "The answer is 391"
+    for stop in ("is 391", "answer is 391", "The answer is 391. Let me"):  # longer than the text held so far
+        assert model.generate(prompt="Q", max_new_tokens=50, temperature=0, stop=stop) == full[:full.index(stop)]
+        streamed = list(model.generate(prompt="Q", max_new_tokens=50, temperature=0, stop=stop, stream=True))
+        assert "".join(streamed) == full[:full.index(stop)]
     # max_length counts the prompt: the budget is max_length - len(prompt tokens)
-    n_prompt = len(tok.encode("Q", add_bos=True))
+    n_prompt = len(model._encode("Q"))
     short = model.generate(prompt="Q", max_length=n_prompt + 2, temperature=0)
     assert tok.encode(short) == tok.encode(full)[:2]
 

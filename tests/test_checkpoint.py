@@ -19,12 +19,16 @@ from r1kit.checkpoint import (
     CheckpointError,
     dequantize_fp8,
     load_model,
-    quantize_fp8,
     read_config,
     save_model,
 )
 from r1kit.model.config import ConfigError, ModelConfig
 from r1kit.model.transformer import Transformer
+from r1kit.train.fp8 import quantize_weight
+
+
+def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_weight(w, torch.float8_e4m3fn, 128)
 
 F8 = torch.float8_e4m3fn
 F8_MAX = torch.finfo(F8).max  # 448
@@ -510,3 +514,25 @@ def test_pickle_is_weights_only_even_when_allowed(good_checkpoints, tmp_path):
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin.*weights-only"):
         load_model(path, allow_pickle=True)
     assert not marker.exists(), "the pickle ran code"
+
+
+@torch.no_grad()
+def test_save_fp8_round_trip(make_model, tmp_path):
+    """save_model(fp8=True) writes DeepSeek's FP8 format; loading dequantises it back close to the original."""
+    model = make_model("tiny-moe", hidden_size=160)
+    save_model(model, tmp_path, fp8=True)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["quantization_config"]["weight_block_size"] == [128, 128]
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        q = f.get_tensor("model.layers.0.self_attn.q_a_proj.weight")
+        assert q.dtype == torch.float8_e4m3fn
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.float32  # kept in high precision
+        scale = f.get_tensor("model.layers.0.self_attn.q_a_proj.weight_scale_inv")
+    back = load_model(tmp_path)
+    w = back.state_dict()["layers.0.self_attn.q_a_proj.weight"]
+    assert torch.equal(w, dequantize_fp8(q, scale))
+    for name, t in model.state_dict().items():
+        err = (back.state_dict()[name] - t).norm() / t.norm().clamp(min=1e-12)
+        assert err < 0.07, (name, float(err))

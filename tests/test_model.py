@@ -253,8 +253,10 @@ def test_mtp_is_causal(make_model):
 @torch.no_grad()
 def test_context_length_errors(make_model):
     model = make_model("tiny-dense", max_position_embeddings=16)
-    with pytest.raises(ContextLengthError, match="16"):
-        model.new_cache(1, 17)
+    big = model.new_cache(1, 20)  # a cache may be larger (left padding takes slots, not positions) ...
+    model(_ids((1, 16)), cache=big)
+    with pytest.raises(ContextLengthError, match="16"):  # ... but positions stop at the context
+        model(_ids((1, 1)), cache=big)
     with pytest.raises(ContextLengthError):
         model(_ids((1, 17)))
     model(_ids((1, 16)))  # exactly the context is fine
@@ -276,9 +278,12 @@ def test_bf16_forward_close_to_fp32(make_model, name):
     model = make_model(name)
     ids = _ids((2, 16))
     ref = model(ids)
-    model.to(torch.bfloat16)
+    model.cast(torch.bfloat16)
     out = model(ids)
     assert out.dtype == torch.bfloat16
+    for n, t in [*model.named_parameters(), *model.named_buffers()]:  # routing stays fp32, the rest is bf16
+        assert t.dtype == (torch.float32 if ".mlp.gate." in n else torch.bfloat16), n
+    assert model.rotary.inv_freq.dtype == torch.float32
     out = out.float()
     assert torch.isfinite(out).all()
     rel = (out - ref).norm() / ref.norm()

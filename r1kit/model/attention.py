@@ -18,7 +18,7 @@ attention runs directly on the latent (cheap for decode: nothing of size S is ex
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -91,14 +91,19 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin for arbitrary (per-row) positions; computed on the fly, nothing of size max_len is stored."""
+    """cos/sin for arbitrary (per-row) positions; computed on the fly, nothing of size max_len is stored.
+
+    The frequencies are a plain fp32 attribute, not a buffer, so that casting the model to bf16 cannot round
+    them (which would shift the phase by radians at long positions).
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        inv_freq, self.attention_factor = rope_inv_freq(cfg)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.inv_freq, self.attention_factor = rope_inv_freq(cfg)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
         freqs = positions[..., None].float() * self.inv_freq  # (B|1, T, D/2)
         cos, sin = freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
         return cos.to(dtype), sin.to(dtype)
@@ -129,7 +134,7 @@ class KVCache:
     max_len: int
     pos: int = 0
     pad: torch.Tensor | None = None  # (B,) long
-    extra: dict = field(default_factory=dict)
+    min_pad: int = 0  # the smallest pad: the longest row's positions run up to pos - min_pad
 
 
 def attention_mask(batch: int, t: int, pos: int, pad: torch.Tensor | None, device: torch.device

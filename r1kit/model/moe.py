@@ -49,7 +49,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, C) -> weights (N, k) fp32, expert ids (N, k)."""
-        logits = F.linear(x.float(), self.weight.float())  # (N, E), routing in fp32
+        with torch.autocast(x.device.type, enabled=False):  # routing in fp32, also under bf16 autocast
+            logits = F.linear(x.float(), self.weight.float())  # (N, E)
         scores = logits.softmax(-1) if self.scoring == "softmax" else logits.sigmoid()
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if self.n_group > 1 and self.method != "greedy":

@@ -9,6 +9,8 @@ Shapes: B batch, T new tokens, S = cached + new tokens, C hidden size, V vocabul
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -25,6 +27,9 @@ from r1kit.model.attention import (
 from r1kit.model.config import ModelConfig
 from r1kit.model.moe import MLP, Experts, MoE, Router
 from r1kit.model.mtp import MTPLayer
+
+# Kept in fp32 whatever the model dtype: routing decisions are sensitive (the references do the same).
+FP32_TENSORS = re.compile(r"mlp\.gate\.(weight|e_score_correction_bias)$")
 
 
 class ContextLengthError(ValueError):
@@ -93,13 +98,17 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------------------------------ cache
     def new_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
-        """Preallocated KV buffers for `batch` rows of up to `max_len` tokens (prompt + generated)."""
-        if max_len > self.config.max_position_embeddings:
-            raise ContextLengthError(f"{max_len} tokens exceed the model's context "
-                                     f"(max_position_embeddings = {self.config.max_position_embeddings})")
+        """Preallocated KV buffers for `batch` rows of up to `max_len` slots (left padding + prompt + new)."""
         p = self.embed_tokens.weight
         layers = [layer.self_attn.new_cache(batch, max_len, p.dtype, p.device) for layer in self.layers]
-        return KVCache(layers=layers, max_len=max_len, pad=pad)
+        return KVCache(layers=layers, max_len=max_len, pad=pad, min_pad=int(pad.min()) if pad is not None else 0)
+
+    def cast(self, dtype: torch.dtype) -> Transformer:
+        """Cast the weights to dtype, keeping the routing weights and balancing bias in fp32 (as loading does)."""
+        for name, t in [*self.named_parameters(), *self.named_buffers()]:
+            if t.is_floating_point():
+                t.data = t.data.float() if FP32_TENSORS.search(name) else t.data.to(dtype)
+        return self
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
@@ -113,9 +122,12 @@ class Transformer(nn.Module):
         B, T = ids.shape
         pos = cache.pos if cache is not None else 0
         pad = cache.pad if cache is not None else None
-        limit = cache.max_len if cache is not None else self.config.max_position_embeddings
-        if pos + T > limit:
-            raise ContextLengthError(f"{pos + T} tokens do not fit in a context of {limit}")
+        if cache is not None and pos + T > cache.max_len:
+            raise ContextLengthError(f"{pos + T} tokens do not fit in a KV cache of {cache.max_len}")
+        longest = pos + T - (cache.min_pad if cache is not None else 0)
+        if longest > self.config.max_position_embeddings:
+            raise ContextLengthError(f"{longest} tokens exceed the model's context "
+                                     f"(max_position_embeddings = {self.config.max_position_embeddings})")
         positions = torch.arange(pos, pos + T, device=ids.device)[None]  # (1, T)
         if pad is not None:
             positions = (positions - pad[:, None]).clamp(min=0)  # (B, T): left padding shifts each row

@@ -94,6 +94,9 @@ class TrainConfig:
         if self.model.preset not in PRESETS:
             raise TrainConfigError(f"model.preset = {self.model.preset!r}: unknown; presets: {sorted(PRESETS)}")
         self.model_config()  # the overrides must form a valid ModelConfig
+        weights = [*self.data.mixture.values(), *self.data.arithmetic_kinds.values()]
+        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+            raise TrainConfigError(f"data: mixture and arithmetic_kinds weights must be numbers, got {weights}")
         need(bool(self.data.mixture) and all(w >= 0 for w in self.data.mixture.values())
              and sum(self.data.mixture.values()) > 0, "data", "data.mixture needs non-negative weights, sum > 0")
         unknown = set(self.data.mixture) - {"stdlib", "arithmetic"}

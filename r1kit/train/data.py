@@ -580,9 +580,16 @@ def prepare_tokenizer(cfg: Any, folder: Path) -> Tokenizer:
     Byte-level BPE with every digit its own token, trained on the training side only: standard-library
     files (up to data.tokenizer_chars characters) and the text of 2,000 training arithmetic conversations.
     """
+    import json
+    import shutil
+
     from r1kit.tokenizer import train_bpe_tokenizer
 
-    if (folder / "tokenizer.json").is_file():
+    d = cfg.data
+    recipe = {"vocab": d.tokenizer_vocab, "chars": d.tokenizer_chars, "seed": cfg.seed, "max_files": d.max_files,
+              "kinds": sorted(d.arithmetic_kinds), "python": sysconfig.get_python_version()}
+    stamp = folder / "recipe.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == recipe:
         return Tokenizer.from_dir(folder)
     train_files, _ = split_files(stdlib_files())
     random.Random(cfg.seed).shuffle(train_files)
@@ -593,7 +600,12 @@ def prepare_tokenizer(cfg: Any, folder: Path) -> Tokenizer:
         problem = sample_problem(rng, rng.choice(kinds), split="train")
         texts.append(f"{problem.question} {reasoning(problem)} {problem.answer}")
     tokenizer = train_bpe_tokenizer(texts, cfg.data.tokenizer_vocab, split_digits=True)
-    tokenizer.save(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")  # complete folder or none: written, then renamed
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save(tmp)
+    (tmp / "recipe.json").write_text(json.dumps(recipe))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
     return tokenizer
 
 

@@ -33,7 +33,7 @@ from r1kit.train.config import TrainConfig
 log = logging.getLogger("r1kit")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(ValueError):
     """Training cannot start or resume (e.g. no usable checkpoint). The message says which file."""
 
 
@@ -156,6 +156,18 @@ def latest_usable_checkpoint(out_dir: Path) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------------------------------- the loop
 
 
+# keys that may change between a run and its resumption; anything else would make it a different run
+_RESUMABLE_CHANGES = {"max_steps", "token_budget", "out_dir", "eval_interval", "checkpoint_interval",
+                      "keep_checkpoints", "log_interval", "threads"}
+
+
+def _check_same_recipe(saved: dict[str, Any], now: dict[str, Any], out: Path) -> None:
+    changed = sorted(k for k in set(saved) | set(now) if k not in _RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    if changed:
+        raise TrainingError(f"{out}: cannot resume: the config differs from the checkpointed run in {changed}; "
+                            "use the original recipe (or start a new run in another out_dir)")
+
+
 def build_model(cfg: TrainConfig, vocab_size: int, bos: int | None, eos: int | None, device: torch.device
                 ) -> Transformer:
     mcfg = cfg.model_config().replace(vocab_size=vocab_size, bos_token_id=bos, eos_token_id=eos)
@@ -179,19 +191,24 @@ def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, device: str | torch.device = "cpu",
           stop_after: int | None = None) -> dict[str, Any]:
     """Run (or resume) a training recipe; returns a summary. `stop_after` ends early after that many steps."""
+    from r1kit.hardware import choose
     from r1kit.train.data import build_corpus, prepare_tokenizer
 
     out = Path(cfg.out_dir)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    for tmp in (out / "checkpoints").glob(".step_*.tmp-*"):  # left by a run killed while writing
+        tmp.unlink()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device(device)
+    device = choose(device, "fp32").device  # master weights fp32; `precision` sets the autocast dtype
     torch.manual_seed(cfg.seed)
     state = latest_usable_checkpoint(out) if resume else None
     if resume and state is None and checkpoint_files(out):
         raise TrainingError(f"{out / 'checkpoints'}: no usable checkpoint to resume from (all damaged)")
     if not resume and checkpoint_files(out):
         raise TrainingError(f"{out}: already holds checkpoints; pass resume=True (--resume) or another out_dir")
+    if state is not None:
+        _check_same_recipe(state.get("config", {}), cfg.to_dict(), out)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
     tokenizer: Tokenizer = prepare_tokenizer(cfg, out / "tokenizer")
@@ -202,8 +219,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, device:
     step, tokens, elapsed = 0, 0, 0.0
     metrics_file = out / "metrics.jsonl"
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise TrainingError(f"{out / 'checkpoints'}: the checkpoint does not fit this model ({e})") from None
         train_data.load_state_dict(state["data"])
         torch.set_rng_state(state["rng"])
         step, tokens, elapsed = state["step"], state["tokens"], state.get("elapsed", 0.0)
