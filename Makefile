@@ -17,7 +17,7 @@ PIP := $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 # Only lint the directories that exist (benchmarks/ may be absent in a fresh checkout).
-LINT_PATHS := $(wildcard r1kit tests benchmarks)
+LINT_PATHS := $(wildcard r1kit tests benchmarks scripts)
 
 .DEFAULT_GOAL := venv
 .PHONY: venv dev run test lint bench clean distclean
