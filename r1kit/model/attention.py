@@ -13,6 +13,13 @@ MLA caches only the compressed latent and the shared rotary key, (B, S, kv_lora_
 per layer, as DeepSeek does. It has two mathematically equal paths: "naive" expands the latent into full
 keys and values (cheap for long prefill), "absorb" folds kv_b_proj into the query and the output so that
 attention runs directly on the latent (cheap for decode: nothing of size S is expanded).
+
+The paged path of the inference engine, ``forward_paged(x, rope, batch, kv)``, runs the same math on a flat
+packed batch of tokens from several sequences (x (1, N, C), one RoPE row per token): it writes the new keys
+(or MLA latents) into the flat slots ``batch.slot_mapping`` of a per-layer pool of ``num_slots`` slots, then
+attends each sequence's queries over that sequence's context slots, gathered with index_select (see
+`PagedBatch`). GQA pools hold k and v (num_slots, Hkv, D); MLA pools the latent + rotary key
+(num_slots, kv_lora_rank + qk_rope_head_dim).
 """
 
 from __future__ import annotations
@@ -127,7 +134,7 @@ class KVCache:
     """Contiguous per-layer KV buffers for a batch of B rows, all sharing one write position.
 
     Rows of different prompt lengths are left-padded; ``pad[b]`` is row b's number of pad tokens, which
-    the attention mask hides and the positions skip. (The paged cache of the engine is another issue.)
+    the attention mask hides and the positions skip. (The engine's paged cache: `PagedBatch`.)
     """
 
     layers: list[tuple[torch.Tensor, ...]]
@@ -152,6 +159,63 @@ def attention_mask(batch: int, t: int, pos: int, pad: torch.Tensor | None, devic
     if pad is not None:
         mask = mask & ((k_idx >= pad[:, None, None, None]) | (k_idx == q_idx))
     return mask
+
+
+@dataclass
+class PagedSeq:
+    """One sequence of a `PagedBatch`: its queries are rows [q_start, q_start + q_len) of the flat batch and
+    the last q_len of its context, whose KV slots (positions 0 .. ctx_len - 1, in order) are ``slots``."""
+
+    q_start: int
+    q_len: int
+    slots: torch.Tensor  # (ctx_len,) long
+    mask: torch.Tensor | None = None  # (1, 1, q_len, ctx_len) bool, None when plain causal will do
+
+    @property
+    def ctx_len(self) -> int:
+        return self.slots.shape[0]
+
+
+@dataclass
+class PagedBatch:
+    """A flat packed (varlen) batch of N tokens from several sequences, for ``forward_paged``.
+
+    Token i has position ``positions[i]`` and writes its KV to slot ``slot_mapping[i]``; ``seqs`` cover the
+    rows in order. ``logits_rows`` are the rows whose logits the model returns (None: all). Build one with
+    `PagedBatch.build`.
+    """
+
+    positions: torch.Tensor  # (N,) long
+    slot_mapping: torch.Tensor  # (N,) long
+    seqs: list[PagedSeq]
+    logits_rows: torch.Tensor | None = None  # (M,) long
+    max_ctx_len: int = 0
+
+    @classmethod
+    def build(cls, contexts: list[tuple[list[int], int]], device: torch.device | str = "cpu",
+              logits_rows: list[int] | None = None) -> PagedBatch:
+        """contexts: per sequence, (KV slots of its positions 0 .. ctx_len - 1, number of new tokens q_len);
+        the new tokens are the last q_len positions. Causal masks are built here, once for all layers."""
+        if not contexts:
+            raise ValueError("PagedBatch.build: no sequences")
+        flat, seqs, positions, slot_mapping, q_start = [], [], [], [], 0
+        for slots, q_len in contexts:
+            ctx = len(slots)
+            if not 1 <= q_len <= ctx:
+                raise ValueError(f"PagedBatch.build: {q_len} new tokens for a context of {ctx}")
+            flat.extend(slots)
+            positions.extend(range(ctx - q_len, ctx))
+            slot_mapping.extend(slots[ctx - q_len:])
+            seqs.append((q_start, q_len, ctx))
+            q_start += q_len
+        all_slots = torch.tensor(flat, dtype=torch.long, device=device)
+        out = []
+        for (start, q_len, ctx), slots in zip(seqs, all_slots.split([c for _, _, c in seqs]), strict=True):
+            out.append(PagedSeq(start, q_len, slots, attention_mask(1, q_len, ctx - q_len, None, all_slots.device)))
+        rows = None if logits_rows is None else torch.tensor(logits_rows, dtype=torch.long, device=device)
+        return cls(torch.tensor(positions, dtype=torch.long, device=device),
+                   torch.tensor(slot_mapping, dtype=torch.long, device=device), out, rows,
+                   max(c for _, _, c in seqs))
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
@@ -186,13 +250,24 @@ class GQAttention(nn.Module):
         shape = (batch, self.n_kv, max_len, self.head_dim)
         return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                cache: tuple[torch.Tensor, ...] | None = None, pos: int = 0) -> torch.Tensor:
+    def new_paged_cache(self, num_slots: int, dtype: torch.dtype, device: torch.device
+                        ) -> tuple[torch.Tensor, ...]:
+        shape = (num_slots, self.n_kv, self.head_dim)
+        return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+
+    def _qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> rotated q (B, T, H, D), rotated k and v (B, T, Hkv, D)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
-        q, k = apply_rope(q, *rope, self.interleave), apply_rope(k, *rope, self.interleave)
+        return apply_rope(q, *rope, self.interleave), apply_rope(k, *rope, self.interleave), v
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                cache: tuple[torch.Tensor, ...] | None = None, pos: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self._qkv(x, rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if cache is not None:
             k_cache, v_cache = cache
@@ -201,6 +276,22 @@ class GQAttention(nn.Module):
             k, v = k_cache[:, :, :pos + T], v_cache[:, :, :pos + T]  # (B, Hkv, S, D)
         y = _sdpa(q, k, v, mask, self.scale)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def forward_paged(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: PagedBatch,
+                      kv: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """x (1, N, C) flat packed tokens -> (1, N, C); kv = (k, v) pools (num_slots, Hkv, D), written here."""
+        N = x.shape[1]
+        q, k, v = self._qkv(x, rope)
+        k_pool, v_pool = kv
+        k_pool.index_copy_(0, batch.slot_mapping, k[0])
+        v_pool.index_copy_(0, batch.slot_mapping, v[0])
+        ys = []
+        for s in batch.seqs:
+            qs = q[:, s.q_start:s.q_start + s.q_len].transpose(1, 2)  # (1, H, Tq, D)
+            ks = k_pool.index_select(0, s.slots).transpose(0, 1)[None]  # (1, Hkv, S, D)
+            vs = v_pool.index_select(0, s.slots).transpose(0, 1)[None]
+            ys.append(_sdpa(qs, ks, vs, s.mask, self.scale).transpose(1, 2))  # (1, Tq, H, D)
+        return self.o_proj(torch.cat(ys, dim=1).reshape(1, N, -1))
 
 
 # ---------------------------------------------------------------------------------------------------- MLA
@@ -235,21 +326,50 @@ class MLAttention(nn.Module):
                   ) -> tuple[torch.Tensor, ...]:
         return (torch.zeros(batch, max_len, self.kv_lora_rank + self.rope, dtype=dtype, device=device),)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                cache: tuple[torch.Tensor, ...] | None = None, pos: int = 0) -> torch.Tensor:
+    def new_paged_cache(self, num_slots: int, dtype: torch.dtype, device: torch.device
+                        ) -> tuple[torch.Tensor, ...]:
+        return (torch.zeros(num_slots, self.kv_lora_rank + self.rope, dtype=dtype, device=device),)
+
+    def _project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> q_nope (B, T, H, dn), rotated q_pe (B, T, H, dr), cache entry (B, T, c + dr)."""
         B, T, _ = x.shape
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_pe = q.view(B, T, self.n_heads, self.nope + self.rope).split([self.nope, self.rope], dim=-1)
         q_pe = apply_rope(q_pe, *rope, self.interleave)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
         k_pe = apply_rope(k_pe.unsqueeze(2), *rope, self.interleave).squeeze(2)  # (B, T, dr)
-        entry = torch.cat((self.kv_a_layernorm(latent), k_pe), dim=-1)  # (B, T, c + dr)
+        return q_nope, q_pe, torch.cat((self.kv_a_layernorm(latent), k_pe), dim=-1)
+
+    def _attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, entry: torch.Tensor, mask: torch.Tensor | None
+                ) -> torch.Tensor:
+        """(B, T, H, dv), by the path self.impl picks for a block of T queries."""
+        absorb = self.impl == "absorb" or (self.impl == "auto" and q_nope.shape[1] <= 4)
+        return (self._absorbed if absorb else self._naive)(q_nope, q_pe, entry, mask)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                cache: tuple[torch.Tensor, ...] | None = None, pos: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q_nope, q_pe, entry = self._project(x, rope)
         if cache is not None:
             cache[0][:, pos:pos + T] = entry
             entry = cache[0][:, :pos + T]  # (B, S, c + dr)
-        absorb = self.impl == "absorb" or (self.impl == "auto" and T <= 4)
-        y = (self._absorbed if absorb else self._naive)(q_nope, q_pe, entry, mask)  # (B, T, H, dv)
+        y = self._attend(q_nope, q_pe, entry, mask)  # (B, T, H, dv)
         return self.o_proj(y.reshape(B, T, -1))
+
+    def forward_paged(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: PagedBatch,
+                      kv: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """x (1, N, C) flat packed tokens -> (1, N, C); kv = (pool (num_slots, c + dr),), written here. Each
+        sequence takes the naive or absorbed path by its own query length, as in forward."""
+        N = x.shape[1]
+        q_nope, q_pe, entry = self._project(x, rope)
+        pool = kv[0]
+        pool.index_copy_(0, batch.slot_mapping, entry[0])
+        ys = []
+        for s in batch.seqs:
+            rows = slice(s.q_start, s.q_start + s.q_len)
+            ys.append(self._attend(q_nope[:, rows], q_pe[:, rows], pool.index_select(0, s.slots)[None], s.mask))
+        return self.o_proj(torch.cat(ys, dim=1).reshape(1, N, -1))
 
     def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, entry: torch.Tensor, mask: torch.Tensor | None
                ) -> torch.Tensor:

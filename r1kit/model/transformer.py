@@ -20,6 +20,7 @@ from r1kit.model.attention import (
     GQAttention,
     KVCache,
     MLAttention,
+    PagedBatch,
     RMSNorm,
     RotaryEmbedding,
     attention_mask,
@@ -49,6 +50,12 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 cache: tuple[torch.Tensor, ...] | None = None, pos: int = 0) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_paged(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: PagedBatch,
+                      kv: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The same block on a flat packed batch x (1, N, C) with this layer's paged KV pool."""
+        x = x + self.self_attn.forward_paged(self.input_layernorm(x), rope, batch, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -103,6 +110,17 @@ class Transformer(nn.Module):
         layers = [layer.self_attn.new_cache(batch, max_len, p.dtype, p.device) for layer in self.layers]
         return KVCache(layers=layers, max_len=max_len, pad=pad, min_pad=int(pad.min()) if pad is not None else 0)
 
+    def new_paged_cache(self, num_slots: int, device: torch.device | str | None = None
+                        ) -> list[tuple[torch.Tensor, ...]]:
+        """Per-layer paged KV pools of num_slots flat slots (num_blocks * block_size), in the model's dtype.
+
+        GQA: (k, v), each (num_slots, num_kv_heads, head_dim); MLA: (latent + rotary key,) of
+        (num_slots, kv_lora_rank + qk_rope_head_dim). ``device="meta"`` sizes them without allocating.
+        """
+        p = self.embed_tokens.weight
+        device = p.device if device is None else torch.device(device)
+        return [layer.self_attn.new_paged_cache(num_slots, p.dtype, device) for layer in self.layers]
+
     def cast(self, dtype: torch.dtype) -> Transformer:
         """Cast the weights to dtype, keeping the routing weights and balancing bias in fp32 (as loading does)."""
         for name, t in [*self.named_parameters(), *self.named_buffers()]:
@@ -146,6 +164,21 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         logits = self.lm_head(self.norm(x))
         return (logits, hidden) if return_hidden else logits
+
+    def forward_paged(self, ids: torch.Tensor, batch: PagedBatch, kv_pool: list[tuple[torch.Tensor, ...]]
+                      ) -> torch.Tensor:
+        """ids (N,) flat packed tokens of several sequences -> logits (M, V) of the rows batch.logits_rows
+        (all N rows when None). Writes the tokens' KV into kv_pool (from new_paged_cache) at
+        batch.slot_mapping; RoPE per token position. No MTP, no cache object: the engine owns the slots."""
+        if batch.max_ctx_len > self.config.max_position_embeddings:
+            raise ContextLengthError(f"{batch.max_ctx_len} tokens exceed the model's context "
+                                     f"(max_position_embeddings = {self.config.max_position_embeddings})")
+        x = self.embed_tokens(ids)[None]  # (1, N, C)
+        rope = self.rotary(batch.positions[None], x.dtype)  # (1, N, D/2) each
+        for layer, kv in zip(self.layers, kv_pool, strict=True):
+            x = layer.forward_paged(x, rope, batch, kv)
+        x = x[0] if batch.logits_rows is None else x[0].index_select(0, batch.logits_rows)
+        return self.lm_head(self.norm(x))
 
     def mtp_logits(self, hidden: torch.Tensor, ids: torch.Tensor) -> list[torch.Tensor]:
         """MTP predictions without a cache. hidden (B, T, C) from forward(return_hidden=True), ids (B, T).
