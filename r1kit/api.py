@@ -111,15 +111,21 @@ class R1Model:
                 "org/name" found in the local Hugging Face cache.
             device: "auto" (best available, reason logged), "cpu", "cuda", "cuda:N", "mps", "npu".
             dtype: torch dtype or name ("bf16", "fp32", ...); default chosen per device (bf16 on capable CPUs).
-            quantization: weight quantization; not available in this version (None only).
+            quantization: None, or "int8" (per-channel weights), "int4" (group-wise), "fp8" (e4m3 weights):
+                weight-only quantization applied after loading (see r1kit.quant; the MoE router stays fp32).
             allow_pickle: read .bin/.pt weights with torch.load(weights_only=True); refused otherwise.
         """
-        if quantization is not None:
-            raise ValueError(f"quantization={quantization!r} is not available in this r1kit version; "
-                             "load without it (None)")
+        from r1kit.quant import METHODS, quantize_model
+
+        if quantization is not None and quantization not in METHODS:
+            raise ValueError(f"quantization={quantization!r}: expected None or one of {list(METHODS)}")
         path = resolve_model_path(name_or_path)
         choice = hardware.choose(device, dtype)
         model = load_model(path, choice.device, choice.dtype, allow_pickle=allow_pickle)
+        if quantization is not None:
+            stats = quantize_model(model, quantization)
+            log.info("%s: %d modules quantized to %s, weights %.1f -> %.1f MiB", path, stats["swapped"],
+                     quantization, stats["weight_bytes_before"] / 2**20, stats["weight_bytes_after"] / 2**20)
         tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
         if tokenizer is None:
             log.warning("%s has no tokenizer.json: text generation needs one (token ids still work)", path)
@@ -128,7 +134,8 @@ class R1Model:
     # ------------------------------------------------------------------------------------------ info
     def info(self) -> dict[str, Any]:
         cfg = self.config
-        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        tensors = {t.data_ptr(): t for t in self.model.state_dict().values()}  # tied weights counted once
+        weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         return {
             "path": str(self.path) if self.path else None, "architecture": cfg.arch, "attention": cfg.attention,
             "layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,

@@ -116,7 +116,7 @@ def test_name_resolution(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     assert resolve_model_path("org/name") == snap
     with pytest.raises(ValueError, match="quantization"):
-        R1Model.from_pretrained(snap, quantization="int8")
+        R1Model.from_pretrained(snap, quantization="int3")
 
 
 def test_cli(tok, tmp_path, capsys):
@@ -146,3 +146,16 @@ def test_cli_chat_session(tok, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert out.startswith("r1kit chat:") and "/exit" in out
     assert next(lines, None) is None  # every line was read: two questions answered, then /exit
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "fp8"])
+def test_from_pretrained_quantized(tok, tmp_path, method):
+    path = random_checkpoint(tmp_path / "m", "tiny-dense", tokenizer=tok)
+    full = R1Model.from_pretrained(path, dtype="bf16")
+    quant = R1Model.from_pretrained(path, dtype="bf16", quantization=method)
+    assert quant.info()["weights_MiB"] < full.info()["weights_MiB"]
+    ids = torch.tensor([tok.encode("def forward(self, x):")])
+    with torch.no_grad():
+        a, b = full.model(ids).float(), quant.model(ids).float()
+    assert (a - b).norm() / a.norm() < {"int8": 0.03, "fp8": 0.08, "int4": 0.3}[method]
+    assert isinstance(quant.generate(prompt="def", max_new_tokens=4, temperature=0), str)
