@@ -124,7 +124,8 @@ class Transformer(nn.Module):
     def cast(self, dtype: torch.dtype) -> Transformer:
         """Cast the weights to dtype, keeping the routing weights and balancing bias in fp32 (as loading does)."""
         for name, t in [*self.named_parameters(), *self.named_buffers()]:
-            if t.is_floating_point():
+            quantized = t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) or name.endswith(("_scale", "_zero"))
+            if t.is_floating_point() and not quantized:  # quantized weights keep their storage format
                 t.data = t.data.float() if FP32_TENSORS.search(name) else t.data.to(dtype)
         return self
 
