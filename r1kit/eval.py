@@ -22,7 +22,7 @@ from r1kit.tokenizer import split_reasoning
 
 
 def eval_arithmetic(model: R1Model, kinds: list[str], n: int = 200, seed: int = 1234, batch_size: int = 32,
-                    max_new_tokens: int = 160, progress: bool = True) -> dict[str, Any]:
+                    max_new_tokens: int = 256, progress: bool = True) -> dict[str, Any]:
     """Greedy accuracy on n held-out problems per kind; also returns a few worked examples."""
     from r1kit.train.data import parse_answer, sample_problem
 

@@ -147,3 +147,24 @@ def test_damaged_checkpoint_is_reported_and_the_previous_one_used(tmp_path):
         train(cfg, progress=False)
     summary = train(cfg, resume=True, progress=False)
     assert summary["steps"] == 8 and math.isfinite(summary["tok_s"])
+
+
+def test_second_stage_starts_from_the_first(tmp_path):
+    from r1kit.checkpoint import load_model
+    from r1kit.train.loop import train
+
+    first = TrainConfig.from_yaml(ROOT / "configs" / "tiny.yaml", out_dir=str(tmp_path / "a"), max_steps=8)
+    train(first, progress=False)
+    second = TrainConfig.from_yaml(ROOT / "configs" / "tiny.yaml", out_dir=str(tmp_path / "b"), max_steps=1,
+                                   init_from=str(tmp_path / "a" / "final"), learning_rate=1e-12, warmup_steps=0)
+    train(second, progress=False)
+    a, b = load_model(tmp_path / "a" / "final"), load_model(tmp_path / "b" / "final")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        if not name.endswith("e_score_correction_bias"):  # balancing moves the bias even at lr ~ 0
+            assert torch.allclose(x, y, atol=1e-2), name  # one step at lr 1e-12: still stage 1's weights
+    assert (tmp_path / "b" / "tokenizer" / "tokenizer.json").read_text() == \
+        (tmp_path / "a" / "final" / "tokenizer.json").read_text()
+    bad = TrainConfig.from_yaml(ROOT / "configs" / "tiny.yaml", out_dir=str(tmp_path / "c"), max_steps=1,
+                                init_from=str(tmp_path / "a" / "final"), model={"preset": "tiny-dense"})
+    with pytest.raises(TrainingError, match="init_from"):
+        train(bad, progress=False)

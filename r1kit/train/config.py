@@ -43,6 +43,7 @@ class DataSection:
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
+    init_from: str | None = None  # start from this trained model folder (weights + tokenizer): a second stage
     seq_len: int = 256
     batch_size: int = 16
     gradient_accumulation: int = 1

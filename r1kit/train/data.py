@@ -581,7 +581,6 @@ def prepare_tokenizer(cfg: Any, folder: Path) -> Tokenizer:
     files (up to data.tokenizer_chars characters) and the text of 2,000 training arithmetic conversations.
     """
     import json
-    import shutil
 
     from r1kit.tokenizer import train_bpe_tokenizer
 
@@ -589,8 +588,14 @@ def prepare_tokenizer(cfg: Any, folder: Path) -> Tokenizer:
     recipe = {"vocab": d.tokenizer_vocab, "chars": d.tokenizer_chars, "seed": cfg.seed, "max_files": d.max_files,
               "kinds": sorted(d.arithmetic_kinds), "python": sysconfig.get_python_version()}
     stamp = folder / "recipe.json"
+    if cfg.init_from:  # a later stage keeps the tokenizer of the model it starts from
+        recipe = {"init_from": str(cfg.init_from)}
     if stamp.is_file() and json.loads(stamp.read_text()) == recipe:
         return Tokenizer.from_dir(folder)
+    if cfg.init_from:
+        tokenizer = Tokenizer.from_dir(cfg.init_from)
+        _save_tokenizer(tokenizer, folder, recipe)
+        return tokenizer
     train_files, _ = split_files(stdlib_files())
     random.Random(cfg.seed).shuffle(train_files)
     texts = read_texts(train_files[:cfg.data.max_files], cfg.data.tokenizer_chars)
@@ -600,13 +605,21 @@ def prepare_tokenizer(cfg: Any, folder: Path) -> Tokenizer:
         problem = sample_problem(rng, rng.choice(kinds), split="train")
         texts.append(f"{problem.question} {reasoning(problem)} {problem.answer}")
     tokenizer = train_bpe_tokenizer(texts, cfg.data.tokenizer_vocab, split_digits=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")  # complete folder or none: written, then renamed
+    _save_tokenizer(tokenizer, folder, recipe)
+    return tokenizer
+
+
+def _save_tokenizer(tokenizer: Tokenizer, folder: Path, recipe: dict[str, Any]) -> None:
+    """Write the tokenizer and its recipe stamp as a complete folder or not at all (written, then renamed)."""
+    import json
+    import shutil
+
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer.save(tmp)
     (tmp / "recipe.json").write_text(json.dumps(recipe))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
-    return tokenizer
 
 
 def build_corpus(cfg: Any, tokenizer: Tokenizer) -> tuple[Mixture, Mixture]:

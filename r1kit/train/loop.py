@@ -215,6 +215,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, device:
     train_data, val_data = build_corpus(cfg, tokenizer)
     val_batches = [val_data.next_batch() for _ in range(cfg.eval_batches)]
     model = build_model(cfg, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, device)
+    if cfg.init_from and state is None:
+        from r1kit.checkpoint import load_model
+
+        start = load_model(cfg.init_from, device, torch.float32)
+        try:
+            model.load_state_dict(start.state_dict())
+        except RuntimeError as e:
+            raise TrainingError(f"init_from {cfg.init_from}: does not fit the recipe's model ({e})") from None
+        log.info("initialised from %s", cfg.init_from)
     opt = make_optimizer(model, cfg)
     step, tokens, elapsed = 0, 0, 0.0
     metrics_file = out / "metrics.jsonl"
