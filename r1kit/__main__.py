@@ -204,9 +204,9 @@ def cmd_demo(a: argparse.Namespace) -> None:
     info = model.info()
     print(f"\n== {label}\nmodel: {info['architecture']} / {info['attention']}, {info['params_total_h']} params "
           f"({info['params_active_h']} active), {info['dtype']} on {info['device']}: {info['device_reason']}")
-    prompt = "def read_config(path):\n"
-    print(f"\n== generate(prompt={prompt!r}, max_length=80, temperature=0.7, stream=True)")
-    for piece in model.generate(prompt=prompt, max_length=80, temperature=0.7, seed=0, stream=True):
+    prompt = "import os\nimport sys\n\n\ndef main("
+    print(f"\n== generate(prompt={prompt!r}, max_new_tokens=60, temperature=0.7, stream=True)\n{prompt}", end="")
+    for piece in model.generate(prompt=prompt, max_new_tokens=60, temperature=0.7, seed=0, stream=True):
         print(piece, end="", flush=True)
     for question in ("What is 47+38?", "What is 305-178?"):
         print(f"\n\n== chat([{{'role': 'user', 'content': {question!r}}}], temperature=0)")
