@@ -389,6 +389,15 @@ class MLAttention(nn.Module):
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
         q_lat = torch.einsum("bthd,hdc->bhtc", q_nope, w[:, :self.nope])  # (B, H, T, c)
         q = torch.cat((q_lat, q_pe.transpose(1, 2)), dim=-1)  # (B, H, T, c + dr)
-        kv = entry.unsqueeze(1)  # (B, 1, S, c + dr): one shared "head"
-        o_lat = _sdpa(q, kv, kv[..., :self.kv_lora_rank], mask, self.scale)  # (B, H, T, c)
+        B, H, T, _ = q.shape
+        S = entry.shape[1]
+        # one shared "head" of keys (the latent + rotary key) and values (the latent): the H*T queries of a
+        # row attend with two batched matmuls, without expanding the cache per head
+        scores = torch.bmm(q.reshape(B, H * T, -1), entry.transpose(1, 2)).view(B, H, T, S) * self.scale
+        if mask is None and T > 1:
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.float().softmax(-1).to(q.dtype)
+        o_lat = torch.bmm(probs.view(B, H * T, S), entry[..., :self.kv_lora_rank]).view(B, H, T, -1)
         return torch.einsum("bhtc,hvc->bthv", o_lat, w[:, self.nope:])

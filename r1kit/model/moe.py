@@ -84,11 +84,27 @@ class Experts(nn.Module):
         token = order // k  # (N*k,) source token of each sorted pair
         ends = torch.bincount(flat, minlength=self.n_experts).cumsum(0).to(torch.int32)  # (E,) group ends
         xs = x[token]  # (N*k, C)
-        h = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=ends)  # (N*k, 2I)
-        gate, up = h.split(self.hidden, dim=-1)
-        ys = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=ends)  # (N*k, C)
+        if x.device.type == "cpu" and N * k < self.n_experts:
+            ys = self._active_experts(xs, ends)
+        else:
+            h = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=ends)  # (N*k, 2I)
+            gate, up = h.split(self.hidden, dim=-1)
+            ys = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=ends)  # (N*k, C)
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys)
+
+    def _active_experts(self, xs: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """Decode-sized batches on CPU: fewer (token, expert) pairs than experts, so run only the experts that
+        received tokens, each on its contiguous slice (CPU's grouped_mm runs a matmul for every group, empty
+        or not). xs (P, C) sorted by expert, ends (E,) -> (P, C)."""
+        bounds = torch.cat((ends.new_zeros(1), ends)).tolist()
+        parts = []
+        for e in range(self.n_experts):
+            lo, hi = bounds[e], bounds[e + 1]
+            if hi > lo:
+                gate, up = F.linear(xs[lo:hi], self.gate_up_proj[e]).split(self.hidden, dim=-1)
+                parts.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+        return torch.cat(parts)
 
     def forward_reference(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The plain loop over tokens and their k experts (the definition the fast path must match)."""
