@@ -156,6 +156,16 @@ def test_grouped_dispatch_single_token_and_single_expert():
     torch.testing.assert_close(ex(x, weights, idx), ex.forward_reference(x, weights, idx), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n_tokens", [1, 2, 3])  # fewer (token, expert) pairs than experts: the decode path
+@torch.no_grad()
+def test_decode_sized_dispatch_matches_reference(n_tokens):
+    ex = _experts()
+    x = torch.randn(n_tokens, 32, generator=torch.Generator().manual_seed(5))
+    weights, idx = _routing(n_tokens, 2, [1, 2, 4, 6], seed=n_tokens)
+    assert n_tokens * 2 < ex.n_experts
+    torch.testing.assert_close(ex(x, weights, idx), ex.forward_reference(x, weights, idx), atol=1e-5, rtol=1e-5)
+
+
 @torch.no_grad()
 def test_moe_layer_fast_path_matches_reference_in_the_model(make_model):
     model = make_model("tiny-moe")
