@@ -287,8 +287,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, device:
                 now = time.perf_counter()
                 record = {"step": step, "loss": loss_avg, "lr": lr, "tokens": tokens, "grad_norm": grad_norm,
                           "tok_s": tok_log / (now - t_log), "elapsed_s": elapsed}
-                if layers:
-                    record.update(mtp_loss=mtp_sum / cfg.gradient_accumulation, maxvio=maxvio)
+                if layers:  # per MoE layer: MaxVio and the tokens each expert received this step
+                    record.update(mtp_loss=mtp_sum / cfg.gradient_accumulation, maxvio=maxvio,
+                                  load=[load.tolist() for load in loads])
                 elif model.mtp:
                     record["mtp_loss"] = mtp_sum / cfg.gradient_accumulation
                 metrics.write(json.dumps(record) + "\n")
