@@ -23,7 +23,7 @@ weight or its scales (a cast would turn float8 weights into bf16 ones and round 
 the cast as in nn.Linear.
 
 Fast paths (CPU; measured on a shared 2-core AVX-512 machine, one thread, (M, 2048) x (2048, 2048); the
-numbers are noisy, ``python -m r1kit.quant.bench`` repeats them):
+numbers are noisy, ``python benchmarks/bench_quant_linear.py`` repeats them):
 
 * Int8Linear, bf16 activations with M <= 8 rows: ``torch._weight_int8pack_mm`` (x bf16 2-D, last dim
   contiguous; int8 (N, K) weight; scales (N,) in x's dtype): ~0.23-0.25 ms at M = 1 against ~0.36-0.41 ms for

@@ -1,4 +1,4 @@
-"""A few-second timing of the quantized linears' CPU paths: ``python -m r1kit.quant.bench [--threads 1]``.
+"""A few-second timing of the quantized linears' CPU paths: ``python benchmarks/bench_quant_linear.py [--threads 1]``.
 
 For an (M, K) x (K, N) matmul it times, in microseconds per call: ``F.linear`` on an already dequantized
 weight (the unquantized speed), each quantized module's ``forward`` (the fast path) and ``reference_forward``
