@@ -220,11 +220,6 @@ class FP8LinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Functional FP8 linear: F.linear with DeepSeek-V3-style FP8 inputs, weights and gradients."""
-    return FP8LinearFunction.apply(x, weight, bias)
-
-
 # ---------------------------------------------------------------------------------------------- module
 class FP8Linear(nn.Linear):
     """An ``nn.Linear`` whose matmuls run in (emulated) FP8; built around an existing layer's Parameters.
