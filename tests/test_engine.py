@@ -55,14 +55,15 @@ def test_paged_attention_matches_contiguous_cache(make_model, name, impl):
         attn.impl = impl
     gen = torch.Generator().manual_seed(1)
     C = model.config.hidden_size
-    xa = torch.randn(11, C, generator=gen)
-    xs = {"a": xa, "b": torch.cat((xa[:8], torch.randn(5, C, generator=gen))), "c": torch.randn(10, C, generator=gen)}
+    xa = torch.randn(12, C, generator=gen)
+    xs = {"a": xa, "b": torch.cat((xa[:8], torch.randn(7, C, generator=gen))), "c": torch.randn(12, C, generator=gen)}
     perm = torch.randperm(64, generator=gen).tolist()
-    slots = {"a": perm[:11], "c": perm[11:21]}
-    slots["b"] = slots["a"][:8] + perm[21:26]  # b's first 8 positions are a's KV (a shared prefix)
-    # steps of (sequence, start, length): prefill chunks beside decodes; b starts after its prefix is written
+    slots = {"a": perm[:12], "c": perm[12:24]}
+    slots["b"] = slots["a"][:8] + perm[24:31]  # b's first 8 positions are a's KV (a shared prefix)
+    # steps of (sequence, start, length): prefill chunks beside decodes; b starts after its prefix is written;
+    # the last two steps decode sequences of three different context lengths together (one padded batch)
     steps = [[("a", 0, 5), ("c", 0, 7)], [("a", 5, 6), ("c", 7, 1)], [("b", 8, 2), ("c", 8, 1)],
-             [("c", 9, 1), ("b", 10, 3)]]
+             [("c", 9, 1), ("b", 10, 3)], [("a", 11, 1), ("c", 10, 1), ("b", 13, 1)], [("c", 11, 1), ("b", 14, 1)]]
     kv = attn.new_paged_cache(64, torch.float32, torch.device("cpu"))
     paged: dict[str, list[torch.Tensor]] = {k: [] for k in xs}
     with torch.no_grad():

@@ -17,8 +17,8 @@ attention runs directly on the latent (cheap for decode: nothing of size S is ex
 The paged path of the inference engine, ``forward_paged(x, rope, batch, kv)``, runs the same math on a flat
 packed batch of tokens from several sequences (x (1, N, C), one RoPE row per token): it writes the new keys
 (or MLA latents) into the flat slots ``batch.slot_mapping`` of a per-layer pool of ``num_slots`` slots, then
-attends each sequence's queries over that sequence's context slots, gathered with index_select (see
-`PagedBatch`). GQA pools hold k and v (num_slots, Hkv, D); MLA pools the latent + rotary key
+attends each prefill chunk's queries over its context slots, and all decodes (one query each) together as
+one padded batch, contexts gathered with index_select (see `PagedBatch`). GQA pools hold k and v (num_slots, Hkv, D); MLA pools the latent + rotary key
 (num_slots, kv_lora_rank + qk_rope_head_dim).
 """
 
@@ -163,8 +163,9 @@ def attention_mask(batch: int, t: int, pos: int, pad: torch.Tensor | None, devic
 
 @dataclass
 class PagedSeq:
-    """One sequence of a `PagedBatch`: its queries are rows [q_start, q_start + q_len) of the flat batch and
-    the last q_len of its context, whose KV slots (positions 0 .. ctx_len - 1, in order) are ``slots``."""
+    """One multi-token sequence of a `PagedBatch` (a prefill chunk): its queries are rows
+    [q_start, q_start + q_len) of the flat batch and the last q_len of its context, whose KV slots
+    (positions 0 .. ctx_len - 1, in order) are ``slots``."""
 
     q_start: int
     q_len: int
@@ -177,17 +178,31 @@ class PagedSeq:
 
 
 @dataclass
+class PagedDecode:
+    """The single-query sequences of a `PagedBatch` (decodes), attended as one padded batch: sequence b's
+    query is flat row ``rows[b]`` and its context is ``slots[b, :ctx_len[b]]`` (the rest is padding that
+    ``mask`` hides)."""
+
+    rows: torch.Tensor  # (Bd,) long
+    slots: torch.Tensor  # (Bd, S) long, S = the longest context; padded with slot 0
+    mask: torch.Tensor | None  # (Bd, 1, 1, S) bool, True = a real context slot; None when all are S long
+
+
+@dataclass
 class PagedBatch:
     """A flat packed (varlen) batch of N tokens from several sequences, for ``forward_paged``.
 
-    Token i has position ``positions[i]`` and writes its KV to slot ``slot_mapping[i]``; ``seqs`` cover the
-    rows in order. ``logits_rows`` are the rows whose logits the model returns (None: all). Build one with
-    `PagedBatch.build`.
+    Token i has position ``positions[i]`` and writes its KV to slot ``slot_mapping[i]``. Sequences with
+    several new tokens (prefill chunks) are ``seqs``, attended one by one; the single-token ones (decodes)
+    are ``decode``, attended together in one padded batch, so a decode step costs the same number of
+    attention calls whatever the batch size. ``logits_rows`` are the rows whose logits the model returns
+    (None: all). Build one with `PagedBatch.build`.
     """
 
     positions: torch.Tensor  # (N,) long
     slot_mapping: torch.Tensor  # (N,) long
     seqs: list[PagedSeq]
+    decode: PagedDecode | None = None
     logits_rows: torch.Tensor | None = None  # (M,) long
     max_ctx_len: int = 0
 
@@ -195,27 +210,38 @@ class PagedBatch:
     def build(cls, contexts: list[tuple[list[int], int]], device: torch.device | str = "cpu",
               logits_rows: list[int] | None = None) -> PagedBatch:
         """contexts: per sequence, (KV slots of its positions 0 .. ctx_len - 1, number of new tokens q_len);
-        the new tokens are the last q_len positions. Causal masks are built here, once for all layers."""
+        the new tokens are the last q_len positions. Masks are built here, once for all layers."""
         if not contexts:
             raise ValueError("PagedBatch.build: no sequences")
-        flat, seqs, positions, slot_mapping, q_start = [], [], [], [], 0
+        positions, slot_mapping, q_start = [], [], 0
+        seqs, dec_rows, dec_slots = [], [], []
         for slots, q_len in contexts:
             ctx = len(slots)
             if not 1 <= q_len <= ctx:
                 raise ValueError(f"PagedBatch.build: {q_len} new tokens for a context of {ctx}")
-            flat.extend(slots)
             positions.extend(range(ctx - q_len, ctx))
             slot_mapping.extend(slots[ctx - q_len:])
-            seqs.append((q_start, q_len, ctx))
+            if q_len == 1:
+                dec_rows.append(q_start)
+                dec_slots.append(slots)
+            else:
+                seqs.append(PagedSeq(q_start, q_len, torch.tensor(slots, dtype=torch.long, device=device),
+                                     attention_mask(1, q_len, ctx - q_len, None, torch.device(device))))
             q_start += q_len
-        all_slots = torch.tensor(flat, dtype=torch.long, device=device)
-        out = []
-        for (start, q_len, ctx), slots in zip(seqs, all_slots.split([c for _, _, c in seqs]), strict=True):
-            out.append(PagedSeq(start, q_len, slots, attention_mask(1, q_len, ctx - q_len, None, all_slots.device)))
+        decode = None
+        if dec_rows:
+            lens = [len(s) for s in dec_slots]
+            width = max(lens)
+            padded = torch.tensor([s + [0] * (width - len(s)) for s in dec_slots], dtype=torch.long, device=device)
+            mask = None
+            if min(lens) < width:
+                lens_t = torch.tensor(lens, device=device)
+                mask = (torch.arange(width, device=device)[None, :] < lens_t[:, None])[:, None, None, :]
+            decode = PagedDecode(torch.tensor(dec_rows, dtype=torch.long, device=device), padded, mask)
         rows = None if logits_rows is None else torch.tensor(logits_rows, dtype=torch.long, device=device)
         return cls(torch.tensor(positions, dtype=torch.long, device=device),
-                   torch.tensor(slot_mapping, dtype=torch.long, device=device), out, rows,
-                   max(c for _, _, c in seqs))
+                   torch.tensor(slot_mapping, dtype=torch.long, device=device), seqs, decode, rows,
+                   max(len(s) for s, _ in contexts))
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
@@ -285,13 +311,19 @@ class GQAttention(nn.Module):
         k_pool, v_pool = kv
         k_pool.index_copy_(0, batch.slot_mapping, k[0])
         v_pool.index_copy_(0, batch.slot_mapping, v[0])
-        ys = []
-        for s in batch.seqs:
+        y = q.new_empty(N, self.n_heads, self.head_dim)
+        for s in batch.seqs:  # prefill chunks, one by one
             qs = q[:, s.q_start:s.q_start + s.q_len].transpose(1, 2)  # (1, H, Tq, D)
             ks = k_pool.index_select(0, s.slots).transpose(0, 1)[None]  # (1, Hkv, S, D)
             vs = v_pool.index_select(0, s.slots).transpose(0, 1)[None]
-            ys.append(_sdpa(qs, ks, vs, s.mask, self.scale).transpose(1, 2))  # (1, Tq, H, D)
-        return self.o_proj(torch.cat(ys, dim=1).reshape(1, N, -1))
+            y[s.q_start:s.q_start + s.q_len] = _sdpa(qs, ks, vs, s.mask, self.scale)[0].transpose(0, 1)
+        if (d := batch.decode) is not None:  # all decodes at once
+            Bd, S = d.slots.shape
+            qd = q[0].index_select(0, d.rows)[:, :, None]  # (Bd, H, 1, D)
+            kd = k_pool.index_select(0, d.slots.flatten()).view(Bd, S, self.n_kv, -1).transpose(1, 2)  # (Bd, Hkv, S, D)
+            vd = v_pool.index_select(0, d.slots.flatten()).view(Bd, S, self.n_kv, -1).transpose(1, 2)
+            y.index_copy_(0, d.rows, _sdpa(qd, kd, vd, d.mask, self.scale)[:, :, 0])
+        return self.o_proj(y.reshape(1, N, -1))
 
 
 # ---------------------------------------------------------------------------------------------------- MLA
@@ -365,11 +397,17 @@ class MLAttention(nn.Module):
         q_nope, q_pe, entry = self._project(x, rope)
         pool = kv[0]
         pool.index_copy_(0, batch.slot_mapping, entry[0])
-        ys = []
-        for s in batch.seqs:
+        y = q_nope.new_empty(N, self.n_heads, self.v_dim)
+        for s in batch.seqs:  # prefill chunks, one by one
             rows = slice(s.q_start, s.q_start + s.q_len)
-            ys.append(self._attend(q_nope[:, rows], q_pe[:, rows], pool.index_select(0, s.slots)[None], s.mask))
-        return self.o_proj(torch.cat(ys, dim=1).reshape(1, N, -1))
+            y[rows] = self._attend(q_nope[:, rows], q_pe[:, rows], pool.index_select(0, s.slots)[None], s.mask)[0]
+        if (d := batch.decode) is not None:  # all decodes at once, (Bd, 1, ...) rows
+            Bd, S = d.slots.shape
+            entries = pool.index_select(0, d.slots.flatten()).view(Bd, S, -1)  # (Bd, S, c + dr)
+            yd = self._attend(q_nope[0].index_select(0, d.rows)[:, None], q_pe[0].index_select(0, d.rows)[:, None],
+                              entries, d.mask)  # (Bd, 1, H, dv)
+            y.index_copy_(0, d.rows, yd[:, 0])
+        return self.o_proj(y.reshape(1, N, -1))
 
     def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, entry: torch.Tensor, mask: torch.Tensor | None
                ) -> torch.Tensor:
