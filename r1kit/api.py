@@ -19,6 +19,8 @@ import torch
 
 from r1kit import hardware
 from r1kit.checkpoint import CheckpointError, load_model
+from r1kit.engine import LLMEngine
+from r1kit.engine.model_runner import ModelRunner
 from r1kit.generate import GenerationError, SamplingParams, generate_tokens
 from r1kit.model.config import format_count
 from r1kit.model.transformer import Transformer
@@ -27,6 +29,7 @@ from r1kit.tokenizer import Tokenizer, split_reasoning
 log = logging.getLogger("r1kit")
 BUNDLED_DIR = Path(__file__).parent  # bundled models live in the package: r1kit/<name>
 CHAT_MAX_NEW_TOKENS = 1024  # chat's default budget: room for the <think> phase and the answer
+KV_CACHE_BYTES = 2 << 30  # the engine's default KV pool cap (it grows to what a call needs, up to this)
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -84,9 +87,12 @@ class R1Model:
     """A loaded model + tokenizer on one device, with text generation and chat."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, path: Path | None = None,
-                 device_reason: str = ""):
+                 device_reason: str = "", kv_cache_bytes: int = KV_CACHE_BYTES):
         self.model, self.tokenizer, self.path = model, tokenizer, path
         self.device_reason = device_reason
+        self.kv_cache_bytes = kv_cache_bytes  # cap on the engine's paged KV pool
+        self.use_engine = True  # False: the plain KV-cache decode loop (generate_tokens), the reference path
+        self._engine: LLMEngine | None = None
 
     @property
     def config(self):
@@ -212,7 +218,8 @@ class R1Model:
         hold = max((len(s) for s in params.stop), default=1) - 1
         if usage is not None:
             usage.update(prompt_tokens=sum(map(len, prompts)), completion_tokens=0)
-        steps = generate_tokens(self.model, prompts, params, sorted(stop_ids))
+        steps = (self._engine_steps(prompts, params, sorted(stop_ids)) if self.use_engine
+                 else generate_tokens(self.model, prompts, params, sorted(stop_ids)))
         for step in steps:
             for row, token in enumerate(step):
                 if token is None or finished[row]:
@@ -245,6 +252,46 @@ class R1Model:
                 rest = pending[row] + (decoders[row].flush() if decoders[row] else "")
                 if rest:
                     yield row, rest
+
+    def engine(self, min_blocks: int = 1, block_size: int = 16) -> LLMEngine:
+        """The model's inference engine (continuous batching over a paged KV cache; see r1kit.engine), made on
+        first use and remade larger when a call needs more KV blocks than it has, up to ``kv_cache_bytes``
+        (beyond that the engine queues and preempts requests instead)."""
+        cap = max(1, self.kv_cache_bytes // ModelRunner.bytes_per_block(self.model, block_size))
+        want = min(max(min_blocks, -(-self.config.max_position_embeddings // block_size)), cap)
+        if self._engine is None or self._engine.block_manager.num_blocks < min(min_blocks, cap):
+            if self._engine is not None and self._engine.has_unfinished():
+                raise GenerationError("another generation is still running on this model (an unfinished stream): "
+                                      "finish or close it first")
+            self._engine = LLMEngine(self.model, num_blocks=want, block_size=block_size, stop_ids=self.stop_ids())
+        return self._engine
+
+    def _engine_steps(self, prompts: list[list[int]], params: SamplingParams, stop_ids: list[int]
+                      ) -> Iterator[list[int | None]]:
+        """generate_tokens' contract on the engine: per step, the new token of each row (None: no token this
+        step). Closing the iterator early aborts the unfinished requests and frees their KV blocks."""
+        bs = 16
+        need = sum(-(-(len(p) + params.new_tokens_for(len(p))) // bs) for p in prompts)
+        engine = self.engine(need, bs)
+        if engine.has_unfinished():
+            raise GenerationError("another generation is still running on this model (an unfinished stream): "
+                                  "finish or close it first")
+        rows = {}
+        try:
+            for row, prompt in enumerate(prompts):
+                rid = f"r1model-{row}"
+                engine.add_request(rid, prompt, params)
+                rows[rid] = row
+            while engine.has_unfinished():
+                step: list[int | None] = [None] * len(prompts)
+                for out in engine.step():
+                    step[rows[out.request_id]] = out.token
+                    if out.finished:
+                        del rows[out.request_id]
+                yield step
+        finally:
+            for rid in rows:  # closed early (stop string, consumer gone) or failed: free the KV blocks
+                engine.abort(rid)
 
     def chat(self, messages: Sequence[dict[str, str]], *, thinking: bool = True, stream: bool = False,
              **sampling: Any) -> ChatReply | Iterator[str]:

@@ -53,7 +53,9 @@ class ScriptedModel(nn.Module):
 
 def scripted(tok, text: str) -> R1Model:
     ids = tok.encode(text) + [tok.eos_id]
-    return R1Model(ScriptedModel(ids, tok.vocab_size, tok.eos_id), tok)
+    model = R1Model(ScriptedModel(ids, tok.vocab_size, tok.eos_id), tok)
+    model.use_engine = False  # the mock speaks the KV-cache loop's interface; the text layer is the same
+    return model
 
 
 def test_generate_stream_batch_and_stop_strings(tok):
@@ -85,6 +87,26 @@ def test_chat_separates_reasoning(tok):
     truncated = scripted(tok, "17 times 23 is").chat([{"role": "user", "content": "?"}], max_new_tokens=3,
                                                        temperature=0)
     assert truncated.content == "" and truncated.reasoning  # still thinking when the budget ran out
+
+
+def test_generate_runs_on_the_engine_like_the_reference_loop(tok, tmp_path):
+    """R1Model.generate runs on the LLMEngine; the plain KV-cache loop is its reference (greedy: equal text
+    for a batch of prompts of different lengths, streamed or not); an abandoned stream frees its KV blocks."""
+    model = R1Model.from_pretrained(random_checkpoint(tmp_path / "m", "tiny-moe", tokenizer=tok), dtype="fp32")
+    prompts = ["def forward(self, x):", "import", "class Engine:\n    def step(self)"]
+    got = model.generate(prompt=prompts, max_new_tokens=12, temperature=0)
+    engine = model.engine()
+    assert engine.num_steps > 0 and not engine.has_unfinished()
+    model.use_engine = False
+    assert model.generate(prompt=prompts, max_new_tokens=12, temperature=0) == got
+    model.use_engine = True
+    free = engine.block_manager.num_free_blocks
+    stream = model.generate(prompt=prompts[0], max_new_tokens=40, temperature=0, stream=True)
+    next(stream)
+    assert engine.has_unfinished() and engine.block_manager.num_free_blocks < free
+    stream.close()  # the consumer went away: its request is aborted
+    assert not engine.has_unfinished() and engine.block_manager.num_free_blocks == free
+    assert model.generate(prompt=prompts[0], max_new_tokens=12, temperature=0) == got[0]
 
 
 def test_real_checkpoint_round_trip_through_api(tok, tmp_path):

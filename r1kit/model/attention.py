@@ -18,8 +18,8 @@ The paged path of the inference engine, ``forward_paged(x, rope, batch, kv)``, r
 packed batch of tokens from several sequences (x (1, N, C), one RoPE row per token): it writes the new keys
 (or MLA latents) into the flat slots ``batch.slot_mapping`` of a per-layer pool of ``num_slots`` slots, then
 attends each prefill chunk's queries over its context slots, and all decodes (one query each) together as
-one padded batch, contexts gathered with index_select (see `PagedBatch`). GQA pools hold k and v (num_slots, Hkv, D); MLA pools the latent + rotary key
-(num_slots, kv_lora_rank + qk_rope_head_dim).
+one padded batch, contexts gathered with index_select (see `PagedBatch`). GQA pools hold k and v
+(num_slots, Hkv, D); MLA pools the latent + rotary key (num_slots, kv_lora_rank + qk_rope_head_dim).
 """
 
 from __future__ import annotations
