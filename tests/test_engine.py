@@ -57,9 +57,9 @@ def test_paged_attention_matches_contiguous_cache(make_model, name, impl):
     C = model.config.hidden_size
     xa = torch.randn(12, C, generator=gen)
     xs = {"a": xa, "b": torch.cat((xa[:8], torch.randn(7, C, generator=gen))), "c": torch.randn(12, C, generator=gen)}
-    perm = torch.randperm(64, generator=gen).tolist()
-    slots = {"a": perm[:12], "c": perm[12:24]}
-    slots["b"] = slots["a"][:8] + perm[24:31]  # b's first 8 positions are a's KV (a shared prefix)
+    perm = torch.randperm(32, generator=gen).tolist()  # 32 blocks of 2 slots, handed out in random order
+    tables = {"a": perm[:6], "c": perm[6:12]}
+    tables["b"] = tables["a"][:4] + perm[12:16]  # b's first 8 positions are a's KV blocks (a shared prefix)
     # steps of (sequence, start, length): prefill chunks beside decodes; b starts after its prefix is written;
     # the last two steps decode sequences of three different context lengths together (one padded batch)
     steps = [[("a", 0, 5), ("c", 0, 7)], [("a", 5, 6), ("c", 7, 1)], [("b", 8, 2), ("c", 8, 1)],
@@ -68,7 +68,7 @@ def test_paged_attention_matches_contiguous_cache(make_model, name, impl):
     paged: dict[str, list[torch.Tensor]] = {k: [] for k in xs}
     with torch.no_grad():
         for step in steps:
-            batch = PagedBatch.build([(slots[s][:start + n], n) for s, start, n in step])
+            batch = PagedBatch.build([(tables[s], start + n, n) for s, start, n in step], block_size=2)
             x = torch.cat([xs[s][start:start + n] for s, start, n in step])[None]
             y = attn.forward_paged(x, model.rotary(batch.positions[None], x.dtype), batch, kv)[0]
             for (s, _, _), part in zip(step, y.split([n for _, _, n in step]), strict=True):

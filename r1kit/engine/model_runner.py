@@ -62,21 +62,19 @@ class ModelRunner:
     def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, PagedBatch]:
         """The step's flat token ids (N,) and its PagedBatch (logits rows: the last token of each sampling
         sequence, in ``out.sample_seqs`` order)."""
-        bm = self.block_manager
         ids: list[int] = []
-        contexts: list[tuple[list[int], int]] = []
+        contexts: list[tuple[list[int], int, int]] = []  # (block table, context length, new tokens)
         sample_rows: list[int] = []
         for chunk in out.prefills:
-            end = chunk.start + chunk.length
             ids.extend(chunk.token_ids)
-            contexts.append((bm.slots(chunk.seq, 0, end), chunk.length))
+            contexts.append((chunk.seq.block_table, chunk.start + chunk.length, chunk.length))
             if chunk.sample:
                 sample_rows.append(len(ids) - 1)
         for seq in out.decodes:  # computes position num_tokens - 1
             ids.append(seq.last_token)
-            contexts.append((bm.slots(seq, 0, seq.num_tokens), 1))
+            contexts.append((seq.block_table, seq.num_tokens, 1))
             sample_rows.append(len(ids) - 1)
-        batch = PagedBatch.build(contexts, self.device, sample_rows)
+        batch = PagedBatch.build(contexts, self.block_size, self.device, sample_rows)
         return torch.tensor(ids, dtype=torch.long, device=self.device), batch
 
     @torch.inference_mode()

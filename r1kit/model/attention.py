@@ -207,41 +207,55 @@ class PagedBatch:
     max_ctx_len: int = 0
 
     @classmethod
-    def build(cls, contexts: list[tuple[list[int], int]], device: torch.device | str = "cpu",
+    def build(cls, contexts: list[tuple[list[int], int, int]], block_size: int, device: torch.device | str = "cpu",
               logits_rows: list[int] | None = None) -> PagedBatch:
-        """contexts: per sequence, (KV slots of its positions 0 .. ctx_len - 1, number of new tokens q_len);
-        the new tokens are the last q_len positions. Masks are built here, once for all layers."""
+        """contexts: per sequence, (block table, ctx_len, q_len): token p of the sequence lives in slot
+        ``table[p // block_size] * block_size + p % block_size``; the q_len new tokens are its last positions
+        (ctx_len - q_len .. ctx_len - 1). Slots and masks are computed here with tensor ops, once for all
+        layers: the Python work per sequence is O(number of its blocks), not O(tokens)."""
         if not contexts:
             raise ValueError("PagedBatch.build: no sequences")
+        offsets = torch.arange(block_size, device=device)
+
+        def slots_of(table: list[int], ctx: int) -> torch.Tensor:  # (ctx,) slots of positions 0 .. ctx - 1
+            t = torch.tensor(table, dtype=torch.long, device=device)
+            return (t[:, None] * block_size + offsets).flatten()[:ctx]
+
         positions, slot_mapping, q_start = [], [], 0
-        seqs, dec_rows, dec_slots = [], [], []
-        for slots, q_len in contexts:
-            ctx = len(slots)
-            if not 1 <= q_len <= ctx:
-                raise ValueError(f"PagedBatch.build: {q_len} new tokens for a context of {ctx}")
-            positions.extend(range(ctx - q_len, ctx))
-            slot_mapping.extend(slots[ctx - q_len:])
+        seqs, dec_rows, dec_tables, dec_lens = [], [], [], []
+        for table, ctx, q_len in contexts:
+            if not 1 <= q_len <= ctx or len(table) * block_size < ctx:
+                raise ValueError(f"PagedBatch.build: {q_len} new tokens for a context of {ctx} in "
+                                 f"{len(table)} blocks of {block_size}")
+            positions.append(torch.arange(ctx - q_len, ctx, device=device))
             if q_len == 1:
+                last = ctx - 1
+                slot_mapping.append(torch.tensor([table[last // block_size] * block_size + last % block_size],
+                                                 device=device))
                 dec_rows.append(q_start)
-                dec_slots.append(slots)
+                dec_tables.append(table)
+                dec_lens.append(ctx)
             else:
-                seqs.append(PagedSeq(q_start, q_len, torch.tensor(slots, dtype=torch.long, device=device),
+                slots = slots_of(table, ctx)
+                slot_mapping.append(slots[ctx - q_len:])
+                seqs.append(PagedSeq(q_start, q_len, slots,
                                      attention_mask(1, q_len, ctx - q_len, None, torch.device(device))))
             q_start += q_len
         decode = None
         if dec_rows:
-            lens = [len(s) for s in dec_slots]
-            width = max(lens)
-            padded = torch.tensor([s + [0] * (width - len(s)) for s in dec_slots], dtype=torch.long, device=device)
+            width = max(dec_lens)
+            n_blocks = -(-width // block_size)
+            tables = torch.tensor([t[:n_blocks] + [0] * (n_blocks - len(t[:n_blocks])) for t in dec_tables],
+                                  dtype=torch.long, device=device)  # (Bd, n_blocks), padded with block 0
+            slots = (tables[:, :, None] * block_size + offsets).flatten(1)[:, :width]  # (Bd, S)
             mask = None
-            if min(lens) < width:
-                lens_t = torch.tensor(lens, device=device)
-                mask = (torch.arange(width, device=device)[None, :] < lens_t[:, None])[:, None, None, :]
-            decode = PagedDecode(torch.tensor(dec_rows, dtype=torch.long, device=device), padded, mask)
+            if min(dec_lens) < width:
+                lens = torch.tensor(dec_lens, device=device)
+                mask = (torch.arange(width, device=device)[None, :] < lens[:, None])[:, None, None, :]
+            decode = PagedDecode(torch.tensor(dec_rows, dtype=torch.long, device=device), slots, mask)
         rows = None if logits_rows is None else torch.tensor(logits_rows, dtype=torch.long, device=device)
-        return cls(torch.tensor(positions, dtype=torch.long, device=device),
-                   torch.tensor(slot_mapping, dtype=torch.long, device=device), seqs, decode, rows,
-                   max(len(s) for s, _ in contexts))
+        return cls(torch.cat(positions), torch.cat(slot_mapping), seqs, decode, rows,
+                   max(ctx for _, ctx, _ in contexts))
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
