@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from r1kit import hardware
+from r1kit import hardware, kernels
 from r1kit.checkpoint import CheckpointError, load_model
 from r1kit.engine import LLMEngine
 from r1kit.engine.model_runner import ModelRunner
@@ -119,19 +119,31 @@ class R1Model:
             dtype: torch dtype or name ("bf16", "fp32", ...); default chosen per device (bf16 on capable CPUs).
             quantization: None, or "int8" (per-channel weights), "int4" (group-wise), "fp8" (e4m3 weights):
                 weight-only quantization applied after loading (see r1kit.quant; the MoE router stays fp32).
+                A checkpoint written by ``r1kit quantize`` loads quantized without it; asking it for another
+                method is an error.
             allow_pickle: read .bin/.pt weights with torch.load(weights_only=True); refused otherwise.
         """
         from r1kit.quant import METHODS, quantize_model
+        from r1kit.quant.checkpoint import stored_method
 
         if quantization is not None and quantization not in METHODS:
             raise ValueError(f"quantization={quantization!r}: expected None or one of {list(METHODS)}")
         path = resolve_model_path(name_or_path)
+        stored = stored_method(path)
+        if quantization is not None and stored is not None and quantization != stored:
+            raise ValueError(f"quantization={quantization!r}, but {path} is a checkpoint quantized to {stored!r} "
+                             f"(config.json quantization_config.method); load it with quantization=None or "
+                             f"{stored!r}, or quantize the original checkpoint")
         choice = hardware.choose(device, dtype)
         model = load_model(path, choice.device, choice.dtype, allow_pickle=allow_pickle)
-        if quantization is not None:
+        if quantization is not None and stored is None:
             stats = quantize_model(model, quantization)
             log.info("%s: %d modules quantized to %s, weights %.1f -> %.1f MiB", path, stats["swapped"],
                      quantization, stats["weight_bytes_before"] / 2**20, stats["weight_bytes_after"] / 2**20)
+        if choice.device.type == "cpu" and choice.dtype == torch.bfloat16:
+            n = kernels.accelerate(model)  # batch-1..8 decode through r1kit's bf16 GEMV (see r1kit.kernels)
+            log.info("%s", f"CPU decode kernels on {n} linear layers" if n else
+                     f"CPU decode kernels off ({kernels.why_not()})")
         tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
         if tokenizer is None:
             log.warning("%s has no tokenizer.json: text generation needs one (token ids still work)", path)

@@ -1,0 +1,159 @@
+"""CPU decode kernels: batch-1..8 bf16 and int8 matrix-vector products in C (`cpu_gemv.c`).
+
+Batch-1 decode reads every weight once per token, so its speed is how fast the weights stream from memory.
+PyTorch's CPU bf16 matmul is built for large batches and reaches only a fraction of the memory bandwidth at
+one row; `cpu_gemv.c` streams each weight row once through AVX-512 (vdpbf16ps for bf16, widen + FMA for int8
+with per-row scales), threads splitting the output rows.
+
+The kernels are compiled on first use with the system's C compiler (`gcc -O3 -march=native -fopenmp`, about a
+second) into ``$R1KIT_CACHE`` (default ``~/.cache/r1kit``), keyed by the source and the CPU; without a
+compiler, or on a CPU without AVX-512 bf16, or with ``R1KIT_KERNELS=0``, everything falls back to
+``F.linear`` (the reference path; tests/test_kernels.py checks that both agree).
+
+    from r1kit import kernels
+    kernels.accelerate(model)          # its nn.Linear modules take the kernel for <= 8 rows (bf16, CPU, no grad)
+    y = kernels.linear(x, w, bias)     # the same dispatch for a bare weight
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger("r1kit")
+SOURCE = Path(__file__).with_name("cpu_gemv.c")
+MAX_ROWS = 8  # MAX_M in cpu_gemv.c: the kernels take up to this many rows; more rows go to F.linear
+_lib: ctypes.CDLL | None = None
+_tried = False
+_reason = ""
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _build(out: Path) -> None:
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        raise RuntimeError("no C compiler (gcc or $CC) found")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        so = Path(tmp) / out.name
+        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", str(so)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
+        os.replace(so, out)  # atomic: a concurrent process sees the old file or the whole new one
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernels, building them on first use; None (and the reason in `why_not()`) when they
+    cannot run here."""
+    global _lib, _tried, _reason
+    if _tried:
+        return _lib
+    _tried = True
+    flags = _cpu_flags()
+    if os.environ.get("R1KIT_KERNELS", "1") == "0":
+        _reason = "disabled by R1KIT_KERNELS=0"
+    elif "avx512_bf16" not in flags.split():
+        _reason = "this CPU has no AVX-512 bf16 (avx512_bf16)"
+    else:
+        key = hashlib.sha256(SOURCE.read_bytes() + flags.encode()).hexdigest()[:16]
+        cache = Path(os.environ.get("R1KIT_CACHE", Path.home() / ".cache" / "r1kit"))
+        so = cache / "kernels" / f"cpu_gemv-{key}.so"
+        try:
+            if not so.is_file():
+                _build(so)
+            lib = ctypes.CDLL(str(so))
+        except (OSError, RuntimeError) as e:
+            _reason = f"could not build {SOURCE.name}: {e}"
+        else:
+            p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+            lib.gemv_bf16.argtypes = [p, p, p, p, i32, i64, i64, i32]
+            lib.gemv_int8.argtypes = [p, p, p, p, p, i32, i64, i64, i32]
+            lib.gemv_bf16.restype = lib.gemv_int8.restype = None
+            _lib = lib
+    if _lib is None:
+        log.info("r1kit CPU decode kernels off: %s; using F.linear", _reason)
+    return _lib
+
+
+def why_not() -> str:
+    """Why the kernels are not in use ("" when they are)."""
+    load()
+    return _reason
+
+
+def _rows_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == torch.bfloat16
+            and x.numel() <= MAX_ROWS * x.shape[-1] and x.numel() > 0
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, w, bias), through the bf16 kernel when x has <= MAX_ROWS rows (x (..., K), w (N, K))."""
+    if not (_rows_ok(x, w) and w.dtype == torch.bfloat16 and load() is not None):
+        return F.linear(x, w, bias)
+    K, N = x.shape[-1], w.shape[0]
+    x2 = x.reshape(-1, K).contiguous()
+    w = w.contiguous()
+    b = None if bias is None else bias.to(torch.bfloat16).contiguous()
+    y = x.new_empty(x2.shape[0], N)
+    _lib.gemv_bf16(x2.data_ptr(), w.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
+                   x2.shape[0], N, K, torch.get_num_threads())
+    return y.view(*x.shape[:-1], N)
+
+
+def linear_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+                ) -> torch.Tensor | None:
+    """(x @ w.T) * scale + bias for int8 weights w (N, K) with per-row fp32 scales (N,), bf16 x with <=
+    MAX_ROWS rows; None when the kernel does not apply (the caller takes its own path)."""
+    if not (_rows_ok(x, w) and w.dtype == torch.int8 and scale.dtype == torch.float32 and load() is not None):
+        return None
+    K, N = x.shape[-1], w.shape[0]
+    xf = x.reshape(-1, K).float().contiguous()
+    b = None if bias is None else bias.to(torch.bfloat16).contiguous()
+    y = x.new_empty(xf.shape[0], N)
+    _lib.gemv_int8(xf.data_ptr(), w.contiguous().data_ptr(), scale.contiguous().data_ptr(),
+                   None if b is None else b.data_ptr(), y.data_ptr(), xf.shape[0], N, K, torch.get_num_threads())
+    return y.view(*x.shape[:-1], N)
+
+
+class FastLinear(nn.Linear):
+    """nn.Linear whose few-row bf16 products take the decode kernel (same parameters, same state dict)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def accelerate(model: nn.Module) -> int:
+    """Turn the model's plain nn.Linear modules into FastLinear in place (a class swap: no copy, same
+    weights); returns how many. Nothing changes when the kernels are unavailable (see why_not())."""
+    if load() is None:
+        return 0
+    n = 0
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = FastLinear
+            n += 1
+    return n
+
+
+__all__ = ["MAX_ROWS", "FastLinear", "accelerate", "linear", "linear_int8", "load", "why_not"]

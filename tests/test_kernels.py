@@ -1,0 +1,74 @@
+"""The C decode kernels (r1kit/kernels) against their reference, F.linear."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from r1kit import kernels
+
+pytestmark = pytest.mark.skipif(kernels.load() is None, reason=f"CPU kernels unavailable: {kernels.why_not()}")
+
+# (rows, K, N): K not a multiple of 32 or 16 exercises the scalar tails
+SHAPES = [(1, 64, 48), (1, 96, 200), (3, 100, 33), (8, 256, 64), (2, 7, 5)]
+
+
+@pytest.mark.parametrize("rows,K,N", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_kernel_matches_f_linear(rows, K, N, bias):
+    g = torch.Generator().manual_seed(rows * K + N)
+    x = torch.randn(rows, K, generator=g).bfloat16()
+    w = torch.randn(N, K, generator=g).bfloat16()
+    b = torch.randn(N, generator=g).bfloat16() if bias else None
+    with torch.inference_mode():
+        got = kernels.linear(x, w, b)
+    want = F.linear(x.float(), w.float(), None if b is None else b.float())  # exact fp32 products and sums
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, N)
+    # both round one fp32 sum to bf16: at most one bf16 ulp apart (plus fp32 summation order)
+    torch.testing.assert_close(got.float(), want, rtol=2 ** -8, atol=1e-3)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=2 ** -7, atol=1e-2)
+
+
+@pytest.mark.parametrize("rows,K,N", SHAPES)
+def test_int8_kernel_matches_dequantized_reference(rows, K, N):
+    g = torch.Generator().manual_seed(K + N)
+    x = torch.randn(rows, K, generator=g).bfloat16()
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+    scale = torch.rand(N, generator=g) / 50 + 1e-3
+    b = torch.randn(N, generator=g).bfloat16()
+    with torch.inference_mode():
+        got = kernels.linear_int8(x, w, scale, b)
+    want = F.linear(x.float(), w.float()) * scale + b.float()
+    torch.testing.assert_close(got.float(), want, rtol=2 ** -8, atol=1e-3)
+
+
+def test_batch_dims_and_fallbacks():
+    x = torch.randn(2, 1, 64).bfloat16()  # (B, T, C) decode input
+    w = torch.randn(32, 64).bfloat16()
+    with torch.inference_mode():
+        assert kernels.linear(x, w).shape == (2, 1, 32)
+        many = torch.randn(20, 64).bfloat16()  # more rows than the kernel takes: F.linear
+        torch.testing.assert_close(kernels.linear(many, w), F.linear(many, w))
+        assert kernels.linear_int8(many, w.to(torch.int8), torch.ones(32)) is None
+    xf = torch.randn(1, 64, requires_grad=True)  # fp32 and autograd go to F.linear, gradients flow
+    kernels.linear(xf, w.float()).sum().backward()
+    assert xf.grad is not None
+
+
+def test_accelerate_swaps_linears_and_keeps_outputs(make_model):
+    model = make_model("tiny-dense").to(torch.bfloat16)
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.inference_mode():
+        before = model(ids)[:, -1]
+        cache = model.new_cache(1, 8)
+        model(ids[:, :3], cache)
+        step_before = model(ids[:, 3:], cache)[:, -1]
+    keys = set(model.state_dict())
+    n = kernels.accelerate(model)
+    assert n == sum(isinstance(m, nn.Linear) for m in model.modules()) and n > 0
+    assert set(model.state_dict()) == keys  # same parameters, same names
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids)[:, -1], before)  # 4-row prefill: kernel for <= 8 rows
+        cache = model.new_cache(1, 8)
+        model(ids[:, :3], cache)
+        torch.testing.assert_close(model(ids[:, 3:], cache)[:, -1], step_before, rtol=0.02, atol=0.02)
