@@ -107,11 +107,15 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
             routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
             rope_interleave=bool(hf.get("rope_interleave", True)),
             num_mtp_layers=hf.get("num_nextn_predict_layers") or 0,
+            **{key: hf[key] for key in _COMBINER_KEYS if key in hf},  # r1kit's CEAP; absent: the weighted sum
         )
     try:
         return ModelConfig(**fields, extra={"hf_config": hf})
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{source}: {e}") from None
+
+
+_COMBINER_KEYS = ("moe_combiner", "moe_combiner_heads", "moe_combiner_head_dim")  # ModelConfig = config.json names
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -139,6 +143,10 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
                   n_group=cfg.n_group, topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
                   routed_scaling_factor=cfg.routed_scaling_factor, rope_interleave=cfg.rope_interleave,
                   num_nextn_predict_layers=cfg.num_mtp_layers)
+    for key in _COMBINER_KEYS:  # written for CEAP only: a weighted-sum MoE's config.json stays DeepSeek's
+        hf.pop(key, None)
+        if cfg.moe_combiner != "weighted_sum":
+            hf[key] = getattr(cfg, key)
     return hf
 
 
@@ -160,7 +168,15 @@ def read_config(path: str | Path) -> ModelConfig:
 
 
 def _hf_names(name: str, cfg: ModelConfig) -> str | list[str] | None:
-    """r1kit parameter name -> its checkpoint name(s). Stacked experts map to a list (one per expert)."""
+    """r1kit parameter name -> its checkpoint name(s). Stacked experts map to a list (one per expert).
+
+    A quantized module's scales and zeros (``X.weight_scale``, ``experts.gate_up_proj_zero``) are named after its
+    weight's checkpoint name(s) plus the same suffix (see r1kit.quant.checkpoint).
+    """
+    m = re.match(r"(.+)(_scale|_zero)$", name)
+    if m:
+        hf = _hf_names(m.group(1), cfg)
+        return hf + m.group(2) if isinstance(hf, str) else None if hf is None else [h + m.group(2) for h in hf]
     if name == "lm_head.weight":
         return None if cfg.tie_word_embeddings else name
     m = re.match(r"mtp\.(\d+)\.(.+)$", name)
@@ -263,7 +279,14 @@ def _mtp_present(reader: _Reader, cfg: ModelConfig) -> int:
 
 def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                allow_pickle: bool = False) -> Transformer:
-    """Load a Hugging Face-format checkpoint folder into a Transformer on `device` in `dtype`."""
+    """Load a Hugging Face-format checkpoint folder into a Transformer on `device` in `dtype`.
+
+    A checkpoint in r1kit's quantized format (``r1kit quantize``) loads into the quantized modules directly; its
+    quantized tensors keep their stored dtypes and `dtype` applies to the rest.
+    """
+    from r1kit.quant import checkpoint as quant  # r1kit.quant.checkpoint imports this module
+    from r1kit.quant import quantize_model
+
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a folder")
@@ -279,11 +302,21 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     device = torch.device(device)
     with torch.device("meta"):
         model = Transformer(cfg)
+    quantized: dict[str, torch.dtype] = {}  # r1kit's quantized format: tensors kept as stored, never dequantized
+    if quant.is_r1kit_quantized(cfg.extra["hf_config"]):
+        options = quant.parse_config_entry(cfg.extra["hf_config"], str(path / "config.json"))
+        quantize_model(model, **options, structure_only=True)
+        quantized = quant.quantized_tensors(model)
     used: set[str] = set()
 
-    def read(name: str, shape: torch.Size) -> torch.Tensor:
+    def read(name: str, shape: torch.Size, kept: torch.dtype | None = None) -> torch.Tensor:
         t = reader.get(name)
-        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        if kept is not None:
+            if tuple(t.shape) != tuple(shape):
+                raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, the config and its "
+                                      f"quantization_config imply {tuple(shape)}")
+            quant.check_tensor(name, t, kept, str(path))
+        elif t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             scale_name = name.removesuffix("weight") + "weight_scale_inv"
             if scale_name not in reader.where:
                 raise CheckpointError(f"{path}: FP8 tensor {name!r} has no {scale_name!r}")
@@ -297,19 +330,20 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
 
     state: dict[str, torch.Tensor] = {}
     for name, meta in model.state_dict(keep_vars=True).items():
-        target = torch.float32 if FP32_TENSORS.search(name) or not meta.is_floating_point() else dtype
+        kept = quantized.get(name)
+        target = kept or (torch.float32 if FP32_TENSORS.search(name) or not meta.is_floating_point() else dtype)
         hf = _hf_names(name, cfg)
         if hf is None:
             continue
         if isinstance(hf, str):
-            state[name] = read(hf, meta.shape).to(device=device, dtype=target)
+            state[name] = read(hf, meta.shape, kept).to(device=device, dtype=target)
             continue
         out = torch.empty(meta.shape, dtype=target, device=device)  # stacked experts, filled slice by slice
         per = len(hf) // meta.shape[0]
         rows = meta.shape[1] // per
         for j, h in enumerate(hf):
             e, k = divmod(j, per)
-            out[e, k * rows:(k + 1) * rows] = read(h, torch.Size((rows, meta.shape[2]))).to(device=device)
+            out[e, k * rows:(k + 1) * rows] = read(h, torch.Size((rows, *meta.shape[2:])), kept).to(device=device)
         state[name] = out
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
@@ -332,7 +366,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
 # ---------------------------------------------------------------------------------------------------- save
 
 
-def _hf_state(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_state(model: Transformer, mtp_copies: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     cfg = model.config
     for name, t in model.state_dict().items():
         hf = _hf_names(name, cfg)
@@ -346,9 +380,13 @@ def _hf_state(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
             e, k = divmod(j, per)
             rows = t.shape[1] // per
             yield h, t[e, k * rows:(k + 1) * rows]
-    for d in range(cfg.num_mtp_layers):  # DeepSeek's MTP layers carry their own copy of the shared tensors
+    for d in range(cfg.num_mtp_layers if mtp_copies else 0):  # DeepSeek's MTP layers copy the shared tensors
         yield f"model.layers.{cfg.num_layers + d}.embed_tokens.weight", model.embed_tokens.weight
         yield f"model.layers.{cfg.num_layers + d}.shared_head.head.weight", model.lm_head.weight
+
+
+def _as_list(names: str | list[str] | None) -> list[str]:
+    return [] if names is None else [names] if isinstance(names, str) else names
 
 
 def _atomic_write(file: Path, write: Any) -> None:
@@ -389,14 +427,25 @@ def save_model(model: Transformer, path: str | Path, dtype: torch.dtype | None =
     held in memory beyond the model. With ``fp8=True`` the linear weights are stored as DeepSeek ships them:
     float8_e4m3fn with a ``weight_scale_inv`` per 128x128 block (embeddings, head, norms and router stay in
     ``dtype``).
+
+    A model quantized by ``r1kit.quant.quantize_model`` is written in r1kit's quantized format (see
+    r1kit.quant.checkpoint): its quantized tensors as they are, `dtype` for the rest, and a quantization_config.
     """
+    from r1kit.quant.checkpoint import config_entry, quantized_tensors
+
     path = Path(path)
+    qconfig = config_entry(model)
+    if qconfig is not None and fp8:
+        raise CheckpointError(f"{path}: fp8=True writes DeepSeek's FP8 format from full-precision weights, but the "
+                              f"model is already quantized ({qconfig['method']}); save it without fp8")
+    kept = {h for n in quantized_tensors(model) for h in _as_list(_hf_names(n, model.config))}
     path.mkdir(parents=True, exist_ok=True)
     itemsize = torch.empty(0, dtype=dtype).element_size() if dtype is not None else None
     plan: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = 0
-    for name, t in _hf_state(model):
-        nbytes = t.numel() * (1 if fp8 and t.ndim == 2 else itemsize or t.element_size())
+    for name, t in _hf_state(model, mtp_copies=qconfig is None):  # a quantized head has no single tensor to copy
+        nbytes = t.numel() * (t.element_size() if name in kept else 1 if fp8 and t.ndim == 2
+                              else itemsize or t.element_size())
         if size and size + nbytes > max_shard_bytes:
             plan.append([])
             size = 0
@@ -406,7 +455,8 @@ def save_model(model: Transformer, path: str | Path, dtype: torch.dtype | None =
              [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
     weight_map, total = {}, 0
     for entries, file in zip(plan, names, strict=True):
-        shard = dict(item for name, t in entries for item in _to_saved(name, t, dtype, fp8))
+        shard = dict(item for name, t in entries
+                     for item in (_to_saved(name, t, None, False) if name in kept else _to_saved(name, t, dtype, fp8)))
         _atomic_write(path / file, lambda tmp, s=shard: save_file(s, str(tmp), metadata={"format": "pt"}))
         weight_map.update(dict.fromkeys(shard, file))
         total += sum(t.nbytes for t in shard.values())
@@ -424,4 +474,6 @@ def save_model(model: Transformer, path: str | Path, dtype: torch.dtype | None =
     if fp8:
         hf["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                      "weight_block_size": list(FP8_BLOCK)}
+    if qconfig is not None:
+        hf["quantization_config"] = qconfig
     _atomic_write(path / "config.json", lambda tmp: tmp.write_text(json.dumps(hf, indent=2) + "\n"))

@@ -1,5 +1,6 @@
 """Weight-only quantization (r1kit.quant): fast paths against their references, error bounds against the
-unquantized layers, storage, state_dicts, quantized MoE experts and whole quantized tiny models.
+unquantized layers, storage, state_dicts, quantized MoE experts, whole quantized tiny models, and quantized
+checkpoints (quantize -> save -> load is bit-identical to quantizing in memory; damaged files name the tensor).
 
 Error bounds were calibrated on Gaussian weights (K = 256): output relative error int8 ~0.7%, fp8 ~2.6%,
 int4 ~8.4% (group 32), ~9.2% (64), ~10.1% (128); the tests leave a little headroom above those.
@@ -8,12 +9,17 @@ int4 ~8.4% (group 32), ~9.2% (64), ~10.1% (128); the tests leave a little headro
 from __future__ import annotations
 
 import copy
+import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from r1kit import kernels
+from r1kit.checkpoint import CheckpointError, load_model, save_model
 from r1kit.model.config import preset
 from r1kit.model.moe import Experts
 from r1kit.model.transformer import Transformer
@@ -101,6 +107,28 @@ def test_cpu_kernels_are_used_for_decode(kind, op, dtype, monkeypatch):
     m(torch.randn(100, 256).to(dtype))  # prefill-sized: the fallback
     m(torch.randn(1, 256))  # fp32 activations: the fallback
     assert len(calls) == 1
+
+
+@torch.no_grad()
+def test_large_int8_weights_take_the_c_kernel_and_agree(monkeypatch):
+    if kernels.load() is None:
+        pytest.skip(f"r1kit.kernels unavailable: {kernels.why_not()}")
+    calls = []
+    real = kernels.linear_int8
+    monkeypatch.setattr(kernels, "linear_int8", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(qlinear, "INT8_STREAM_MIN_BYTES", 0)  # a small layer takes the large-weight path
+    m = make("int8", gaussian_linear())
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    out = m(x)
+    assert calls == [(3, 256)]
+    kernel = torch._weight_int8pack_mm(x, m.weight, m.weight_scale.to(torch.bfloat16)) + m.bias.bfloat16()
+    assert rel(out, kernel) < 4e-3  # both accumulate in fp32: a bf16 rounding or two apart
+    assert rel(out, m.reference_forward(x)) < 1.5e-2
+    monkeypatch.setattr(kernels, "linear_int8", lambda *a: None)  # kernel not built: _weight_int8pack_mm
+    assert torch.equal(m(x), kernel)
+    monkeypatch.setattr(qlinear, "INT8_STREAM_MIN_BYTES", 10**9)  # small weights never ask for it
+    monkeypatch.setattr(kernels, "linear_int8", lambda *a: pytest.fail("small weights use _weight_int8pack_mm"))
+    assert torch.equal(m(x), kernel)
 
 
 @pytest.mark.parametrize("kind", list(LINEARS))
@@ -387,3 +415,158 @@ def test_fp8_block_model_and_group_fallback():
 def test_bad_method_is_named():
     with pytest.raises(ValueError, match="'int3'.*'int8', 'int4', 'fp8'"):
         quantize_model(tiny("tiny-dense"), "int3")
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory) -> dict[str, Path]:
+    """tiny-moe (MLA + MoE + MTP) and a tied tiny-dense (qwen2, q/k/v biases), written in bf16 like r1kit/nano."""
+    root = tmp_path_factory.mktemp("src")
+    out = {}
+    for name, overrides in (("tiny-moe", {}), ("tiny-dense", {"tie_word_embeddings": True})):
+        save_model(Transformer(preset(name, **overrides)).init_weights(0), root / name, dtype=torch.bfloat16)
+        out[name] = root / name
+    return out
+
+
+def quantized_copy(src: Path, dst: Path, method: str, **options) -> dict:
+    model = load_model(src, dtype=torch.float32)
+    stats = quantize_model(model, method, **options)
+    save_model(model, dst, dtype=torch.bfloat16)
+    return stats
+
+
+@pytest.mark.parametrize("name", ["tiny-moe", "tiny-dense"])
+@pytest.mark.parametrize("method", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_quantized_checkpoint_round_trip_is_bit_identical(saved_models, name, method, dtype, tmp_path):
+    stats = quantized_copy(saved_models[name], tmp_path / "q", method)
+    loaded = load_model(tmp_path / "q", dtype=dtype)
+    in_memory = load_model(saved_models[name], dtype=dtype)
+    quantize_model(in_memory, method)
+    assert {n: type(m) for n, m in loaded.named_modules()} == {n: type(m) for n, m in in_memory.named_modules()}
+    assert torch.equal(loaded(IDS), in_memory(IDS))
+    cache = loaded.new_cache(2, 20)  # decode runs the CPU kernels (int8, int4: bf16 rows <= 8)
+    torch.testing.assert_close(loaded(IDS[:, :1], cache), in_memory(IDS[:, :1]), rtol=0, atol=0)
+    # the stored config describes what was done
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "r1kit" and qc["method"] == method and qc["format_version"] == 1
+    assert qc["not_quantized"] == stats["skipped"] and qc["group_size"] == 64
+    assert loaded.quantization["config"] == stats["config"]
+
+
+@pytest.mark.parametrize("method, ratio", [("int8", (0.25, 0.28)), ("fp8", (0.25, 0.28)), ("int4", (0.125, 0.16))])
+def test_quantized_checkpoint_names_and_size_on_disk(saved_models, method, ratio, tmp_path):
+    stats = quantized_copy(saved_models["tiny-moe"], tmp_path / "q", method)
+    sd = load_file(tmp_path / "q" / "model.safetensors")
+    wdtype = {"int8": torch.int8, "int4": torch.uint8, "fp8": torch.float8_e4m3fn}[method]
+    p = "model.layers.0.self_attn.q_a_proj.weight"
+    assert sd[p].dtype == wdtype and sd[p + "_scale"].dtype == (torch.bfloat16 if method == "int4" else torch.float32)
+    assert (p + "_zero" in sd) == (method == "int4")
+    assert sd["model.layers.1.mlp.experts.3.gate_proj.weight"].dtype == wdtype  # experts split as in DeepSeek's
+    assert "model.layers.1.mlp.experts.3.up_proj.weight_scale" in sd
+    assert sd["model.embed_tokens.weight"].dtype == torch.bfloat16
+    if method == "int4":  # the portable layout: two nibbles per byte, never the CPU kernel's int32 layout
+        assert sd[p].shape == (sd[p].shape[0], 64 // 2) and not any(t.dtype == torch.int32 for t in sd.values())
+    bases = [n.removesuffix("_scale") for n in sd if n.endswith("_scale")]
+    q_bytes = sum(sd[b + s].nbytes for b in bases for s in ("", "_scale", "_zero") if b + s in sd)
+    assert q_bytes == stats["weight_bytes_after"]  # exactly the quantized tensors, nothing else
+    assert ratio[0] < q_bytes / stats["weight_bytes_before"] < ratio[1]  # int8: 25% of fp32 + the scales
+    full = sum(t.numel() * 4 for t in load_file(saved_models["tiny-moe"] / "model.safetensors").values())
+    assert (tmp_path / "q" / "model.safetensors").stat().st_size < 0.4 * full
+
+
+def test_quantized_checkpoint_loads_without_full_precision_weights(saved_models, tmp_path, monkeypatch):
+    quantized_copy(saved_models["tiny-moe"], tmp_path / "q", "int8")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loading a quantized checkpoint must not quantize or dequantize")
+
+    for cls in (Int8Linear, Int4Linear, Float8WeightLinear):
+        monkeypatch.setattr(cls, "from_linear", refuse)
+        monkeypatch.setattr(cls, "dequantize", refuse)
+    monkeypatch.setattr(QuantizedExperts, "from_experts", refuse)
+    monkeypatch.setattr(QuantizedExperts, "dequantize", refuse)
+    model = load_model(tmp_path / "q", dtype=torch.bfloat16)
+    floats = {n: t.shape for n, t in model.state_dict().items() if t.is_floating_point() and t.dim() >= 2
+              and not n.endswith(("_scale", "_zero")) and t.dtype != torch.float8_e4m3fn}
+    assert set(floats) == {"embed_tokens.weight", "layers.1.mlp.gate.weight", "layers.2.mlp.gate.weight",
+                           "mtp.0.block.mlp.gate.weight"} | {n for n in floats if "kv_b_proj" in n}
+
+
+def test_quantize_command_and_from_pretrained(saved_models, tmp_path, capsys):
+    from r1kit.__main__ import main
+    from r1kit.api import R1Model
+
+    out = tmp_path / "int4"
+    assert main(["quantize", str(saved_models["tiny-moe"]), str(out), "--to", "int4", "--group-size", "32"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int4"]  # no temporary folder left behind
+    loaded = R1Model.from_pretrained(out, device="cpu", dtype="bf16")
+    direct = R1Model.from_pretrained(saved_models["tiny-moe"], device="cpu", dtype="bf16")
+    quantize_model(direct.model, "int4", group_size=32)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(IDS), direct.model(IDS))
+    assert isinstance(loaded.model.lm_head, Int4Linear) and loaded.model.lm_head.group_size == 32
+    assert isinstance(R1Model.from_pretrained(out, device="cpu", quantization="int4").model.lm_head, Int4Linear)
+    with pytest.raises(ValueError, match="quantization='int8'.*quantized to 'int4'"):
+        R1Model.from_pretrained(out, device="cpu", quantization="int8")
+    # bad requests name what is wrong
+    assert main(["quantize", str(saved_models["tiny-moe"]), str(tmp_path / "x"), "--to", "int3"]) == 2
+    assert "'int3'" in capsys.readouterr().err
+    assert main(["quantize", str(saved_models["tiny-moe"]), str(out), "--to", "int8"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["quantize", str(out), str(tmp_path / "y"), "--to", "int8"]) == 2
+    assert "already quantized (int4)" in capsys.readouterr().err
+    assert main(["quantize", str(saved_models["tiny-moe"]), str(tmp_path / "z"), "--to", "int4",
+                 "--group-size", "48"]) == 2
+    assert "group_size must be one of" in capsys.readouterr().err
+
+
+def _rewrite(folder: Path, change) -> None:  # noqa: ANN001 - change(state_dict) edits it in place
+    sd = load_file(folder / "model.safetensors")
+    change(sd)
+    save_file(sd, folder / "model.safetensors")
+
+
+SCALE = "model.layers.0.self_attn.q_a_proj.weight_scale"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda sd: sd.pop(SCALE), f"tensor '{SCALE}' not found"),
+    (lambda sd: sd.__setitem__(SCALE, sd[SCALE][:-1].clone()), f"'{SCALE}' has shape"),
+    (lambda sd: sd.__setitem__(SCALE, sd[SCALE].to(torch.bfloat16)), f"'{SCALE}' has dtype torch.bfloat16"),
+    (lambda sd: sd[SCALE].__setitem__(3, float("nan")), f"'{SCALE}' has non-finite or non-positive"),
+    (lambda sd: sd.__setitem__("model.layers.0.self_attn.q_a_proj.weight",
+                               sd["model.layers.0.self_attn.q_a_proj.weight"].float()), "has dtype torch.float32"),
+])
+def test_damaged_quantized_checkpoint_names_the_tensor(saved_models, tmp_path, change, message):
+    quantized_copy(saved_models["tiny-moe"], tmp_path / "q", "int8")
+    _rewrite(tmp_path / "q", change)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_model(tmp_path / "q")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("method", "int3", "quantization_config.method is 'int3'"),
+    ("format_version", 2, "quantization_config.format_version is 2"),
+    ("group_size", "64", "quantization_config.group_size must be an integer"),
+    ("fp8_block", [128], "quantization_config.fp8_block must be null or"),
+])
+def test_bad_quantization_config_names_the_field(saved_models, tmp_path, field, value, message):
+    quantized_copy(saved_models["tiny-moe"], tmp_path / "q", "int8")
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    cfg["quantization_config"][field] = value
+    (tmp_path / "q" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_model(tmp_path / "q")
+
+
+def test_quantized_model_cannot_be_saved_as_deepseek_fp8(tmp_path):
+    model = tiny("tiny-dense")
+    quantize_model(model, "int8")
+    with pytest.raises(CheckpointError, match="already quantized"):
+        save_model(model, tmp_path, fp8=True)

@@ -29,7 +29,12 @@ class MTPLayer(nn.Module):
         self.shared_head_norm = RMSNorm(dim, eps)
 
     def forward(self, hidden: torch.Tensor, next_embed: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None) -> torch.Tensor:
-        """hidden (B, T, C) from the previous depth, next_embed (B, T, C) embeddings of the shifted tokens."""
+                mask: torch.Tensor | None, cache: tuple[torch.Tensor, ...] | None = None, pos: int = 0
+                ) -> torch.Tensor:
+        """hidden (B, T, C) from the previous depth, next_embed (B, T, C) embeddings of the shifted tokens.
+
+        cache / pos: this depth's own KV buffers (from ``block.self_attn.new_cache``) and the number of
+        positions already in them, for drafting one position at a time (`r1kit.engine.speculative`).
+        """
         x = self.eh_proj(torch.cat((self.enorm(next_embed), self.hnorm(hidden)), dim=-1))
-        return self.block(x, rope, mask)
+        return self.block(x, rope, mask, cache, pos)

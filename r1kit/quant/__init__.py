@@ -15,6 +15,10 @@ fast path, ``reference_forward``/``forward_reference`` = dequantize + the plain 
 * ``QuantizedExperts``    replaces ``r1kit.model.moe.Experts``; int8/int4/fp8 stacked weights; each call only
                           converts the experts that received tokens, then runs the grouped dispatch.
 
+Checkpoints: ``r1kit quantize MODEL --to int8 OUT`` (or ``quantize_model`` then ``r1kit.save_model``) writes the
+quantized tensors and a ``quantization_config``; ``R1Model.from_pretrained(OUT)`` / ``r1kit.load_model(OUT)`` load
+them straight into these modules (format and checks in ``r1kit.quant.checkpoint``).
+
 The state_dict layouts are in ``r1kit.quant.linear`` and ``r1kit.quant.experts``; the formats (and their error
 bounds) in ``r1kit.quant.formats``. Activations stay bf16/fp32: nothing here quantizes activations.
 MLA's ``kv_b_proj`` is never quantized (the absorbed decode path reads its ``.weight`` as a matrix).

@@ -32,6 +32,11 @@ numbers are noisy, ``python benchmarks/bench_quant_linear.py`` repeats them):
   ``F.linear(x, weight.to(x.dtype)) * scale``: int8 values are exact in bf16/fp32 and a per-row scale commutes
   with the matmul, so the weight is only converted, never rescaled (fp32, M = 1: ~1.1 ms, against ~2.6 ms
   for dequantize + F.linear).
+* Int8Linear, bf16 activations with M <= 8 and a weight >= INT8_STREAM_MIN_BYTES (8 MiB, e.g. a 50000 x 768
+  head): ``r1kit.kernels.linear_int8`` (C, AVX-512), when it is built. Such a weight streams from memory at
+  batch 1, where the C kernel reads ~2x faster than ``_weight_int8pack_mm`` (50000 x 768, one thread: 4.95
+  against 2.31 GB/s; a ``torch.compile``d conversion + reduction loop: 3.73); on weights that fit in cache
+  ``_weight_int8pack_mm`` is the faster one (5.9-9.1 against 4.5-6.9 GB/s), so it keeps those.
 * Int4Linear, bf16 activations with M <= 64, out_features % 16 == 0: ``torch._weight_int4pack_mm_for_cpu``
   (~0.24 ms at M = 1, 1.5x faster than F.linear on a dequantized bf16 weight, ~20x faster than dequantizing
   per call). The kernel needs its own, CPU-specific weight layout (``_convert_weight_to_int4pack_for_cpu``):
@@ -50,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from r1kit import kernels
 from r1kit.quant.formats import (
     INT4_GROUP_SIZES,
     check_int4_group,
@@ -67,6 +73,10 @@ HAS_INT4_MM = (hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
                and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"))
 # Largest number of activation rows for which the fast kernels beat the fallback, per activation dtype.
 INT8_MM_MAX_ROWS = {torch.bfloat16: 8}
+# int8 weights at least this large do not stay in cache, so a decode step streams them from memory; there r1kit's
+# C GEMV (r1kit.kernels.linear_int8) reads ~2x faster than _weight_int8pack_mm, which is faster on weights that
+# fit in cache. benchmarks/bench_int8_gemv.py measures both.
+INT8_STREAM_MIN_BYTES = 8 * 2**20
 INT4_MM_MAX_ROWS = {torch.bfloat16: 64}
 
 
@@ -154,9 +164,12 @@ class Int8Linear(QuantizedLinear):
         if self._use_reference(x):
             return self.reference_forward(x)
         x2, dt = self._rows(x), x.dtype
-        if HAS_INT8_MM and x.device.type == "cpu" and x2.shape[0] <= INT8_MM_MAX_ROWS.get(dt, -1):
+        y = None
+        if self.weight.numel() >= INT8_STREAM_MIN_BYTES:  # None unless bf16, <= 8 rows, CPU, kernel built
+            y = kernels.linear_int8(x2, self.weight, self.weight_scale)
+        if y is None and HAS_INT8_MM and x.device.type == "cpu" and x2.shape[0] <= INT8_MM_MAX_ROWS.get(dt, -1):
             y = torch._weight_int8pack_mm(x2, self.weight, self.weight_scale.to(dt))
-        else:
+        if y is None:
             y = F.linear(x2, self.weight.to(dt)) * self.weight_scale.to(dt)
         return self._finish(y, x)
 

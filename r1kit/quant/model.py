@@ -60,12 +60,17 @@ def quantize_model(model: nn.Module, method: str, skip: Iterable[str] = (), *, g
         model is then ready for ``load_state_dict`` of a quantized state_dict written with the same options
         (``stats["config"]`` holds them).
 
+    The options and the skipped modules are also recorded on ``model.quantization``, so that
+    ``r1kit.save_model`` writes a quantized checkpoint (see ``r1kit.quant.checkpoint``).
+
     Returns stats: method, swapped (count), modules (name -> class), skipped (name -> reason),
     weight_bytes_before/after (the swapped modules' weights: quantized values + scales, biases excluded),
     model_bytes_before/after (every parameter and buffer, shared ones once), config (the keyword arguments
     that rebuild the same structure).
     """
     check_method(method)
+    if method == "int4" and group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, not {group_size}")
     patterns = [re.compile(p) for p in skip]
     linear_cls = LINEAR_CLASSES[method]
     stats: dict[str, Any] = {"method": method, "swapped": 0, "modules": {}, "skipped": {},
@@ -101,6 +106,7 @@ def quantize_model(model: nn.Module, method: str, skip: Iterable[str] = (), *, g
     stats["model_bytes_after"] = _tensor_bytes(model)
     stats["config"] = {"method": method, "skip": [p.pattern for p in patterns], "group_size": group_size,
                        "fp8_block": list(fp8_block) if fp8_block else None, "experts": experts}
+    model.quantization = {"config": stats["config"], "skipped": dict(stats["skipped"])}  # what save_model writes
     return stats
 
 
