@@ -8,7 +8,8 @@ pair runs in its own subprocess, so the peak memory (max RSS) is that pair's alo
 timed from the first to the last sampled token of an N-token greedy generation (a per-step clock: a
 logits processor in transformers, the token stream in r1kit), so prefill is excluded; prefill tokens/s
 is one forward over 1024 tokens. Times are the best of
-`--repeats` runs. All in bf16 on CPU unless --dtype says otherwise.
+`--repeats` runs. All in bf16 on CPU unless --dtype says otherwise. r1kit runs as `R1Model.from_pretrained`
+sets it up: its CPU decode kernels (`r1kit.kernels`) on the linear layers.
 """
 
 from __future__ import annotations
@@ -89,10 +90,12 @@ def worker(engine: str, path: str, dtype: torch.dtype, new_tokens: int, prefill_
             with torch.inference_mode():
                 model(long_prompt, logits_to_keep=1)
     else:
+        from r1kit import kernels
         from r1kit.checkpoint import load_model
         from r1kit.generate import SamplingParams, generate_tokens
 
         model = load_model(path, "cpu", dtype)
+        kernels.accelerate(model)  # as R1Model.from_pretrained does on CPU (no-op where they can't run)
 
         def gen(batch: int, n: int) -> None:
             params = SamplingParams(max_new_tokens=n, temperature=0)

@@ -21,6 +21,7 @@ from r1kit import hardware, kernels
 from r1kit.checkpoint import CheckpointError, load_model
 from r1kit.engine import LLMEngine
 from r1kit.engine.model_runner import ModelRunner
+from r1kit.engine.speculative import SpeculativeStats, speculative_generate
 from r1kit.generate import GenerationError, SamplingParams, generate_tokens
 from r1kit.model.config import format_count
 from r1kit.model.transformer import Transformer
@@ -93,6 +94,7 @@ class R1Model:
         self.kv_cache_bytes = kv_cache_bytes  # cap on the engine's paged KV pool
         self.use_engine = True  # False: the plain KV-cache decode loop (generate_tokens), the reference path
         self._engine: LLMEngine | None = None
+        self.speculative_stats: SpeculativeStats | None = None  # of the last speculative generate()
 
     @property
     def config(self):
@@ -184,13 +186,17 @@ class R1Model:
     def generate(self, prompt: str | Sequence[str] | None = None, *, input_ids: Sequence[int] | None = None,
                  stream: bool = False, max_length: int | None = None, max_new_tokens: int | None = None,
                  temperature: float = 0.6, top_k: int = 0, top_p: float = 0.95, repetition_penalty: float = 1.0,
-                 stop: str | Sequence[str] | None = None, seed: int | None = None,
+                 stop: str | Sequence[str] | None = None, seed: int | None = None, speculative: bool = False,
                  ) -> str | list[str] | Iterator[str]:
         """Continue a prompt (str -> str), a list of prompts (one batch -> list[str]), or stream the text.
 
         ``max_length`` counts prompt + new tokens, ``max_new_tokens`` only new ones; max_new_tokens wins when
         both are given. ``temperature=0`` is greedy. Generation ends at the tokenizer's end-of-sequence / end-of-
         turn tokens, at a stop string (not included in the output), or at the length limit.
+
+        ``speculative=True`` drafts with the model's own MTP modules and verifies the drafts in one forward
+        (`r1kit.engine.speculative`; one prompt at a time): the output distribution is unchanged, and
+        ``self.speculative_stats`` holds the acceptance rate afterwards.
         """
         params = SamplingParams(max_new_tokens=max_new_tokens, max_length=max_length, temperature=temperature,
                                 top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
@@ -207,7 +213,9 @@ class R1Model:
             if not all(isinstance(p, str) for p in prompt):
                 raise GenerationError("prompt must be a string or a list of strings")
             prompts = [self._encode(p) for p in prompt]
-        pieces = self._stream_rows(prompts, params)
+        if speculative and len(prompts) != 1:
+            raise GenerationError("speculative=True takes one prompt (batch 1), not a list")
+        pieces = self._stream_rows(prompts, params, speculative=speculative)
         if stream:
             return (piece for _, piece in pieces)
         texts = [""] * len(prompts)
@@ -220,7 +228,7 @@ class R1Model:
         return tok.encode(text, add_bos=tok.add_bos_token and tok.bos_id is not None)
 
     def _stream_rows(self, prompts: list[list[int]], params: SamplingParams,
-                     usage: dict[str, int] | None = None) -> Iterator[tuple[int, str]]:
+                     usage: dict[str, int] | None = None, speculative: bool = False) -> Iterator[tuple[int, str]]:
         """(row, new text) pieces as tokens arrive; holds back text that might start a stop string."""
         tok = self.tokenizer
         stop_ids = set(self.stop_ids())
@@ -230,8 +238,12 @@ class R1Model:
         hold = max((len(s) for s in params.stop), default=1) - 1
         if usage is not None:
             usage.update(prompt_tokens=sum(map(len, prompts)), completion_tokens=0)
-        steps = (self._engine_steps(prompts, params, sorted(stop_ids)) if self.use_engine
-                 else generate_tokens(self.model, prompts, params, sorted(stop_ids)))
+        if speculative:
+            steps = self._speculative_steps(prompts[0], params, sorted(stop_ids))
+        elif self.use_engine:
+            steps = self._engine_steps(prompts, params, sorted(stop_ids))
+        else:
+            steps = generate_tokens(self.model, prompts, params, sorted(stop_ids))
         for step in steps:
             for row, token in enumerate(step):
                 if token is None or finished[row]:
@@ -305,11 +317,20 @@ class R1Model:
             for rid in rows:  # closed early (stop string, consumer gone) or failed: free the KV blocks
                 engine.abort(rid)
 
+    def _speculative_steps(self, prompt: list[int], params: SamplingParams, stop_ids: list[int]
+                           ) -> Iterator[list[int | None]]:
+        """generate_tokens' contract (one row) on MTP speculative decoding; stats in self.speculative_stats."""
+        self.speculative_stats = SpeculativeStats()
+        for chunk in speculative_generate(self.model, prompt, params, stop_ids, stats=self.speculative_stats):
+            for token in chunk:
+                yield [token]
+
     def chat(self, messages: Sequence[dict[str, str]], *, thinking: bool = True, stream: bool = False,
              **sampling: Any) -> ChatReply | Iterator[str]:
         """Answer a conversation with the model's chat template; reasoning is split from the answer.
 
-        messages: [{"role": "system"|"user"|"assistant", "content": str}, ...]. Sampling keywords as generate().
+        messages: [{"role": "system"|"user"|"assistant", "content": str}, ...]. Sampling keywords (and
+        ``speculative``) as generate().
         With stream=True, yields raw text pieces (use r1kit.tokenizer.ReasoningStreamParser to split them).
         Without a length, up to CHAT_MAX_NEW_TOKENS new tokens (reasoning is long), as far as the context allows.
         """
@@ -319,9 +340,10 @@ class R1Model:
             sampling["max_new_tokens"] = max(1, min(CHAT_MAX_NEW_TOKENS, room))
         if stream:
             return self.generate(input_ids=ids, stream=True, **sampling)
+        speculative = sampling.pop("speculative", False)
         params = SamplingParams(**sampling)
         usage: dict[str, int] = {}
-        text = "".join(piece for _, piece in self._stream_rows([ids], params, usage))
+        text = "".join(piece for _, piece in self._stream_rows([ids], params, usage, speculative))
         # the thinking template already opened <think>: text without a closing tag is all reasoning
         opened = text if text.lstrip().startswith("<think>") else "<think>" + text
         reasoning, content = split_reasoning(opened) if thinking else ("", text.strip())
