@@ -3,7 +3,8 @@
 #   make venv    create .venv and install r1kit (runtime deps only)
 #   make dev     venv + test/lint tools ('.[dev]')
 #   make run     the main job: python -m r1kit demo
-#   make test    pytest + ruff (pass extra pytest args via PYTEST_ARGS="-k foo -x")
+#   make test    pytest + ruff (pass extra pytest args via PYTEST_ARGS="-k foo -x");
+#                also installs Debian's chromium for the chat page test (scripts/install_browser.sh)
 #   make bench   decode benchmark
 #   make lint    ruff only
 #   make clean   remove build/test caches (keeps .venv; 'make distclean' removes it too)
@@ -43,6 +44,7 @@ run: venv
 	$(PYTHON) -m r1kit demo
 
 test: dev
+	sh scripts/install_browser.sh
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 	$(BIN)/ruff check $(LINT_PATHS)
 

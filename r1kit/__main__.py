@@ -4,9 +4,11 @@
     r1kit generate MODEL --prompt   continue a prompt (streams to the terminal)
     r1kit chat MODEL                interactive chat; reasoning shown apart from the answer
     r1kit convert SRC OUT           rewrite a checkpoint (FP8 or pickle -> safetensors, change dtype, reshard)
+    r1kit quantize MODEL --to M OUT write an int8 / int4 / fp8 weight-quantized checkpoint
     r1kit train --config YAML       train (pretraining + SFT mixture), resumable with --resume
     r1kit eval MODEL --task T       arithmetic accuracy or held-out perplexity
     r1kit demo                      the main job: a tour on a small model
+    r1kit serve MODEL --port 8000   OpenAI-compatible HTTP server (+ gRPC with --grpc-port), chat page at /
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -88,9 +91,13 @@ def cmd_info(a: argparse.Namespace) -> None:
 def cmd_generate(a: argparse.Namespace) -> None:
     """Generate a continuation of --prompt, streamed to stdout."""
     model = _load(a)
-    for piece in model.generate(prompt=a.prompt, stream=True, **_sampling(a)):
+    for piece in model.generate(prompt=a.prompt, stream=True, speculative=a.speculative, **_sampling(a)):
         print(piece, end="", flush=True)
     print()
+    if a.speculative:
+        st = model.speculative_stats
+        print(f"[speculative: {st.tokens} tokens in {st.target_forwards} model forwards, "
+              f"{st.acceptance_rate:.0%} of {st.drafted} MTP drafts accepted]", file=sys.stderr)
 
 
 def cmd_chat(a: argparse.Namespace) -> None:
@@ -152,6 +159,48 @@ def cmd_convert(a: argparse.Namespace) -> None:
     print(f"wrote {out} ({a.dtype})")
 
 
+def cmd_quantize(a: argparse.Namespace) -> None:
+    """Write a weight-quantized checkpoint (int8, int4, fp8) that R1Model.from_pretrained loads back quantized."""
+    import os
+    import shutil
+
+    import torch
+
+    from r1kit.api import resolve_model_path
+    from r1kit.checkpoint import load_model, read_config, save_model
+    from r1kit.quant import METHODS, quantize_model
+    from r1kit.quant.checkpoint import stored_method
+
+    if a.to not in METHODS:
+        raise ValueError(f"quantize: --to {a.to!r} is not one of {list(METHODS)}")
+    src, out = resolve_model_path(a.model), Path(a.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"quantize: {out} already exists and is not an empty folder; choose a new OUT")
+    if stored_method(src) is not None:
+        raise ValueError(f"quantize: {src} is already quantized ({stored_method(src)}); quantize the original")
+    stored_dtype = getattr(torch, str(read_config(src).extra["hf_config"].get("torch_dtype", "float32")), None)
+    keep_dtype = stored_dtype if stored_dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+    model = load_model(src, "cpu", torch.float32, allow_pickle=a.allow_pickle)  # quantize from the stored values
+    stats = quantize_model(model, a.to, skip=a.skip, group_size=a.group_size)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # written whole, then renamed: never half a checkpoint
+    try:
+        save_model(model, tmp, dtype=keep_dtype, max_shard_bytes=int(a.shard_gb * 2**30))
+        for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        if out.is_dir():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    disk = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    before, after = stats["weight_bytes_before"], stats["weight_bytes_after"]
+    print(f"wrote {out}: {stats['swapped']} modules {a.to}, quantized weights {before / 2**20:.2f} -> "
+          f"{after / 2**20:.2f} MiB ({after / before:.1%} of their fp32 bytes), "
+          f"{disk / 2**20:.2f} MiB of safetensors; kept unquantized: {', '.join(stats['skipped']) or 'none'} "
+          f"(and embeddings, norms, router in {str(keep_dtype).removeprefix('torch.')})")
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     """Train from a YAML recipe (configs/*.yaml); --resume continues a killed run exactly."""
     from r1kit.train.config import TrainConfig
@@ -187,6 +236,87 @@ def cmd_eval(a: argparse.Namespace) -> None:
         Path(a.json).write_text(json.dumps(res, indent=2))
 
 
+def cmd_serve(a: argparse.Namespace) -> None:
+    """Serve a model: OpenAI-compatible HTTP API, chat page at /, metrics; gRPC too with --grpc-port."""
+    import importlib.util
+    import os
+    import signal
+
+    from r1kit.api import R1Model
+    from r1kit.serve.engine_service import EngineService
+    from r1kit.serve.openai_api import build_server
+
+    if a.replicas > 1:
+        return _serve_replicas(a)
+    model = R1Model.from_pretrained(a.model, device=a.device, dtype=a.dtype, quantization=a.quantization,
+                                    allow_pickle=a.allow_pickle)
+    service = EngineService(model, max_queue=a.max_queue, max_num_seqs=a.max_num_seqs,
+                            request_timeout=a.request_timeout, kv_cache_bytes=int(a.kv_cache_gb * 2**30))
+    service.start()
+    grpc_server = None
+    if a.grpc_port is not None:
+        if importlib.util.find_spec("r1kit.serve.grpc_service") is None:
+            raise ValueError("--grpc-port: this r1kit has no gRPC service (r1kit.serve.grpc_service)")
+        from r1kit.serve.grpc_service import serve_grpc
+
+    api_key = a.api_key or os.environ.get("R1KIT_API_KEY") or None
+    if a.grpc_port is not None:  # the same key guards both APIs
+        grpc_server = serve_grpc(service, a.grpc_port, a.host, api_key=api_key)
+    server = build_server(service, host=a.host, port=a.port, api_key=api_key, shutdown_timeout=a.shutdown_timeout,
+                          on_exit=(lambda: grpc_server.stop(a.shutdown_timeout)) if grpc_server else None)
+    log.info("serving %s on http://%s:%d (OpenAI API at /v1, chat page at /)%s%s", service.model_name, a.host, a.port,
+             f", gRPC on port {a.grpc_port}" if grpc_server else "", ", API key required" if api_key else "")
+    # uvicorn re-raises the signal that stopped it once it has shut down gracefully; handled here, the
+    # process then exits 0 (a drained, clean stop) instead of dying by SIGTERM.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        server.run()
+    finally:
+        if grpc_server is not None:
+            grpc_server.stop(0).wait()
+        service.shutdown(drain=False)
+
+
+def _serve_replicas(a: argparse.Namespace) -> None:
+    """--replicas N: N `r1kit serve` processes on consecutive HTTP and gRPC ports, supervised (restarted when
+    they die); clients spread requests over them with gRPC round_robin (r1kit.serve.client.R1Client)."""
+    from r1kit.serve.replicas import replica_commands, run_replicas
+
+    if a.grpc_port is None:
+        raise ValueError("--replicas needs --grpc-port: clients balance over the replicas with gRPC")
+    extra = ["--device", a.device, "--max-queue", str(a.max_queue), "--max-num-seqs", str(a.max_num_seqs),
+             "--kv-cache-gb", str(a.kv_cache_gb), "--shutdown-timeout", str(a.shutdown_timeout)]
+    for flag, value in (("--dtype", a.dtype), ("--request-timeout", a.request_timeout),
+                        ("--quantization", a.quantization)):
+        if value is not None:
+            extra += [flag, str(value)]
+    if a.allow_pickle:
+        extra.append("--allow-pickle")
+    if a.api_key:  # through the environment, which the replicas inherit, not their command lines
+        os.environ["R1KIT_API_KEY"] = a.api_key
+    commands = replica_commands(a.model, a.replicas, grpc_port=a.grpc_port, http_port=a.port, host=a.host,
+                                extra_args=extra)
+    log.info("starting %d replicas: HTTP ports %d-%d, gRPC ports %d-%d", a.replicas, a.port,
+             a.port + a.replicas - 1, a.grpc_port, a.grpc_port + a.replicas - 1)
+    run_replicas(commands, [a.grpc_port + i for i in range(a.replicas)], host=a.host, grace=a.shutdown_timeout)
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--grpc-port", type=int, default=None, help="also serve gRPC on this port")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set R1KIT_API_KEY)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
+    p.add_argument("--max-num-seqs", type=int, default=32, help="requests generated together (batch)")
+    p.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is aborted")
+    p.add_argument("--kv-cache-gb", type=float, default=4.0, help="KV cache size cap (at least one full context)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--quantization", default=None, help="int8, int4, fp8 (weight-only, applied after loading)")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="N supervised servers on consecutive ports from --port / --grpc-port (needs --grpc-port)")
+
+
 def cmd_demo(a: argparse.Namespace) -> None:
     """The main job: load the bundled model (or, until one ships, a random-weights one) and show the API."""
     from r1kit.api import BUNDLED_DIR, R1Model, random_checkpoint
@@ -219,6 +349,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable[[argpar
     "info": (cmd_info, lambda p: (p.add_argument("model", help="checkpoint folder or preset name"),
                                   p.add_argument("--json", action="store_true"))),
     "generate": (cmd_generate, lambda p: (_model_args(p), p.add_argument("--prompt", required=True),
+                                          p.add_argument("--speculative", action="store_true",
+                                                         help="draft with the model's MTP head (exact)"),
                                           _sampling_args(p))),
     "chat": (cmd_chat, lambda p: (_model_args(p), p.add_argument("--system", default=None),
                                   p.add_argument("--no-think", action="store_true", help="skip the <think> phase"),
@@ -227,6 +359,15 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable[[argpar
                                         p.add_argument("--dtype", default="bf16", help="fp32, bf16, fp16, fp8"),
                                         p.add_argument("--shard-gb", type=float, default=5.0),
                                         p.add_argument("--allow-pickle", action="store_true"))),
+    "quantize": (cmd_quantize, lambda p: (p.add_argument("model", help="checkpoint folder or r1kit/<bundled>"),
+                                          p.add_argument("out", help="new folder for the quantized checkpoint"),
+                                          p.add_argument("--to", required=True, help="int8, int4, fp8"),
+                                          p.add_argument("--group-size", type=int, default=64,
+                                                         help="int4: inputs per scale/zero (32, 64, 128, 256)"),
+                                          p.add_argument("--skip", action="append", default=[],
+                                                         help="regex of module names to keep (repeatable)"),
+                                          p.add_argument("--shard-gb", type=float, default=5.0),
+                                          p.add_argument("--allow-pickle", action="store_true"))),
     "train": (cmd_train, lambda p: (p.add_argument("--config", required=True, help="YAML recipe"),
                                     p.add_argument("--resume", action="store_true"),
                                     p.add_argument("--out-dir", default=None), p.add_argument("--max-steps", type=int),
@@ -239,6 +380,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable[[argpar
                                   p.add_argument("--seed", type=int, default=None),
                                   p.add_argument("--json", default=None, help="write the results here"))),
     "demo": (cmd_demo, lambda p: p.add_argument("--device", default="auto")),
+    "serve": (cmd_serve, _serve_args),
 }
 
 

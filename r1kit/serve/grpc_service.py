@@ -1,0 +1,323 @@
+"""The gRPC front end of an EngineService: r1kit.v1.Generator, the standard health service, reflection.
+
+    service = EngineService(R1Model.from_pretrained("r1kit/nano")); service.start()
+    server = serve_grpc(service, port=50051)      # started, on its own thread pool
+    ...
+    server.stop(grace=5)                          # health NOT_SERVING first, then the gRPC server stops
+
+    python -m r1kit.serve.grpc_service r1kit/nano --port 50051   # a standalone server; SIGTERM drains it
+
+The wire format is r1kit/serve/proto/r1kit.proto. Each call is one engine request: a client that cancels (or
+whose deadline passes) aborts it and frees its KV blocks. Errors are status codes whose message names the
+field at fault: INVALID_ARGUMENT (bad parameter, empty prompt, prompt beyond the context), RESOURCE_EXHAUSTED
+(the engine's queue is full), UNAVAILABLE (shutting down; safe to retry elsewhere), DEADLINE_EXCEEDED (the
+server's per-request timeout). Every response carries the trailing metadata ``r1kit-server: HOST:PORT`` so a
+client behind a load balancer can tell which replica answered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import logging
+import math
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import NamedTuple
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from r1kit.api import CHAT_MAX_NEW_TOKENS
+from r1kit.generate import SamplingParams
+from r1kit.serve.client import SERVER_METADATA_KEY, SERVICE_NAME
+from r1kit.serve.engine_service import EngineService, QueueFullError, RequestHandle, ServiceClosedError, TextDelta
+from r1kit.serve.proto import r1kit_pb2 as pb
+from r1kit.serve.proto import r1kit_pb2_grpc as pb_grpc
+from r1kit.tokenizer import ReasoningStreamParser
+
+log = logging.getLogger("r1kit.serve")
+
+COMPLETION_MAX_NEW_TOKENS = 256  # a completion's default budget (as SamplingParams), as far as the context allows
+CHAT_ROLES = ("system", "user", "assistant")
+NO_DEADLINE = 1e8  # seconds: what grpc reports as the time remaining of a call without a deadline is beyond it
+FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+
+
+class InvalidRequest(ValueError):
+    """A request the server refuses as INVALID_ARGUMENT; the message names the field at fault."""
+
+
+class _Prepared(NamedTuple):
+    prompt_ids: list[int]
+    params: SamplingParams
+    chat: bool  # split reasoning from content
+    thinking: bool
+
+
+# ---------------------------------------------------------------------------------------------------- requests
+
+
+def _sampling_params(options: pb.SamplingOptions, default_max_new_tokens: int) -> SamplingParams:
+    """SamplingParams from the proto's optional fields (unset: r1kit's defaults); InvalidRequest if out of range."""
+    kwargs: dict = {"max_new_tokens": default_max_new_tokens, "stop": list(options.stop)}
+    for name in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed"):
+        if options.HasField(name):
+            kwargs[name] = getattr(options, name)
+    for name in ("temperature", "top_p", "repetition_penalty"):
+        if name in kwargs and not math.isfinite(kwargs[name]):
+            raise InvalidRequest(f"sampling.{name} = {kwargs[name]}: must be a finite number")
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as e:  # GenerationError names the field and its valid range
+        raise InvalidRequest(f"sampling.{e}") from None
+
+
+def _prepare(service: EngineService, request: pb.GenerateRequest) -> _Prepared:
+    """Tokenize the prompt and build the sampling parameters, or raise InvalidRequest."""
+    context = service.context_length
+    kind = request.WhichOneof("prompt")
+    if kind is None:
+        raise InvalidRequest("the request has no prompt: set `text` (a completion) or `chat` (messages)")
+    if kind == "text":
+        if not request.text:
+            raise InvalidRequest("text is empty: give a prompt to continue")
+        ids, thinking, default = service.encode_prompt(request.text), False, COMPLETION_MAX_NEW_TOKENS
+    else:
+        messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+        if not messages:
+            raise InvalidRequest("chat.messages is empty: give at least one message")
+        for i, m in enumerate(messages):
+            if m["role"] not in CHAT_ROLES:
+                raise InvalidRequest(f"chat.messages[{i}].role = {m['role']!r}: expected one of {CHAT_ROLES}")
+        thinking = request.chat.thinking if request.chat.HasField("thinking") else True
+        ids, default = service.encode_chat(messages, thinking=thinking), CHAT_MAX_NEW_TOKENS
+    if len(ids) >= context:
+        raise InvalidRequest(f"the prompt is {len(ids)} tokens: the model's context is {context} tokens")
+    params = _sampling_params(request.sampling, min(default, context - len(ids)))
+    return _Prepared(ids, params, kind == "chat", thinking)
+
+
+class _Collector:
+    """Turns a request's text deltas into (text, reasoning, content) deltas: the reasoning split of a chat."""
+
+    def __init__(self, prepared: _Prepared):
+        self.parser = ReasoningStreamParser(starts_in_reasoning=prepared.thinking) if prepared.chat else None
+
+    def push(self, text: str, final: bool) -> tuple[str, str, str]:
+        if self.parser is None:
+            return text, "", text
+        reasoning, content = self.parser.push(text)
+        if final:
+            more_reasoning, more_content = self.parser.flush()
+            reasoning, content = reasoning + more_reasoning, content + more_content
+        return text, reasoning, content
+
+
+# ---------------------------------------------------------------------------------------------------- the service
+
+
+class GeneratorServicer(pb_grpc.GeneratorServicer):
+    """r1kit.v1.Generator on one EngineService (see the module doc for the status codes)."""
+
+    def __init__(self, service: EngineService, server_name: str):
+        self.service = service
+        self.server_name = server_name
+
+    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
+        prepared, handle = self._submit(request, context)
+        collector = _Collector(prepared)
+        text, reasoning, content = [], [], []
+        for delta in self._deltas(handle, context):
+            t, r, c = collector.push(delta.text, delta.finished)
+            text.append(t), reasoning.append(r), content.append(c)
+        return pb.GenerateResponse(
+            request_id=handle.request_id, model=self.service.model_name, text="".join(text),
+            reasoning="".join(reasoning), content="".join(content),
+            finish_reason=FINISH_REASONS[handle.finish_reason], usage=self._usage(handle))
+
+    def GenerateStream(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateChunk]:
+        prepared, handle = self._submit(request, context)
+        collector = _Collector(prepared)
+        for delta in self._deltas(handle, context):
+            text, reasoning, content = collector.push(delta.text, delta.finished)
+            if delta.finished:
+                yield pb.GenerateChunk(request_id=handle.request_id, model=self.service.model_name, text=text,
+                                       reasoning=reasoning, content=content,
+                                       finish_reason=FINISH_REASONS[handle.finish_reason], usage=self._usage(handle))
+            elif text:
+                yield pb.GenerateChunk(request_id=handle.request_id, model=self.service.model_name, text=text,
+                                       reasoning=reasoning, content=content)
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _submit(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> tuple[_Prepared, RequestHandle]:
+        """Validate and queue the request, tying its lifetime to the call; aborts the call on refusal."""
+        context.set_trailing_metadata(((SERVER_METADATA_KEY, self.server_name),))
+        remaining = context.time_remaining()  # the call's deadline, if it has one: the engine stops there too
+        timeout = remaining if remaining is not None and remaining < NO_DEADLINE else None
+        try:
+            prepared = _prepare(self.service, request)
+            handle = self.service.submit(prepared.prompt_ids, prepared.params, request_id=request.request_id or None,
+                                         timeout=timeout)
+        except QueueFullError as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry later or on another replica")
+        except ServiceClosedError as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except ValueError as e:  # InvalidRequest, GenerationError, ContextLengthError, TokenizerError
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        # runs when the call ends for any reason: a cancelled call or a passed deadline frees the request's KV
+        context.add_callback(handle.abort)
+        return prepared, handle
+
+    @staticmethod
+    def _deltas(handle: RequestHandle, context: grpc.ServicerContext) -> Iterator[TextDelta]:
+        """The request's deltas; the call ends with a status unless the request finished normally (stop or
+        length). Leaving early (a cancelled call) aborts the request."""
+        deltas = iter(handle)
+        while True:
+            try:
+                delta = next(deltas)
+            except StopIteration:
+                return
+            except Exception as e:  # the engine failed on this request
+                log.exception("request %s failed", handle.request_id)
+                context.abort(grpc.StatusCode.INTERNAL, f"request {handle.request_id} failed in the engine: {e}")
+            if delta.finished and delta.finish_reason == "timeout":
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"request {handle.request_id} passed its deadline after {handle.completion_tokens} "
+                              "generated tokens")
+            if delta.finished and delta.finish_reason not in FINISH_REASONS:  # "abort": shutdown without drain
+                context.abort(grpc.StatusCode.UNAVAILABLE,
+                              f"request {handle.request_id} was aborted by the server ({delta.finish_reason})")
+            yield delta
+
+    @staticmethod
+    def _usage(handle: RequestHandle) -> pb.Usage:
+        return pb.Usage(prompt_tokens=handle.prompt_tokens, completion_tokens=handle.completion_tokens,
+                        total_tokens=handle.prompt_tokens + handle.completion_tokens)
+
+
+# ---------------------------------------------------------------------------------------------------- the server
+
+
+class GrpcServer:
+    """A started gRPC server: ``port`` (the bound one), ``stop(grace)``, ``wait_for_termination()``."""
+
+    def __init__(self, server: grpc.Server, health_servicer: health.HealthServicer, port: int):
+        self.server, self.health, self.port = server, health_servicer, port
+
+    def stop(self, grace: float | None = None) -> threading.Event:
+        """Report NOT_SERVING to every health watcher (load balancers drop this replica), then stop.
+
+        In-flight calls get ``grace`` seconds to finish; new calls are refused at once.
+        Returns an event set when the server has stopped.
+        """
+        self.health.enter_graceful_shutdown()
+        return self.server.stop(grace)
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self.server.wait_for_termination(timeout)
+
+
+class ApiKeyInterceptor(grpc.ServerInterceptor):
+    """Generator calls need metadata ``authorization: Bearer KEY`` (compared in constant time); others get
+    UNAUTHENTICATED. Health checks and reflection stay open, so that load balancers can probe the server."""
+
+    def __init__(self, api_key: str):
+        self.expected = f"Bearer {api_key}".encode()
+
+        def deny(request: object, context: grpc.ServicerContext) -> None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key: send metadata "
+                                                           "'authorization: Bearer KEY'")
+
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation, details):  # noqa: ANN001 (grpc's own types)
+        if not details.method.startswith(f"/{SERVICE_NAME}/"):
+            return continuation(details)
+        got = dict(details.invocation_metadata).get("authorization", "")
+        if hmac.compare_digest(got.encode(), self.expected):
+            return continuation(details)
+        return self._deny_stream if details.method.endswith("Stream") else self._deny_unary
+
+
+def serve_grpc(service: EngineService, port: int, host: str = "127.0.0.1", max_workers: int = 128,
+               api_key: str | None = None) -> GrpcServer:
+    """Start the Generator, health and reflection services for ``service`` on ``host:port`` (0: any free port).
+
+    Each in-flight call holds one of ``max_workers`` threads; calls beyond it are refused as
+    RESOURCE_EXHAUSTED by gRPC itself (the engine's own queue bound usually refuses first). With ``api_key``,
+    Generator calls need ``authorization: Bearer KEY`` metadata (`ApiKeyInterceptor`).
+    Raises OSError when the address cannot be bound.
+    """
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="r1kit-grpc"),
+                         maximum_concurrent_rpcs=max_workers,
+                         interceptors=[ApiKeyInterceptor(api_key)] if api_key else None)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as e:  # grpc reports a failed bind as RuntimeError
+        raise OSError(f"cannot serve gRPC on {address}: {e}") from None
+    name = f"{host}:{bound}"
+    pb_grpc.add_GeneratorServicer_to_server(GeneratorServicer(service, name), server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)  # Watch streams hold no thread
+    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    server.start()
+    log.info("gRPC %s serving %s on %s", SERVICE_NAME, service.model_name, name)
+    return GrpcServer(server, health_servicer, bound)
+
+
+def install_shutdown_handler(stop: Callable[[], None]) -> threading.Event:
+    """Call ``stop`` once on the first SIGTERM or SIGINT; returns an event set when it has run."""
+    done = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        if not done.is_set():
+            log.info("%s: shutting down", signal.Signals(signum).name)
+            stop()
+            done.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return done
+
+
+def main(argv: list[str] | None = None) -> None:
+    """A standalone gRPC server: ``python -m r1kit.serve.grpc_service MODEL --port P``."""
+    from r1kit.api import R1Model
+
+    p = argparse.ArgumentParser(prog="python -m r1kit.serve.grpc_service", description=__doc__.split("\n")[0])
+    p.add_argument("model", help="checkpoint folder, r1kit/<bundled>, or org/name in the local HF cache")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before RESOURCE_EXHAUSTED")
+    p.add_argument("--max-num-seqs", type=int, default=32, help="requests decoded together")
+    p.add_argument("--request-timeout", type=float, default=None, help="seconds per request (server side)")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    model = R1Model.from_pretrained(a.model, device=a.device, dtype=a.dtype)
+    service = EngineService(model, max_queue=a.max_queue, max_num_seqs=a.max_num_seqs,
+                            request_timeout=a.request_timeout)
+    service.start()
+    server = serve_grpc(service, a.port, a.host)
+
+    def stop() -> None:
+        server.health.enter_graceful_shutdown()  # watchers move their traffic elsewhere first
+        service.shutdown(drain=True, timeout=a.grace)  # in-flight requests finish, new ones get UNAVAILABLE
+        server.stop(grace=1.0)
+
+    install_shutdown_handler(stop)
+    server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,620 @@
+"""The OpenAI-compatible HTTP server: FastAPI on uvicorn, in front of one EngineService.
+
+    r1kit serve r1kit/nano --port 8000 [--api-key KEY] [--max-queue N]
+    client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
+
+Endpoints: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (server-sent events with
+``stream: true``; the chat reply carries the ``<think>`` text in ``reasoning_content`` beside ``content``, as
+DeepSeek's API does), ``/health``, ``/metrics`` (Prometheus text), ``/openapi.json`` and the chat page at ``/``.
+
+Errors are OpenAI-shaped JSON, ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed or
+invalid request (bad JSON or UTF-8, wrong types, out-of-range values, a prompt beyond the context), 401 for a
+missing or wrong API key, 404 for an unknown model or path, 413 for a body over the size limit, 429 when the
+queue is full, 503 while shutting down, 504 when a request runs past its timeout. A client that disconnects
+aborts its request. On SIGTERM the server stops accepting, lets in-flight requests finish, then exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hmac
+import inspect
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from r1kit.generate import GenerationError, SamplingParams
+from r1kit.model.transformer import ContextLengthError
+from r1kit.serve.engine_service import EngineService, QueueFullError, RequestHandle, ServiceClosedError, TextDelta
+from r1kit.tokenizer import ReasoningStreamParser, TokenizerError
+
+WEB_PAGE = Path(__file__).parent / "web" / "index.html"
+MAX_BODY_BYTES = 1 << 20  # request bodies above this are refused with 413
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+CHAT_MAX_TOKENS = 1024  # chat default (as R1Model.chat): room for the <think> phase, as far as the context allows
+MAX_N = 16
+MAX_SEED = 2**63 - 1
+
+
+class APIError(Exception):
+    """An error answered as OpenAI-shaped JSON with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+# ---------------------------------------------------------------------------------------------------- schemas
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: bool = False
+
+
+class _Request(BaseModel):
+    """Fields shared by both generation endpoints; unknown fields (logprobs, user, ...) are ignored."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: str
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    stop: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
+                                                          Field(max_length=4)] | None = None
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class CompletionRequest(_Request):
+    """POST /v1/completions."""
+
+    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
+                                                            Field(min_length=1, max_length=MAX_N)]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(_Request):
+    """POST /v1/chat/completions."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # the newer name of max_tokens; wins
+
+
+# ---------------------------------------------------------------------------------------------------- the app
+def create_app(service: EngineService, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               max_tokens_limit: int | None = None, shutdown_timeout: float | None = 30.0) -> FastAPI:
+    """The FastAPI app serving ``service`` (already started). At app shutdown the service drains and stops
+    (in-flight requests get up to ``shutdown_timeout`` seconds). ``api_key``: required as a Bearer token on
+    /v1/* and /metrics when set. ``max_tokens_limit``: the most tokens one choice may ask for (None: the
+    context)."""
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await asyncio.to_thread(service.shutdown, drain=True, timeout=shutdown_timeout)
+
+    options: dict[str, Any] = {}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters:  # recent FastAPI: OpenTelemetry checks on
+        options["telemetry"] = {"tracing": False, "metrics": False, "logs": False}  # every request (~0.5 ms)
+    app = FastAPI(title="r1kit", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible API for a DeepSeek-R1-style model served by r1kit.", **options)
+    status_counts: collections.Counter[int] = collections.Counter()
+    app.add_middleware(_GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes, status_counts=status_counts)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        if any(err.get("type") == "json_invalid" for err in e.errors()):
+            return APIError(400, "the request body is not valid JSON").response()
+        problems = []
+        for err in e.errors()[:5]:
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            problems.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
+        param = ".".join(str(p) for p in e.errors()[0].get("loc", ()) if p != "body") if e.errors() else None
+        return APIError(400, "invalid request: " + "; ".join(problems), param=param or None).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        message = ("the request body is not valid JSON (or not UTF-8)" if e.status_code == 400 else str(e.detail))
+        return APIError(e.status_code, message, "not_found_error" if e.status_code == 404 else
+                        "invalid_request_error", headers=getattr(e, "headers", None)).response()
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, e: Exception) -> JSONResponse:
+        return APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error").response()
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(WEB_PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        """200 while serving, 503 once shutting down (load balancers take the replica out)."""
+        stats = service.stats()
+        body = {"status": "shutting_down" if service.closed else "ok", "model": service.model_name,
+                "requests_running": stats["requests_running"], "queue_depth": stats["queue_depth"]}
+        return JSONResponse(body, status_code=503 if service.closed else 200)
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> PlainTextResponse:
+        """Prometheus text format."""
+        return PlainTextResponse(prometheus_text(service.stats(), status_counts),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(service)]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict[str, Any]:
+        _check_model(service, model)
+        return _model_card(service)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        _check_model(service, body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        ids = [_encode(lambda p=p: service.encode_prompt(p), "prompt") for p in prompts]
+        handles = _submit(service, body, ids, COMPLETION_MAX_TOKENS, max_tokens_limit)
+        meta = _Meta(f"cmpl-{uuid.uuid4().hex}", "text_completion", service.model_name, ids)
+        if body.stream:
+            return _sse(_completion_chunks(handles, meta, _include_usage(body)))
+        return await _until_done(request, handles, lambda: _completion_body(handles, meta))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        _check_model(service, body.model)
+        messages = [m.model_dump() for m in body.messages]
+        ids = [_encode(lambda: service.encode_chat(messages, thinking=True), "messages")]
+        if body.max_completion_tokens is not None:
+            body.max_tokens = body.max_completion_tokens
+        handles = _submit(service, body, ids, CHAT_MAX_TOKENS, max_tokens_limit)
+        meta = _Meta(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", service.model_name, ids)
+        if body.stream:
+            return _sse(_chat_chunks(handles, meta, _include_usage(body)))
+        return await _until_done(request, handles, lambda: _chat_body(handles, meta))
+
+    return app
+
+
+class _GuardMiddleware:
+    """Pure ASGI (streaming-safe): API key on /v1/* and /metrics, body size limit, status code counts."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, status_counts: collections.Counter):
+        self.app, self.max_body_bytes, self.status_counts = app, max_body_bytes, status_counts
+        self.api_key = None if api_key is None else api_key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status: list[int] = []
+
+        async def counting_send(message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+                self.status_counts[message["status"]] += 1
+            await send(message)
+
+        headers = dict(scope.get("headers") or [])
+        path = scope.get("path", "")
+        if self.api_key is not None and (path.startswith("/v1/") or path == "/metrics"):
+            given = headers.get(b"authorization", b"")
+            token = given[7:].strip() if given[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(token, self.api_key):
+                error = APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                                 "authentication_error", code="invalid_api_key",
+                                 headers={"WWW-Authenticate": "Bearer"})
+                return await error.response()(scope, receive, counting_send)
+        length = headers.get(b"content-length")
+        too_big = APIError(413, f"request body larger than {self.max_body_bytes} bytes", code="request_too_large")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            if length.isdigit() and int(length) <= 4 * self.max_body_bytes:  # read it (bounded) so that a client
+                while (await receive()).get("more_body"):                     # still sending sees the 413
+                    pass
+            return await too_big.response()(scope, receive, counting_send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, counting_send)
+        except _BodyTooLarge:
+            if not status:
+                await too_big.response()(scope, receive, counting_send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------- requests
+def _model_card(service: EngineService) -> dict[str, Any]:
+    return {"id": service.model_name, "object": "model", "created": 0, "owned_by": "r1kit",
+            "max_model_len": service.context_length}
+
+
+def _check_model(service: EngineService, name: str) -> None:
+    if name != service.model_name:
+        raise APIError(404, f"model {name!r} does not exist: this server serves {service.model_name!r}",
+                       "not_found_error", code="model_not_found", param="model")
+
+
+def _encode(encode: Callable[[], list[int]], param: str) -> list[int]:
+    try:
+        return encode()
+    except (TokenizerError, GenerationError) as e:
+        raise APIError(400, str(e), param=param) from None
+    except (UnicodeError, TypeError) as e:  # lone surrogates (valid JSON escapes, not text) and the like
+        raise APIError(400, f"{param}: text the tokenizer cannot encode ({e})", param=param) from None
+
+
+def _submit(service: EngineService, body: _Request, prompts: list[list[int]], default_max: int,
+            limit: int | None) -> list[RequestHandle]:
+    """Submit n requests per prompt (all or none); the sampling fields map onto SamplingParams."""
+    if limit is not None and body.max_tokens is not None and body.max_tokens > limit:
+        raise APIError(400, f"max_tokens = {body.max_tokens} exceeds this server's limit of {limit}",
+                       param="max_tokens")
+    total = len(prompts) * body.n
+    if total > service.max_num_seqs + service.max_queue:
+        raise APIError(400, f"{len(prompts)} prompt(s) x n={body.n} = {total} requests exceed this server's "
+                       f"capacity of {service.max_num_seqs + service.max_queue}", param="n")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    handles: list[RequestHandle] = []
+    try:
+        for ids in prompts:
+            room = service.context_length - len(ids)
+            if room < 1:
+                raise ContextLengthError(f"the prompt has {len(ids)} tokens: the model's context is "
+                                         f"{service.context_length} tokens, with none left to generate")
+            max_tokens = body.max_tokens if body.max_tokens is not None else min(default_max, room, limit or room)
+            for i in range(body.n):
+                seed = None if body.seed is None else (body.seed + i) % (MAX_SEED + 1)
+                params = SamplingParams(
+                    max_new_tokens=max_tokens, stop=stop, seed=seed,
+                    temperature=0.6 if body.temperature is None else body.temperature,
+                    top_p=0.95 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
+                    repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty)
+                handles.append(service.submit(ids, params))
+    except BaseException as e:
+        for h in handles:
+            h.abort()
+        if isinstance(e, ContextLengthError):
+            raise APIError(400, str(e), code="context_length_exceeded", param="max_tokens") from None
+        if isinstance(e, GenerationError):
+            raise APIError(400, str(e)) from None
+        if isinstance(e, QueueFullError):
+            raise APIError(429, str(e), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+        if isinstance(e, ServiceClosedError):
+            raise APIError(503, str(e), "service_unavailable", code="shutting_down") from None
+        raise
+    return handles
+
+
+def _include_usage(body: _Request) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
+class _Meta:
+    """What every response of one request shares: id, object type, model, created time, prompts."""
+
+    def __init__(self, id_: str, obj: str, model: str, prompts: list[list[int]]):
+        self.id, self.object, self.model, self.prompts = id_, obj, model, prompts
+        self.created = int(time.time())
+        self._prefixes: dict[str, str] = {}
+
+    def envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+
+    def chunk(self, obj: str, choice: dict[str, Any]) -> str:
+        """``json.dumps(self.envelope(obj, [choice]))``, the constant part serialized once per request."""
+        prefix = self._prefixes.get(obj)
+        if prefix is None:
+            prefix = self._prefixes[obj] = json.dumps(self.envelope(obj, []))[:-2]  # up to "choices": [
+        return prefix + json.dumps(choice, ensure_ascii=False) + "]}"
+
+    def usage(self, handles: list[RequestHandle]) -> dict[str, int]:
+        prompt = sum(len(p) for p in self.prompts)
+        completion = sum(h.completion_tokens for h in handles)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _finish_error(handle: RequestHandle) -> APIError | None:
+    """The error to report for a request that ended badly (timeout, engine failure), else None."""
+    if handle.finish_reason == "timeout":
+        return APIError(504, f"request {handle.request_id} ran past the server's timeout after "
+                        f"{handle.completion_tokens} tokens", "timeout_error", code="timeout")
+    if handle.finish_reason == "error":
+        return APIError(500, f"generation failed: {handle.error}", "server_error")
+    return None
+
+
+async def _until_done(request: Request, handles: list[RequestHandle], build: Callable[[], dict[str, Any]]
+                      ) -> JSONResponse:
+    """Wait for all handles (aborting them if the client disconnects first), then answer build()."""
+    async def drain(h: RequestHandle) -> None:
+        async for _ in h.stream():
+            pass
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work = asyncio.ensure_future(asyncio.gather(*(drain(h) for h in handles), return_exceptions=True))
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()  # client gone (or server cancelled): the streams' finally blocks abort the requests
+    if not work.done() or work.cancelled():
+        return JSONResponse({}, status_code=499)  # nobody is listening any more
+    for h in handles:
+        if (error := _finish_error(h)) is not None:
+            raise error
+    return JSONResponse(build())
+
+
+def _completion_body(handles: list[RequestHandle], meta: _Meta) -> dict[str, Any]:
+    choices = [{"index": i, "text": h.text, "finish_reason": _reason(h), "logprobs": None}
+               for i, h in enumerate(handles)]
+    return {**meta.envelope("text_completion", choices), "usage": meta.usage(handles)}
+
+
+def _chat_body(handles: list[RequestHandle], meta: _Meta) -> dict[str, Any]:
+    choices = []
+    for i, h in enumerate(handles):
+        parser = ReasoningStreamParser(starts_in_reasoning=True)  # the template opened <think>
+        r1, c1 = parser.push(h.text)
+        r2, c2 = parser.flush()
+        message = {"role": "assistant", "content": c1 + c2, "reasoning_content": r1 + r2}
+        choices.append({"index": i, "message": message, "finish_reason": _reason(h), "logprobs": None})
+    return {**meta.envelope("chat.completion", choices), "usage": meta.usage(handles)}
+
+
+def _reason(handle: RequestHandle) -> str | None:
+    return handle.finish_reason if handle.finish_reason in ("stop", "length") else None
+
+
+# ---------------------------------------------------------------------------------------------------- streaming
+def _sse(events: AsyncIterator[list[dict[str, Any] | str]]) -> StreamingResponse:
+    """A server-sent events response; each list of events from ``events`` goes out in one write."""
+    async def encode() -> AsyncIterator[str]:
+        async for batch in events:
+            if batch:
+                yield "".join(f"data: {e if isinstance(e, str) else json.dumps(e, ensure_ascii=False)}\n\n"
+                              for e in batch)
+
+    return _ClosingStreamingResponse(encode(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class _ClosingStreamingResponse(StreamingResponse):
+    """Closes its body generator however the response ends (a failed send, a cancelled task), so that the
+    requests behind it are aborted at once rather than when the generator is garbage-collected."""
+
+    async def stream_response(self, send) -> None:
+        async with contextlib.aclosing(self.body_iterator):
+            await super().stream_response(send)
+
+
+Arrival = tuple[int, TextDelta | None, Exception | None]  # (choice index, delta, the engine's error)
+
+
+async def _merged(handles: list[RequestHandle]) -> AsyncIterator[list[Arrival]]:
+    """What arrived from all handles since the last batch (each handle's deltas merged). Closing it early (a
+    disconnect cancels the response) aborts the requests still running."""
+    if len(handles) == 1:  # the common case, without a task per choice
+        try:
+            async for delta in handles[0].stream(merge=True):
+                yield [(0, delta, None)]
+        except Exception as e:  # the engine failed on this request
+            yield [(0, None, e)]
+        return
+    queue: asyncio.Queue[Arrival] = asyncio.Queue()
+
+    async def pump(i: int, h: RequestHandle) -> None:
+        try:
+            async for d in h.stream(merge=True):
+                queue.put_nowait((i, d, None))
+        except Exception as e:
+            queue.put_nowait((i, None, e))
+
+    tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        left = len(handles)
+        while left:
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            left -= sum(delta is None or delta.finished for _, delta, _ in batch)
+            yield batch
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _completion_chunks(handles: list[RequestHandle], meta: _Meta, include_usage: bool
+                             ) -> AsyncIterator[list[dict[str, Any] | str]]:
+    async with contextlib.aclosing(_merged(handles)) as merged:
+        async for batch in merged:
+            events: list[dict[str, Any] | str] = []
+            for i, delta, error in batch:
+                if (failure := _stream_error(handles[i], error)) is not None:
+                    yield [*events, failure]
+                    return
+                if delta.text or delta.finished:
+                    choice = {"index": i, "text": delta.text, "logprobs": None,
+                              "finish_reason": _reason(handles[i]) if delta.finished else None}
+                    events.append(meta.chunk("text_completion", choice))
+            yield events
+    yield [{**meta.envelope("text_completion", []), "usage": meta.usage(handles)}] if include_usage else []
+    yield ["[DONE]"]
+
+
+async def _chat_chunks(handles: list[RequestHandle], meta: _Meta, include_usage: bool
+                       ) -> AsyncIterator[list[dict[str, Any] | str]]:
+    obj = "chat.completion.chunk"
+    yield [meta.envelope(obj, [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                                "logprobs": None}]) for i in range(len(handles))]
+    parsers = [ReasoningStreamParser(starts_in_reasoning=True) for _ in handles]
+    async with contextlib.aclosing(_merged(handles)) as merged:
+        async for batch in merged:
+            events: list[dict[str, Any] | str] = []
+            for i, delta, error in batch:
+                if (failure := _stream_error(handles[i], error)) is not None:
+                    yield [*events, failure]
+                    return
+                reasoning, content = parsers[i].push(delta.text)
+                if delta.finished:
+                    r, c = parsers[i].flush()
+                    reasoning, content = reasoning + r, content + c
+                part = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
+                if part:
+                    events.append(meta.chunk(obj, {"index": i, "delta": part, "finish_reason": None,
+                                                   "logprobs": None}))
+                if delta.finished:
+                    events.append(meta.chunk(obj, {"index": i, "delta": {}, "finish_reason": _reason(handles[i]),
+                                                   "logprobs": None}))
+            yield events
+    yield [{**meta.envelope(obj, []), "usage": meta.usage(handles)}] if include_usage else []
+    yield ["[DONE]"]
+
+
+def _stream_error(handle: RequestHandle, error: Exception | None) -> dict[str, Any] | None:
+    """An SSE error event (the openai client raises it) for a failed or timed-out request, else None."""
+    if error is not None:
+        return APIError(500, f"generation failed: {error}", "server_error").body()
+    if handle.finished and (failure := _finish_error(handle)) is not None:
+        return failure.body()
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+_METRICS = [  # (name, type, help, stats key)
+    ("r1kit_requests_total", "counter", "Generation requests accepted.", "requests_total"),
+    ("r1kit_requests_running", "gauge", "Requests in the engine now.", "requests_running"),
+    ("r1kit_queue_depth", "gauge", "Requests waiting for a slot in the engine.", "queue_depth"),
+    ("r1kit_generated_tokens_total", "counter", "Tokens generated.", "tokens_generated"),
+    ("r1kit_prompt_tokens_total", "counter", "Prompt tokens of finished requests.", "prompt_tokens"),
+    ("r1kit_kv_blocks_free", "gauge", "Free KV cache blocks.", "kv_blocks_free"),
+    ("r1kit_kv_blocks_total", "gauge", "KV cache blocks.", "kv_blocks_total"),
+]
+_SUMMARIES = [  # (name, help, stats key prefix)
+    ("r1kit_time_to_first_token_seconds", "Time from submission to the first generated token.", "ttft_seconds"),
+    ("r1kit_request_duration_seconds", "Time from submission to the end of a request.", "request_seconds"),
+    ("r1kit_decode_tokens_per_second", "Per-request generation speed after the first token.",
+     "decode_tokens_per_second"),
+]
+
+
+def prometheus_text(stats: dict[str, float | int], status_counts: collections.Counter[int]) -> str:
+    """The service's stats (and HTTP responses by status) in Prometheus' text exposition format."""
+    lines: list[str] = []
+    for name, kind, help_, key in _METRICS:
+        lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {stats.get(key, 0)}"]
+    lines += ["# HELP r1kit_requests_finished_total Finished requests by reason.",
+              "# TYPE r1kit_requests_finished_total counter"]
+    for reason in ("stop", "length", "abort", "timeout", "error"):
+        lines.append(f'r1kit_requests_finished_total{{reason="{reason}"}} {stats.get(f"finished_{reason}", 0)}')
+    lines += ["# HELP r1kit_requests_rejected_total Requests refused because the queue was full.",
+              "# TYPE r1kit_requests_rejected_total counter",
+              f'r1kit_requests_rejected_total{{reason="queue_full"}} {stats.get("rejected_queue_full", 0)}']
+    for name, help_, key in _SUMMARIES:
+        lines += [f"# HELP {name} {help_}", f"# TYPE {name} summary",
+                  f"{name}_sum {stats.get(key + '_sum', 0.0)}", f"{name}_count {stats.get(key + '_count', 0)}"]
+    lines += ["# HELP r1kit_http_responses_total HTTP responses by status code.",
+              "# TYPE r1kit_http_responses_total counter"]
+    lines += [f'r1kit_http_responses_total{{code="{code}"}} {n}' for code, n in sorted(status_counts.items())]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------- running
+class _Server(uvicorn.Server):
+    """uvicorn that, on SIGINT/SIGTERM, first marks the service closed (new requests: 503) and then shuts
+    down as uvicorn does: stop listening, let open responses finish, run the app's shutdown (drain)."""
+
+    def __init__(self, config: uvicorn.Config, service: EngineService, on_exit: Callable[[], None] | None = None):
+        super().__init__(config)
+        self.service, self.on_exit = service, on_exit
+
+    def handle_exit(self, sig, frame) -> None:
+        self.service.close()
+        if self.on_exit is not None:
+            threading.Thread(target=self.on_exit, daemon=True).start()
+        super().handle_exit(sig, frame)
+
+
+def build_server(service: EngineService, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+                 max_tokens_limit: int | None = None, shutdown_timeout: float = 30.0, log_level: str = "info",
+                 on_exit: Callable[[], None] | None = None) -> uvicorn.Server:
+    """A uvicorn server for ``service`` (started already); ``server.run()`` blocks until SIGTERM/SIGINT (or
+    ``server.should_exit = True``). ``on_exit`` runs (in a thread) when a signal asks the server to stop."""
+    app = create_app(service, api_key=api_key, max_tokens_limit=max_tokens_limit, shutdown_timeout=shutdown_timeout)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                            timeout_graceful_shutdown=shutdown_timeout, access_log=log_level == "debug")
+    return _Server(config, service, on_exit)
+
+
+@contextlib.contextmanager
+def running_server(service: EngineService, *, host: str = "127.0.0.1", port: int = 0, **kw: Any) -> Iterator[str]:
+    """Serve ``service`` (started already) from a background thread; yields the base URL ("http://host:port",
+    port 0: a free one) and stops the server, draining the service, on exit. ``kw``: as build_server."""
+    server = build_server(service, host=host, port=port, log_level=kw.pop("log_level", "warning"), **kw)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.bind((host, port))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="r1kit-http", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError(f"the HTTP server on {host}:{port} did not start (see the log above)")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join()
+        sock.close()
+
+
+__all__ = ["create_app", "build_server", "running_server", "prometheus_text", "APIError", "CompletionRequest",
+           "ChatCompletionRequest"]
