@@ -14,7 +14,7 @@ and a bf16 per-row scale, timed per call (best of 3 short runs) and reported as 
     compiled_reduce  torch.compile of (x * W.float()).sum(-1) * scale: one fused conversion + reduction loop
     r1kit_c_int8     r1kit.kernels.linear_int8, the C AVX-512 GEMV (when it builds on this machine)
 
-Int8Linear runs int8pack_mm, and r1kit_c_int8 for weights >= r1kit.quant.linear.INT8_STREAM_MIN_BYTES (8 MiB).
+Int8Linear runs r1kit_c_int8 for weights >= r1kit.quant.linear.INT8_STREAM_MIN_BYTES (0: all), else int8pack_mm.
     read_sum         torch.sum over an fp32 tensor of the same bytes (the read speed of that working set)
 
 Every variant is checked against int8pack_mm before it is timed (relative error printed). The machine is shared:

@@ -38,8 +38,23 @@ def test_int8_kernel_matches_dequantized_reference(rows, K, N):
     b = torch.randn(N, generator=g).bfloat16()
     with torch.inference_mode():
         got = kernels.linear_int8(x, w, scale, b)
-    want = F.linear(x.float(), w.float()) * scale + b.float()
+    want = F.linear(x.float(), w.float()) * scale + b.float()  # exact products of the bf16 activations
+    # int16 activations round each value by at most half a step of max|x| / 32767: far below bf16's output
+    # rounding (one part in 256), which is all that may separate the kernel from the exact result
+    bound = 0.5 * x.float().abs().amax(-1, keepdim=True) / 32767 * (w.float().abs().sum(-1) * scale)
+    assert ((got.float() - want).abs() <= bound + want.abs() * 2 ** -8 + 1e-6).all()
     torch.testing.assert_close(got.float(), want, rtol=2 ** -8, atol=1e-3)
+
+
+def test_int8_kernel_does_not_overflow_int32():
+    """Largest magnitudes over a long row: the int32 partial sums are flushed to fp32 before they overflow."""
+    K = 16384
+    x = torch.full((1, K), 3.0).bfloat16()
+    w = torch.full((2, K), 127, dtype=torch.int8)
+    w[1] = -128
+    with torch.inference_mode():
+        got = kernels.linear_int8(x, w, torch.ones(2))
+    torch.testing.assert_close(got.float(), torch.tensor([[3.0 * 127 * K, -3.0 * 128 * K]]), rtol=2 ** -8, atol=0)
 
 
 def test_batch_dims_and_fallbacks():

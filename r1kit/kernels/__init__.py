@@ -2,8 +2,8 @@
 
 Batch-1 decode reads every weight once per token, so its speed is how fast the weights stream from memory.
 PyTorch's CPU bf16 matmul is built for large batches and reaches only a fraction of the memory bandwidth at
-one row; `cpu_gemv.c` streams each weight row once through AVX-512 (vdpbf16ps for bf16, widen + FMA for int8
-with per-row scales), threads splitting the output rows.
+one row; `cpu_gemv.c` streams each weight row once through AVX-512 (vdpbf16ps for bf16; for int8 weights with
+per-row scales, vpdpwssd against the activations rounded to int16 per row), threads splitting the output rows.
 
 The kernels are compiled on first use with the system's C compiler (`gcc -O3 -march=native -fopenmp`, about a
 second) into ``$R1KIT_CACHE`` (default ``~/.cache/r1kit``), keyed by the source and the CPU; without a
@@ -88,7 +88,7 @@ def load() -> ctypes.CDLL | None:
             p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
             lib.gemv_bf16.argtypes = [p, p, p, p, i32, i64, i64, i32]
             lib.gemv_int8.argtypes = [p, p, p, p, p, i32, i64, i64, i32]
-            lib.gemv_bf16.restype = lib.gemv_int8.restype = None
+            lib.gemv_bf16.restype, lib.gemv_int8.restype = None, ctypes.c_int
             _lib = lib
     if _lib is None:
         log.info("r1kit CPU decode kernels off: %s; using F.linear", _reason)
@@ -123,16 +123,18 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
 
 def linear_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
                 ) -> torch.Tensor | None:
-    """(x @ w.T) * scale + bias for int8 weights w (N, K) with per-row fp32 scales (N,), bf16 x with <=
-    MAX_ROWS rows; None when the kernel does not apply (the caller takes its own path)."""
+    """(x @ w.T) * scale + bias for int8 weights w (N, K) with per-row fp32 scales (N,) and bf16 x with <=
+    MAX_ROWS rows (rounded to int16 per row inside the kernel); None when the kernel does not apply (the
+    caller takes its own path)."""
     if not (_rows_ok(x, w) and w.dtype == torch.int8 and scale.dtype == torch.float32 and load() is not None):
         return None
     K, N = x.shape[-1], w.shape[0]
-    xf = x.reshape(-1, K).float().contiguous()
+    x2 = x.reshape(-1, K).contiguous()
     b = None if bias is None else bias.to(torch.bfloat16).contiguous()
-    y = x.new_empty(xf.shape[0], N)
-    _lib.gemv_int8(xf.data_ptr(), w.contiguous().data_ptr(), scale.contiguous().data_ptr(),
-                   None if b is None else b.data_ptr(), y.data_ptr(), xf.shape[0], N, K, torch.get_num_threads())
+    y = x.new_empty(x2.shape[0], N)
+    if _lib.gemv_int8(x2.data_ptr(), w.contiguous().data_ptr(), scale.contiguous().data_ptr(),
+                      None if b is None else b.data_ptr(), y.data_ptr(), x2.shape[0], N, K, torch.get_num_threads()):
+        raise MemoryError(f"int8 kernel: no memory for {x2.shape[0]} x {K} int16 activations")
     return y.view(*x.shape[:-1], N)
 
 
