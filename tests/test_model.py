@@ -367,3 +367,25 @@ def test_config_dict_round_trip():
     cfg = preset("tiny-moe")
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.replace(num_layers=5).num_layers == 5 and cfg.num_layers == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("S", [5, 400])  # below and above SMALL_DECODE_CONTEXT (fp32 vs native-dtype matmuls)
+def test_decode_attention_matches_sdpa(dtype, S):
+    """The single-query path (_decode_sdpa) against torch's scaled_dot_product_attention, GQA and padding."""
+    from r1kit.model.attention import _decode_sdpa
+
+    g = torch.Generator().manual_seed(S)
+    q, k, v = (torch.randn(3, h, t, 16, generator=g).to(dtype) for h, t in ((8, 1), (2, S), (2, S)))
+    mask = torch.ones(3, 1, 1, S, dtype=torch.bool)
+    mask[1, ..., :S // 2] = False  # a left-padded row
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(4, 1), v.float().repeat_interleave(4, 1), attn_mask=mask, scale=0.3)
+    for m, ref in ((mask, want), (None, None)):
+        got = _decode_sdpa(q, k, v, m, 0.3)
+        if ref is None:
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                q.float(), k.float().repeat_interleave(4, 1), v.float().repeat_interleave(4, 1), scale=0.3)
+        assert got.dtype == dtype and got.shape == (3, 8, 1, 16)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got.float(), ref, atol=tol, rtol=tol)
