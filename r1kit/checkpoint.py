@@ -87,6 +87,7 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
         rope_scaling=scaling, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), bos_token_id=hf.get("bos_token_id"),
         eos_token_id=hf.get("eos_token_id"), initializer_range=hf.get("initializer_range", 0.02),
+        **{key: hf[key] for key in _SPARSE_KEYS if key in hf},  # r1kit's sparse attention; absent: dense
     )
     if arch in ("qwen2", "llama"):
         fields.update(attention="gqa", num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
@@ -116,6 +117,8 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
 
 
 _COMBINER_KEYS = ("moe_combiner", "moe_combiner_heads", "moe_combiner_head_dim")  # ModelConfig = config.json names
+_SPARSE_KEYS = ("sparse_attention", "sparse_layers", "sparse_block_size", "sparse_global_tokens", "sparse_window_base",
+                "sparse_window_max", "sparse_importance", "sparse_topk_blocks")
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -146,6 +149,10 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     for key in _COMBINER_KEYS:  # written for CEAP only: a weighted-sum MoE's config.json stays DeepSeek's
         hf.pop(key, None)
         if cfg.moe_combiner != "weighted_sum":
+            hf[key] = getattr(cfg, key)
+    for key in _SPARSE_KEYS:  # written for sparse models only: a dense model's config.json stays the original's
+        hf.pop(key, None)
+        if cfg.sparse_attention is not None:
             hf[key] = getattr(cfg, key)
     return hf
 

@@ -54,12 +54,27 @@ class ModelConfig:
     topk_group: int = 1  # ... and each token picks experts from its topk_group best groups only
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
+    # how a token's k expert outputs combine: "weighted_sum" (DeepSeekMoE) or "cross_expert_attention" (CEAP:
+    # the token attends over its experts' outputs; r1kit.model.moe.CrossExpertAttention), with these heads
+    moe_combiner: str = "weighted_sum"
+    moe_combiner_heads: int = 4  # CEAP only; must divide hidden_size (each head mixes hidden_size / heads channels)
+    moe_combiner_head_dim: int = 16  # CEAP only; query/key width per head
 
     # positions
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None  # {"type": "yarn" | "llama3" | "linear", ...} as in config.json
     rope_interleave: bool = False  # DeepSeek rotates adjacent pairs (x0,x1),(x2,x3)..; Llama/Qwen rotate halves
+
+    # sparse attention (r1kit/model/sparse_attention.py documents the rules); None: dense everywhere
+    sparse_attention: str | None = None  # None | "local_global" | "topk"
+    sparse_layers: list[int] | None = None  # indices of the sparse layers; None: every layer
+    sparse_block_size: int = 64  # B: block-local attention, and the top-k selection unit
+    sparse_global_tokens: int = 4  # local_global: learned global tokens per layer
+    sparse_window_base: int = 64  # local_global: keys within this distance are always visible
+    sparse_window_max: int = 256  # local_global: the widest window an important position gets
+    sparse_importance: str = "key"  # local_global: "key" | "query" (whose score widens the window) | "none"
+    sparse_topk_blocks: int = 4  # topk: earlier key blocks each query selects (plus its own block)
 
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
@@ -85,6 +100,9 @@ class ModelConfig:
     def rope_dim(self) -> int:
         """Number of channels per head that RoPE rotates."""
         return self.qk_rope_head_dim if self.attention == "mla" else self.gqa_head_dim
+
+    def is_sparse_layer(self, i: int) -> bool:
+        return self.sparse_attention is not None and (self.sparse_layers is None or i in self.sparse_layers)
 
     def is_moe_layer(self, i: int) -> bool:
         return self.n_routed_experts > 0 and i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
@@ -129,6 +147,26 @@ class ModelConfig:
             if self.topk_method == "noaux_tc" and self.n_group > 1:
                 need(self.n_routed_experts // self.n_group >= 2, "n_group", "noaux_tc needs >= 2 experts per group")
             need(self.moe_layer_freq >= 1, "moe_layer_freq", "must be >= 1")
+        need(self.moe_combiner in ("weighted_sum", "cross_expert_attention"), "moe_combiner",
+             "must be 'weighted_sum' or 'cross_expert_attention'")
+        if self.moe_combiner == "cross_expert_attention":
+            need(self.moe_combiner_heads > 0 and self.hidden_size % self.moe_combiner_heads == 0,
+                 "moe_combiner_heads", f"must be > 0 and divide hidden_size ({self.hidden_size})")
+            need(self.moe_combiner_head_dim > 0, "moe_combiner_head_dim", "must be > 0")
+        need(self.sparse_attention in (None, "local_global", "topk"), "sparse_attention",
+             "must be null, 'local_global' or 'topk'")
+        if self.sparse_attention is not None:
+            need(self.sparse_layers is None or all(isinstance(i, int) and 0 <= i < self.num_layers
+                                                   for i in self.sparse_layers), "sparse_layers",
+                 f"must be null or a list of layer indices in 0..{self.num_layers - 1}")
+            for name in ("sparse_block_size", "sparse_topk_blocks"):
+                need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an int >= 1")
+            need(self.sparse_global_tokens >= 0, "sparse_global_tokens", "must be >= 0")
+            need(self.sparse_window_base >= 0, "sparse_window_base", "must be >= 0")
+            need(self.sparse_window_max >= self.sparse_window_base, "sparse_window_max",
+                 f"must be >= sparse_window_base ({self.sparse_window_base})")
+            need(self.sparse_importance in ("key", "query", "none"), "sparse_importance",
+                 "must be 'key', 'query' or 'none'")
         need(self.num_mtp_layers >= 0, "num_mtp_layers", "must be >= 0")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
         if self.rope_scaling is not None:
@@ -164,6 +202,7 @@ class ModelConfig:
         n_moe = sum(self.is_moe_layer(i) for i in range(self.num_layers))
         block_moe = self._attn_params() + self._moe_params(active) + 2 * h
         total = emb + head + h + n_moe * block_moe + (self.num_layers - n_moe) * block_dense
+        total += sum(self.is_sparse_layer(i) for i in range(self.num_layers)) * self._sparse_params()
         if include_mtp and self.num_mtp_layers:
             block = block_moe if self.n_routed_experts else block_dense
             # enorm, hnorm, eh_proj, the block and the shared head's norm (embedding and head are shared)
@@ -182,10 +221,20 @@ class ModelConfig:
               + self.kv_lora_rank * nh * (self.qk_nope_head_dim + self.v_head_dim))
         return q + kv + nh * self.v_head_dim * h
 
+    def _sparse_params(self) -> int:
+        """Extra parameters of one local_global layer: the importance scorer and the global tokens."""
+        if self.sparse_attention != "local_global":
+            return 0
+        kv = self.num_kv_heads if self.attention == "gqa" else self.num_heads
+        scorer = 0 if self.sparse_importance == "none" else (self.hidden_size + 1) * kv
+        return scorer + self.sparse_global_tokens * self.hidden_size
+
     def _moe_params(self, active: bool) -> int:
         h, i = self.hidden_size, self.moe_intermediate_size
         routed = self.num_experts_per_tok if active else self.n_routed_experts
-        return self.n_routed_experts * h + (routed + self.n_shared_experts) * 3 * h * i
+        combiner = (2 * self.moe_combiner_heads * self.moe_combiner_head_dim * h
+                    if self.moe_combiner == "cross_expert_attention" else 0)  # CEAP's query and key projections
+        return self.n_routed_experts * h + (routed + self.n_shared_experts) * 3 * h * i + combiner
 
 
 def rope_type(scaling: dict[str, Any] | None) -> str:

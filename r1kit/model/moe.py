@@ -1,4 +1,4 @@
-"""DeepSeekMoE: the SwiGLU MLP, the router, grouped routed experts and shared experts.
+"""DeepSeekMoE: the SwiGLU MLP, the router, grouped routed experts, shared experts, and how their outputs combine.
 
 Routing (per token): scores = softmax or sigmoid of the router logits; optionally restrict the choice to
 the `topk_group` best of `n_group` expert groups; pick the top-k experts (DeepSeek-V3 picks with
@@ -8,14 +8,30 @@ scores); optionally renormalise the k weights; multiply by `routed_scaling_facto
 Dispatch: the (token, expert) pairs are sorted by expert so that each expert's tokens are one contiguous
 slice, and all experts run as one grouped matmul (`torch._grouped_mm`) — no Python loop over tokens or
 experts. `Experts.forward_reference` is the plain per-token loop it is tested against.
+
+Balancing aids, both training-only and off by default (set on each MoE by the training loop from TrainConfig):
+
+- `aux_loss_alpha`: DeepSeek-V3's sequence-wise balance loss (eq. 17-20), `sequence_aux_loss`, kept in
+  `MoE.aux_loss` for the loop to add to the objective.
+- `capacity_factor`: each expert takes at most ceil(factor * N * k / E) of the N * k (token, expert) pairs of
+  a forward, earlier tokens first (`capacity_keep`); a dropped pair contributes zero (the token keeps its
+  other experts, the shared expert and the residual). Inference never drops: the output of a token must not
+  depend on which other tokens share its batch.
+
+Combiners (`ModelConfig.moe_combiner`): "weighted_sum" (DeepSeekMoE: sum of router weight x expert output) or
+"cross_expert_attention" (CEAP, `CrossExpertAttention`: each token attends over its k experts' outputs).
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from r1kit import kernels
 from r1kit.model.config import ModelConfig
 
 
@@ -49,9 +65,16 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, C) -> weights (N, k) fp32, expert ids (N, k)."""
+        return self.route(self.score(x))
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, C) -> affinity scores (N, E) fp32 (softmax or sigmoid of the router logits)."""
         with torch.autocast(x.device.type, enabled=False):  # routing in fp32, also under bf16 autocast
             logits = F.linear(x.float(), self.weight.float())  # (N, E)
-        scores = logits.softmax(-1) if self.scoring == "softmax" else logits.sigmoid()
+        return logits.softmax(-1) if self.scoring == "softmax" else logits.sigmoid()
+
+    def route(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """scores (N, E) -> weights (N, k) fp32, expert ids (N, k)."""
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if self.n_group > 1 and self.method != "greedy":
             grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)  # (N, G, E/G)
@@ -102,8 +125,8 @@ class Experts(nn.Module):
         for e in range(self.n_experts):
             lo, hi = bounds[e], bounds[e + 1]
             if hi > lo:
-                gate, up = F.linear(xs[lo:hi], self.gate_up_proj[e]).split(self.hidden, dim=-1)
-                parts.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+                gate, up = kernels.linear(xs[lo:hi], self.gate_up_proj[e]).split(self.hidden, dim=-1)
+                parts.append(kernels.linear(F.silu(gate) * up, self.down_proj[e]))
         return torch.cat(parts)
 
     def forward_reference(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -117,8 +140,125 @@ class Experts(nn.Module):
         return out
 
 
+# ---------------------------------------------------------------------------------------------------- balancing aids
+
+
+def sequence_aux_loss(scores: torch.Tensor, idx: torch.Tensor, n_seqs: int) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss (eq. 17-20) without its weight alpha, averaged over sequences.
+
+    Per sequence of T tokens: f_i = E / (k T) * #(tokens that chose expert i) (a constant: no gradient),
+    P_i = mean over the T tokens of s_i / sum_j s_j (the normalised affinities), loss = sum_i f_i P_i.
+    A perfectly balanced router scores 1. scores (N, E) raw affinities, idx (N, k) the chosen experts;
+    the N = n_seqs * T rows are the sequences one after another.
+    """
+    N, E = scores.shape
+    k = idx.shape[1]
+    T = N // n_seqs
+    counts = torch.zeros(n_seqs, E, device=scores.device).scatter_add_(
+        1, idx.reshape(n_seqs, T * k), torch.ones(n_seqs, T * k, device=scores.device))  # (B, E)
+    f = counts * (E / (k * T))  # (B, E)
+    p = (scores / scores.sum(-1, keepdim=True)).view(n_seqs, T, E).mean(1)  # (B, E)
+    return (f * p).sum(-1).mean()
+
+
+def expert_capacity(n_tokens: int, k: int, n_experts: int, factor: float) -> int:
+    """Pairs one expert may take in a forward of n_tokens tokens: ceil(factor * n_tokens * k / n_experts)."""
+    return max(1, math.ceil(factor * n_tokens * k / n_experts))
+
+
+def capacity_keep(idx: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
+    """Which (token, slot) pairs fit when each expert takes at most `capacity` pairs, earlier tokens first.
+
+    idx (N, k) expert ids -> keep (N, k) bool. An expert's pairs are ranked in token order (the stable sort
+    used by the grouped dispatch); those ranked `capacity` or later are dropped.
+    """
+    flat = idx.flatten()  # (N*k,)
+    order = flat.argsort(stable=True)  # pairs sorted by expert, token order within an expert
+    counts = torch.bincount(flat, minlength=n_experts)  # (E,)
+    starts = counts.cumsum(0) - counts  # (E,) first sorted position of each expert
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(flat.numel(), device=idx.device) - starts[flat[order]]  # position within its expert
+    return (rank < capacity).view_as(idx)
+
+
+# ---------------------------------------------------------------------------------------------------- CEAP
+
+
+class CrossExpertAttention(nn.Module):
+    """Cross-Expert Attention Propagation: each token attends over the outputs of its k selected experts.
+
+    Per token (hidden state h, expert outputs o_1..o_k, router weights w_1..w_k) and per head j of H:
+        q_j = Wq_j h,  key_{j,e} = Wk_j o_e                        (head_dim channels each)
+        a_{j,e} = softmax_e( q_j . key_{j,e} / sqrt(head_dim) + log w_e )
+        y[head j's C/H channels] = (sum_e w_e) * sum_e a_{j,e} o_e[head j's channels]
+    Queries come from the token, keys and values from the expert outputs (the values are the outputs
+    themselves, split into H channel groups: no value or output projection); the router weights enter as a
+    log-prior. With Wq = 0 (its initialisation) the attention is w_e / sum w and y is exactly the weighted sum,
+    so CEAP starts as DeepSeekMoE and learns where mixing by content helps. Parameters: Wq, Wk (H*head_dim, C).
+    Dropped pairs (capacity) are masked out; a token with none left gets zero.
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.q_proj = nn.Parameter(torch.zeros(heads * head_dim, dim))
+        self.k_proj = nn.Parameter(torch.empty(heads * head_dim, dim))
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float, generator: torch.Generator | None = None) -> None:
+        """Wq = 0 (start as the weighted sum), Wk ~ N(0, std)."""
+        self.q_proj.zero_()
+        self.k_proj.copy_(torch.randn(self.k_proj.shape, generator=generator) * std)
+
+    def forward(self, h: torch.Tensor, outs: torch.Tensor, weights: torch.Tensor,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Batched. h (N, C) token states, outs (N, k, C) expert outputs, weights (N, k), keep (N, k) -> (N, C)."""
+        N, k, C = outs.shape
+        H, D = self.heads, self.head_dim
+        q = F.linear(h, self.q_proj).view(N, H, D).float()
+        key = F.linear(outs, self.k_proj).view(N, k, H, D).float()
+        logits = torch.einsum("nhd,nkhd->nhk", q, key) / math.sqrt(D) + weights.clamp_min(1e-30).log()[:, None]
+        total = weights.sum(-1)  # (N,)
+        if keep is not None:
+            logits = logits.masked_fill(~keep[:, None], float("-inf"))
+            any_kept = keep.any(-1)  # (N,)
+            logits = logits.masked_fill(~any_kept[:, None, None], 0.0)  # avoid softmax over no keys at all
+            total = (weights * keep).sum(-1) * any_kept
+        attn = logits.softmax(-1) * total[:, None, None]  # (N, H, k) fp32, already scaled by sum w
+        y = torch.einsum("nhk,nkhc->nhc", attn.to(outs.dtype), outs.view(N, k, H, C // H))  # (N, H, C/H)
+        return y.reshape(N, C)
+
+    def forward_reference(self, h: torch.Tensor, outs: torch.Tensor, weights: torch.Tensor,
+                          keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The plain loop over tokens, heads and kept experts (the definition the batched path must match)."""
+        N, k, C = outs.shape
+        D, width = self.head_dim, C // self.heads
+        out = torch.zeros_like(h)
+        for n in range(N):
+            kept = [e for e in range(k) if keep is None or bool(keep[n, e])]
+            if not kept:
+                continue
+            total = sum(float(weights[n, e]) for e in kept)
+            for j in range(self.heads):
+                q = self.q_proj[j * D:(j + 1) * D].float() @ h[n].float()
+                logits = torch.stack([q @ (self.k_proj[j * D:(j + 1) * D].float() @ outs[n, e].float()) / math.sqrt(D)
+                                      + math.log(max(float(weights[n, e]), 1e-30)) for e in kept])
+                attn = logits.softmax(0)
+                ch = slice(j * width, (j + 1) * width)
+                out[n, ch] = total * sum(a * outs[n, e, ch].float() for a, e in zip(attn, kept, strict=True))
+        return out
+
+    def flops_per_token(self, k: int) -> int:
+        """Multiply-adds x 2 of one token's combine beyond the weighted sum: q, k projections and scores."""
+        C = self.q_proj.shape[1]
+        return 2 * self.heads * self.head_dim * C * (1 + k) + 2 * self.heads * self.head_dim * k
+
+
+# ---------------------------------------------------------------------------------------------------- the layer
+
+
 class MoE(nn.Module):
-    """DeepSeekMoE layer: shared experts (always on) + top-k routed experts."""
+    """DeepSeekMoE layer: shared experts (always on) + top-k routed experts, combined by weighted sum or CEAP."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -126,15 +266,60 @@ class MoE(nn.Module):
         self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
-        self.reference = False  # route through Experts.forward_reference (tests, debugging)
-        self.load: torch.Tensor | None = None  # (E,) tokens routed to each expert by the last training forward
+        self.combiner = (CrossExpertAttention(cfg.hidden_size, cfg.moe_combiner_heads, cfg.moe_combiner_head_dim)
+                         if cfg.moe_combiner == "cross_expert_attention" else None)
+        self.reference = False  # route through the reference loops (tests, debugging)
+        # training-only balancing aids, set by the training loop (see the module docstring)
+        self.aux_loss_alpha = 0.0
+        self.capacity_factor: float | None = None
+        # observed by the last training forward, for balancing and the logs
+        self.load: torch.Tensor | None = None  # (E,) tokens the router sent to each expert (before dropping)
+        self.dropped: torch.Tensor | None = None  # () (token, expert) pairs dropped by the capacity limit
+        self.aux_loss: torch.Tensor | None = None  # () alpha * sequence_aux_loss, None when alpha == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (N, C)
-        weights, idx = self.gate(flat)
-        if self.training:  # observed load, for auxiliary-loss-free balancing and the logs
+        scores = self.gate.score(flat)  # (N, E)
+        weights, idx = self.gate.route(scores)  # (N, k) each
+        keep = None
+        if self.training:
             self.load = torch.bincount(idx.flatten(), minlength=self.experts.n_experts).detach()
+            self.aux_loss = (self.aux_loss_alpha * sequence_aux_loss(scores, idx, shape[0])
+                             if self.aux_loss_alpha else None)
+            if self.capacity_factor is not None:
+                N, k = idx.shape
+                keep = capacity_keep(idx, self.experts.n_experts,
+                                     expert_capacity(N, k, self.experts.n_experts, self.capacity_factor))
+            self.dropped = (~keep).sum() if keep is not None else torch.zeros((), dtype=torch.long)
         run = self.experts.forward_reference if self.reference else self.experts
-        y = run(flat, weights, idx).view(shape)
+        if self.combiner is not None:
+            combine = self.combiner.forward_reference if self.reference else self.combiner
+            y = combine(flat, self.expert_outputs(flat, idx, keep, run), weights, keep)
+        elif keep is not None:  # weighted sum over the kept pairs only
+            tok, slot = keep.nonzero(as_tuple=True)  # (P,) each
+            ys = run(flat[tok], weights[tok, slot, None], idx[tok, slot, None])  # (P, C)
+            y = torch.zeros_like(flat).index_add_(0, tok, ys)
+        else:
+            y = run(flat, weights, idx)
+        y = y.view(shape)
         return y if self.shared_experts is None else y + self.shared_experts(x)
+
+    @staticmethod
+    def expert_outputs(flat: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor | None,
+                       run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Each token's k expert outputs, unweighted: flat (N, C), idx (N, k) -> (N, k, C); zero where dropped.
+
+        Each kept (token, slot) pair is dispatched as a one-expert token of weight 1, through the same grouped
+        experts (`run`), so quantized experts and the reference loop serve CEAP unchanged.
+        """
+        N, k = idx.shape
+        if keep is None:
+            keep = torch.ones_like(idx, dtype=torch.bool)
+        tok, slot = keep.nonzero(as_tuple=True)  # (P,) each
+        ones = torch.ones(tok.numel(), 1, device=flat.device)
+        ys = run(flat[tok], ones, idx[tok, slot, None])  # (P, C)
+        outs = flat.new_zeros(N, k, flat.shape[-1])
+        outs[tok, slot] = ys.to(outs.dtype)
+        return outs

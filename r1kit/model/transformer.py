@@ -17,7 +17,6 @@ import torch.utils.checkpoint
 from torch import nn
 
 from r1kit.model.attention import (
-    GQAttention,
     KVCache,
     MLAttention,
     PagedBatch,
@@ -26,8 +25,9 @@ from r1kit.model.attention import (
     attention_mask,
 )
 from r1kit.model.config import ModelConfig
-from r1kit.model.moe import MLP, Experts, MoE, Router
+from r1kit.model.moe import MLP, CrossExpertAttention, Experts, MoE, Router
 from r1kit.model.mtp import MTPLayer
+from r1kit.model.sparse_attention import GlobalTokens, make_attention
 
 # Kept in fp32 whatever the model dtype: routing decisions are sensitive (the references do the same).
 FP32_TENSORS = re.compile(r"mlp\.gate\.(weight|e_score_correction_bias)$")
@@ -40,10 +40,10 @@ class ContextLengthError(ValueError):
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, moe: bool):
+    def __init__(self, cfg: ModelConfig, moe: bool, sparse: bool = False):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLAttention(cfg) if cfg.attention == "mla" else GQAttention(cfg)
+        self.self_attn = make_attention(cfg, sparse)  # GQA or MLA; sparse: cfg.sparse_attention's pattern
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
@@ -66,7 +66,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i), cfg.is_sparse_layer(i))
+                                    for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -97,6 +98,10 @@ class Transformer(nn.Module):
                 module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * std)
                 if module.e_score_correction_bias is not None:
                     module.e_score_correction_bias.zero_()
+            elif isinstance(module, CrossExpertAttention):
+                module.reset_parameters(std, gen)
+            elif isinstance(module, GlobalTokens):
+                module.reset_parameters(gen)
         return self
 
     def num_params(self) -> int:

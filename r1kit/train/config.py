@@ -59,6 +59,8 @@ class TrainConfig:
     precision: str = "bf16"  # "fp32" | "bf16" | "fp8" (fp8 emulated on CPU, around the linear layers)
     gradient_checkpointing: bool = False
     moe_balance_rate: float = 0.001  # gamma of DeepSeek-V3's auxiliary-loss-free bias update (0 = off)
+    moe_aux_loss_alpha: float = 0.0  # alpha of DeepSeek-V3's sequence-wise balance loss (eq. 17-20; 0 = off)
+    moe_capacity_factor: float | None = None  # expert capacity = factor * tokens * k / experts; None = no dropping
     mtp_loss_weight: float = 0.3
     eval_interval: int = 200
     eval_batches: int = 8
@@ -91,6 +93,9 @@ class TrainConfig:
         need(self.token_budget is None or self.token_budget >= 1, "token_budget", "must be >= 1")
         need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 = off)")
         need(self.moe_balance_rate >= 0, "moe_balance_rate", "must be >= 0")
+        need(self.moe_aux_loss_alpha >= 0, "moe_aux_loss_alpha", "must be >= 0 (0 = off)")
+        need(self.moe_capacity_factor is None or self.moe_capacity_factor > 0, "moe_capacity_factor",
+             "must be > 0, or None for no token dropping")
         need(self.mtp_loss_weight >= 0, "mtp_loss_weight", "must be >= 0")
         if self.model.preset not in PRESETS:
             raise TrainConfigError(f"model.preset = {self.model.preset!r}: unknown; presets: {sorted(PRESETS)}")

@@ -5,14 +5,18 @@
 One step: for each micro-batch, forward under autocast (bf16, or bf16 + FP8-emulated linears), masked
 next-token cross-entropy plus the weighted multi-token-prediction loss, backward; then gradient clipping,
 AdamW with warmup + cosine/linear decay, and DeepSeek-V3's auxiliary-loss-free balancing: each MoE
-layer's per-expert bias moves by `moe_balance_rate` towards under-loaded experts. Metrics go to
-`metrics.jsonl` (and a loss-curve PNG); checkpoints (model, optimizer, data position, RNG, step) are written
-atomically, and `resume=True` continues exactly where a killed run stopped.
+layer's per-expert bias moves by `moe_balance_rate` towards under-loaded experts. Optional, off by default:
+the sequence-wise balance loss (`moe_aux_loss_alpha`) and an expert capacity with token dropping
+(`moe_capacity_factor`, training forwards only). Metrics go to `metrics.jsonl` (with per-layer expert load,
+MaxVio and dropped pairs; a loss-curve PNG and one expert-load heatmap per MoE layer); checkpoints (model,
+optimizer, data position, RNG, step) are written atomically, and `resume=True` continues exactly where a
+killed run stopped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -162,7 +166,10 @@ _RESUMABLE_CHANGES = {"max_steps", "token_budget", "out_dir", "eval_interval", "
 
 
 def _check_same_recipe(saved: dict[str, Any], now: dict[str, Any], out: Path) -> None:
-    changed = sorted(k for k in set(saved) | set(now) if k not in _RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    # a key the checkpointed run did not have yet (added to TrainConfig since) ran with its default
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    changed = sorted(k for k in set(saved) | set(now)
+                     if k not in _RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != now.get(k))
     if changed:
         raise TrainingError(f"{out}: cannot resume: the config differs from the checkpointed run in {changed}; "
                             "use the original recipe (or start a new run in another out_dir)")
@@ -173,6 +180,8 @@ def build_model(cfg: TrainConfig, vocab_size: int, bos: int | None, eos: int | N
     mcfg = cfg.model_config().replace(vocab_size=vocab_size, bos_token_id=bos, eos_token_id=eos)
     model = Transformer(mcfg).init_weights(cfg.seed).to(device)
     model.gradient_checkpointing = cfg.gradient_checkpointing
+    for moe in moe_layers(model):  # the training-only balancing aids (see r1kit.model.moe)
+        moe.aux_loss_alpha, moe.capacity_factor = cfg.moe_aux_loss_alpha, cfg.moe_capacity_factor
     if cfg.precision == "fp8":
         from r1kit.train.fp8 import convert_to_fp8
 
@@ -259,18 +268,25 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, device:
             for group in opt.param_groups:
                 group["lr"] = lr
             loads = [torch.zeros(m.experts.n_experts, dtype=torch.long) for m in layers]
-            loss_sum, mtp_sum = 0.0, 0.0
+            dropped = [0] * len(layers)
+            loss_sum, mtp_sum, aux_sum = 0.0, 0.0, 0.0
             t0 = time.perf_counter()
             for _ in range(cfg.gradient_accumulation):
                 x, y, mask = (t.to(device) for t in train_data.next_batch())
                 with autocast(cfg.precision, device):
                     loss, mtp = step_losses(model, x, y, mask)
                     total_loss = loss if mtp is None else loss + cfg.mtp_loss_weight * mtp
+                    aux = [m.aux_loss for m in layers if m.aux_loss is not None]
+                    if aux:
+                        aux_loss = torch.stack(aux).sum()
+                        total_loss = total_loss + aux_loss
+                        aux_sum += float(aux_loss.detach())
                 (total_loss / cfg.gradient_accumulation).backward()
                 loss_sum += float(loss.detach())
                 mtp_sum += float(mtp.detach()) if mtp is not None else 0.0
                 for i, m in enumerate(layers):
                     loads[i] += m.load.cpu()
+                    dropped[i] += int(m.dropped)
                 tokens += x.numel()
                 tok_log += x.numel()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
@@ -287,9 +303,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, device:
                 now = time.perf_counter()
                 record = {"step": step, "loss": loss_avg, "lr": lr, "tokens": tokens, "grad_norm": grad_norm,
                           "tok_s": tok_log / (now - t_log), "elapsed_s": elapsed}
-                if layers:  # per MoE layer: MaxVio and the tokens each expert received this step
+                if layers:  # per MoE layer: MaxVio, the tokens each expert received and the pairs dropped this step
                     record.update(mtp_loss=mtp_sum / cfg.gradient_accumulation, maxvio=maxvio,
-                                  load=[load.tolist() for load in loads])
+                                  load=[load.tolist() for load in loads], dropped=dropped)
+                    if cfg.moe_aux_loss_alpha:
+                        record["aux_loss"] = aux_sum / cfg.gradient_accumulation
                 elif model.mtp:
                     record["mtp_loss"] = mtp_sum / cfg.gradient_accumulation
                 metrics.write(json.dumps(record) + "\n")
@@ -324,12 +342,15 @@ def save_training_checkpoint(out: Path, cfg: TrainConfig, model: Transformer, op
 
 
 def finalize(out: Path, model: Transformer, tokenizer: Tokenizer, cfg: TrainConfig) -> dict[str, Any]:
-    """Save the trained model in Hugging Face format (bf16) with its tokenizer, and the loss plot."""
+    """Save the trained model in Hugging Face format (bf16) with its tokenizer, the loss plot and, for a MoE,
+    one expert-load heatmap per MoE layer (final/expert_load/)."""
     final = out / "final"
     save_model(model, final, dtype=torch.bfloat16)
     tokenizer.save(final)
     plot = plot_metrics(out / "metrics.jsonl", final / "loss.png")
-    return {"final": str(final), "plot": str(plot) if plot else None}
+    names = [name for name, m in model.named_modules() if isinstance(m, MoE)]  # the order of moe_layers()
+    load_plots = plot_expert_load(out / "metrics.jsonl", final / "expert_load", names) if names else []
+    return {"final": str(final), "plot": str(plot) if plot else None, "expert_load_plots": [str(p) for p in load_plots]}
 
 
 def plot_metrics(metrics_file: Path, png: Path) -> Path | None:
@@ -371,3 +392,43 @@ def plot_metrics(metrics_file: Path, png: Path) -> Path | None:
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return png
+
+
+def plot_expert_load(metrics_file: Path, folder: Path, layer_names: list[str]) -> list[Path]:
+    """One PNG per MoE layer: a heatmap of each expert's load / mean load over the logged steps (1 = balanced),
+    with MaxVio and the dropped pairs underneath. Returns the files written ([] without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib not installed: no expert-load plots written")
+        return []
+    rows = [r for r in map(json.loads, metrics_file.read_text().splitlines()) if "load" in r]
+    if not rows:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    steps = [r["step"] for r in rows]
+    half = (steps[1] - steps[0]) / 2 if len(steps) > 1 else 0.5  # each logged step is one column
+    files = []
+    for i, name in enumerate(layer_names):
+        load = torch.tensor([r["load"][i] for r in rows], dtype=torch.float32)  # (logged steps, E)
+        rel = load / load.mean(1, keepdim=True).clamp(min=1e-9)
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, height_ratios=(3, 1))
+        image = top.imshow(rel.T.numpy(), aspect="auto", cmap="RdBu_r", vmin=0, vmax=2, interpolation="nearest",
+                           extent=(steps[0] - half, steps[-1] + half, load.shape[1] - 0.5, -0.5))
+        fig.colorbar(image, ax=(top, bottom), label="load / mean load")
+        top.set_ylabel("expert")
+        top.set_title(f"{name}: expert load per step")
+        bottom.plot(steps, [r["maxvio"][i] for r in rows], label="MaxVio")
+        bottom.plot(steps, [r.get("dropped", [0] * len(layer_names))[i] / max(1, sum(r["load"][i])) for r in rows],
+                    label="dropped fraction")
+        bottom.set_xlabel("step")
+        bottom.grid(alpha=0.3)
+        bottom.legend()
+        file = folder / f"{name.replace('.', '_')}.png"
+        fig.savefig(file, dpi=100)
+        plt.close(fig)
+        files.append(file)
+    return files
