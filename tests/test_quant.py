@@ -571,3 +571,38 @@ def test_quantized_model_cannot_be_saved_as_deepseek_fp8(tmp_path):
     quantize_model(model, "int8")
     with pytest.raises(CheckpointError, match="already quantized"):
         save_model(model, tmp_path, fp8=True)
+
+
+@torch.no_grad()
+def test_int8_experts_decode_through_the_c_kernel(monkeypatch):
+    """Decode-sized bf16 batches run each routed int8 expert through kernels.linear_int8 (two calls per expert),
+    agreeing with the dequantized reference loop."""
+    if kernels.load() is None:
+        pytest.skip(f"r1kit.kernels unavailable: {kernels.why_not()}")
+    qe = QuantizedExperts.from_experts(make_experts(), "int8")
+    calls = []
+    real = kernels.linear_int8
+    monkeypatch.setattr(kernels, "linear_int8", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    weights, idx = routing(3, 2, [0, 2, 5], seed=2)  # 6 pairs over 3 of the 8 experts
+    fast = qe(x, weights, idx)
+    assert sorted(calls) == sorted(2 * [int((idx == e).sum()) for e in idx.unique().tolist()])
+    assert rel(fast, qe.forward_reference(x, weights, idx)) < 2e-2
+
+
+@torch.no_grad()
+def test_int4_experts_decode_through_torchs_int4_kernel(monkeypatch):
+    """Decode-sized bf16 batches run each routed int4 expert through _weight_int4pack_mm_for_cpu (two calls per
+    expert, its layout built once per expert), agreeing with the dequantized reference loop."""
+    if not qlinear.HAS_INT4_MM:
+        pytest.skip("torch._weight_int4pack_mm_for_cpu is not available")
+    qe = QuantizedExperts.from_experts(make_experts(), "int4", group_size=32)
+    calls = []
+    real = torch._weight_int4pack_mm_for_cpu
+    monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    weights, idx = routing(3, 2, [0, 2, 5], seed=2)
+    fast = qe(x, weights, idx)
+    assert sorted(calls) == sorted(2 * [int((idx == e).sum()) for e in idx.unique().tolist()])
+    assert rel(fast, qe.forward_reference(x, weights, idx)) < 2e-2
+    assert sorted(k for k in qe._int4_cache if k != "key") == [0, 2, 5]  # only the routed experts were packed

@@ -15,6 +15,9 @@ forward: only the experts that received a token in this call (``idx.unique()``) 
 are gathered and converted to the activation dtype (int8, fp8: a conversion, exact, with the per-row scale
 applied to the grouped matmul's output rows instead of the weight; int4: full dequantization), then the same
 sorted grouped dispatch as Experts runs over those U experts with ``torch._grouped_mm``.
+Decode on CPU (<= 8 tokens, bf16, fewer (token, expert) pairs than experts): int8 experts instead run one by one
+through r1kit's C int8 GEMV (``r1kit.kernels.linear_int8``), reading the int8 weights as stored; int4 experts
+through torch's CPU int4 kernel, in its layout, built per expert on first use and kept.
 forward_reference: dequantize every expert (fp32, cast to x's dtype) and run Experts' per-token loop.
 """
 
@@ -24,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from r1kit import kernels
 from r1kit.quant.formats import (
     FP8_DTYPE,
+    INT4_GROUP_SIZES,
     check_int4_group,
     dequantize_fp8,
     dequantize_int4,
@@ -33,7 +38,9 @@ from r1kit.quant.formats import (
     quantize_fp8,
     quantize_int4,
     quantize_int8,
+    unpack_int4,
 )
+from r1kit.quant.linear import HAS_INT4_MM
 
 EXPERT_METHODS = ("int8", "int4", "fp8")
 
@@ -49,6 +56,7 @@ class QuantizedExperts(nn.Module):
         self.n_experts, self.dim, self.hidden, self.method = n_experts, dim, hidden, method
         self.group_size = group_size if method == "int4" else None
         self.reference = False
+        self._int4_cache: dict = {}  # expert id -> torch's CPU int4 kernel layouts (decode path), see _int4_kernel
         for name, (rows, cols) in (("gate_up_proj", (2 * hidden, dim)), ("down_proj", (dim, hidden))):
             if method == "int4":
                 check_int4_group(cols, group_size)
@@ -131,6 +139,13 @@ class QuantizedExperts(nn.Module):
         if N == 0:
             return torch.zeros_like(x)
         dt = x.dtype
+        if (self.method == "int8" and N <= kernels.MAX_ROWS and N * k < self.n_experts and dt == torch.bfloat16
+                and x.device.type == "cpu" and kernels.load() is not None):
+            return self._decode_int8(x, weights, idx)
+        if (self.method == "int4" and N <= kernels.MAX_ROWS and N * k < self.n_experts and dt == torch.bfloat16
+                and x.device.type == "cpu" and HAS_INT4_MM and self.group_size in INT4_GROUP_SIZES
+                and self.dim % 16 == 0 and self.hidden % 8 == 0):
+            return self._decode_int4(x, weights, idx)
         used = idx.unique()  # sorted expert ids that received at least one token
         U = used.numel()
         sel = None if U == self.n_experts else used
@@ -155,6 +170,61 @@ class QuantizedExperts(nn.Module):
         if dn_s is not None:
             ys = ys * dn_s.to(dt)[expert]
         ys = ys * weights.flatten()[order, None].to(dt)
+        return torch.zeros_like(x).index_add_(0, token, ys)
+
+    def _decode_int8(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Decode-sized batches (<= kernels.MAX_ROWS tokens, fewer pairs than experts) on CPU: each expert that
+        received tokens runs on its rows through r1kit's int8 GEMV, reading only that expert's int8 weights
+        (nothing is converted). x (N, C), weights/idx (N, k) -> (N, C)."""
+        k = idx.shape[1]
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)  # pairs sorted by expert
+        token = order // k
+        bounds = [0, *torch.bincount(flat, minlength=self.n_experts).cumsum(0).tolist()]
+        xs = x[token]  # (N*k, C)
+        parts = []
+        for e in range(self.n_experts):
+            lo, hi = bounds[e], bounds[e + 1]
+            if hi > lo:
+                h = kernels.linear_int8(xs[lo:hi], self.gate_up_proj[e], self.gate_up_proj_scale[e])
+                gate, up = h.split(self.hidden, dim=-1)
+                parts.append(kernels.linear_int8(F.silu(gate) * up, self.down_proj[e], self.down_proj_scale[e]))
+        ys = torch.cat(parts) * weights.flatten()[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, ys)
+
+    def _int4_kernel(self, e: int) -> tuple[torch.Tensor, ...]:
+        """Expert e's weights in torch's CPU int4 kernel layout: (gate_up packed, its scales/zeros, down packed,
+        its scales/zeros), built on the expert's first decode and kept (rebuilt when the buffers change)."""
+        key = tuple((t.data_ptr(), t._version) for t in self._buffers.values())
+        if self._int4_cache.get("key") != key:
+            self._int4_cache = {"key": key}
+        if e not in self._int4_cache:
+            out = []
+            for name in ("gate_up_proj", "down_proj"):
+                q, sc, z = (self._buffers[name][e], self._buffers[name + "_scale"][e],
+                            self._buffers[name + "_zero"][e])
+                out += [torch._convert_weight_to_int4pack_for_cpu(unpack_int4(q).to(torch.int32), 1),
+                        torch.stack((sc.t(), z.t()), dim=-1).to(torch.bfloat16).contiguous()]  # (K/G, N, 2)
+            self._int4_cache[e] = tuple(out)
+        return self._int4_cache[e]
+
+    def _decode_int4(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """As _decode_int8, through torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``) per expert."""
+        k = idx.shape[1]
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)
+        token = order // k
+        bounds = [0, *torch.bincount(flat, minlength=self.n_experts).cumsum(0).tolist()]
+        xs = x[token]
+        parts = []
+        for e in range(self.n_experts):
+            lo, hi = bounds[e], bounds[e + 1]
+            if hi > lo:
+                gu, gu_sz, dn, dn_sz = self._int4_kernel(e)
+                gate, up = torch._weight_int4pack_mm_for_cpu(xs[lo:hi], gu, self.group_size, gu_sz).split(
+                    self.hidden, dim=-1)
+                parts.append(torch._weight_int4pack_mm_for_cpu(F.silu(gate) * up, dn, self.group_size, dn_sz))
+        ys = torch.cat(parts) * weights.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys)
 
     def forward_reference(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
