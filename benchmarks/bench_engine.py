@@ -6,7 +6,7 @@ throughput of a continuous-batching workload, on random-weight checkpoints writt
 - Batch-1 decode tokens/s (greedy, a 32-token prompt, timed from the first sampled token to the last) for
   transformers bf16 and r1kit as `R1Model` runs it (the LLMEngine; bf16 with r1kit's CPU decode kernels, int8,
   int4), plus r1kit bf16 through plain F.linear (kernels off) to show what the kernels add. Each is also given as
-  a fraction of its bandwidth limit: the measured read bandwidth (a large tensor sum, same run) divided by the
+  a fraction of its bandwidth limit: the measured read bandwidth (large tensor sums, same run) divided by the
   weight bytes one token reads (all weights but the embedding; for MoE layers only the routed experts a token
   uses, k of E, plus the shared ones).
 - Workload (the dense model): `--requests` requests arriving together, prompts of 32-512 tokens and budgets of
@@ -50,13 +50,17 @@ MODELS = {**MODELS, "deepseek-v3-moe": dict(
 
 
 def read_bandwidth(n_bytes: int = 1 << 30) -> float:
-    """Bytes/s of summing a tensor much larger than the caches (best of 3)."""
-    x = torch.ones(n_bytes // 4)
+    """Bytes/s of reading tensors much larger than the caches: the fastest of fp32, bf16 and int64 sums (best of 5
+    each, after a first touch), i.e. the read bandwidth this CPU's threads can reach, not one op's."""
     best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
+    for dtype in (torch.float32, torch.bfloat16, torch.int64):
+        x = torch.ones(n_bytes // torch.empty((), dtype=dtype).element_size(), dtype=dtype)
         x.sum()
-        best = min(best, time.perf_counter() - t)
+        for _ in range(5):
+            t = time.perf_counter()
+            x.sum()
+            best = min(best, time.perf_counter() - t)
+        del x
     return n_bytes / best
 
 

@@ -161,7 +161,6 @@ def cmd_convert(a: argparse.Namespace) -> None:
 
 def cmd_quantize(a: argparse.Namespace) -> None:
     """Write a weight-quantized checkpoint (int8, int4, fp8) that R1Model.from_pretrained loads back quantized."""
-    import os
     import shutil
 
     import torch
@@ -238,8 +237,6 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
 def cmd_serve(a: argparse.Namespace) -> None:
     """Serve a model: OpenAI-compatible HTTP API, chat page at /, metrics; gRPC too with --grpc-port."""
-    import importlib.util
-    import os
     import signal
 
     from r1kit.api import R1Model
@@ -254,13 +251,10 @@ def cmd_serve(a: argparse.Namespace) -> None:
                             request_timeout=a.request_timeout, kv_cache_bytes=int(a.kv_cache_gb * 2**30))
     service.start()
     grpc_server = None
-    if a.grpc_port is not None:
-        if importlib.util.find_spec("r1kit.serve.grpc_service") is None:
-            raise ValueError("--grpc-port: this r1kit has no gRPC service (r1kit.serve.grpc_service)")
-        from r1kit.serve.grpc_service import serve_grpc
-
     api_key = a.api_key or os.environ.get("R1KIT_API_KEY") or None
     if a.grpc_port is not None:  # the same key guards both APIs
+        from r1kit.serve.grpc_service import serve_grpc
+
         grpc_server = serve_grpc(service, a.grpc_port, a.host, api_key=api_key)
     server = build_server(service, host=a.host, port=a.port, api_key=api_key, shutdown_timeout=a.shutdown_timeout,
                           on_exit=(lambda: grpc_server.stop(a.shutdown_timeout)) if grpc_server else None)

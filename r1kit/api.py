@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -85,15 +86,23 @@ class ChatReply:
 
 
 class R1Model:
-    """A loaded model + tokenizer on one device, with text generation and chat."""
+    """A loaded model + tokenizer on one device, with text generation and chat.
+
+    One generation at a time: a batch of prompts is one call, and a stream must be finished or closed before
+    the next call. An R1Model is not thread-safe; concurrent requests go through `r1kit.serve.EngineService`,
+    which owns an engine on its own thread.
+    """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, path: Path | None = None,
                  device_reason: str = "", kv_cache_bytes: int = KV_CACHE_BYTES):
         self.model, self.tokenizer, self.path = model, tokenizer, path
         self.device_reason = device_reason
         self.kv_cache_bytes = kv_cache_bytes  # cap on the engine's paged KV pool
-        self.use_engine = True  # False: the plain KV-cache decode loop (generate_tokens), the reference path
+        # False: the plain KV-cache decode loop (generate_tokens), the reference path; also what sparse-attention
+        # models use, since the paged engine does not run sparse layers
+        self.use_engine = model.config.sparse_attention is None
         self._engine: LLMEngine | None = None
+        self._ids = itertools.count()  # engine request ids
         self.speculative_stats: SpeculativeStats | None = None  # of the last speculative generate()
 
     @property
@@ -303,7 +312,7 @@ class R1Model:
         rows = {}
         try:
             for row, prompt in enumerate(prompts):
-                rid = f"r1model-{row}"
+                rid = f"r1model-{next(self._ids)}"
                 engine.add_request(rid, prompt, params)
                 rows[rid] = row
             while engine.has_unfinished():

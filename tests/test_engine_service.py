@@ -21,7 +21,9 @@ QUESTIONS = ["What is 47+38?", "What is 305-178?", "What is 12*7?"]
 
 @pytest.fixture(scope="module")
 def model() -> R1Model:
-    return R1Model.from_pretrained("r1kit/nano", device="cpu", dtype="fp32")
+    model = R1Model.from_pretrained("r1kit/nano", device="cpu", dtype="fp32")
+    model.use_engine = False  # model.generate / chat, the reference, run the plain KV-cache loop (no engine)
+    return model
 
 
 @pytest.fixture
@@ -234,3 +236,43 @@ def test_kv_cache_size(model):
     assert EngineService(model, max_num_seqs=4).kv_blocks_total == 4 * per_request  # room for 4 full contexts
     assert EngineService(model, max_num_seqs=4, kv_cache_bytes=1 << 20).kv_blocks_total == per_request  # capped
     assert EngineService(model, num_blocks=7).kv_blocks_total == 7
+
+
+def test_stop_string_limits(service):
+    ids = service.encode_prompt(CODE)
+    with pytest.raises(GenerationError, match="at most 4 strings"):
+        service.submit(ids, greedy(4, stop=["a", "b", "c", "d", "e"]))
+    with pytest.raises(GenerationError, match="256 characters"):
+        service.submit(ids, greedy(4, stop=["x" * 257]))
+
+
+def test_a_dead_engine_thread_fails_its_requests_and_closes_the_service(model):
+    """An unexpected error on the engine thread (here: in the engine itself) ends every request with an error
+    and closes the service (health then reports it down), instead of leaving callers waiting forever."""
+    svc = EngineService(model, max_queue=4, max_num_seqs=4)
+    svc.start()
+    try:
+        stream = iter(svc.submit(svc.encode_prompt(CODE), greedy(200)))
+        next(stream)
+
+        def broken() -> bool:
+            raise RuntimeError("simulated engine failure")
+
+        svc.engine.has_unfinished = broken
+        with pytest.raises(RuntimeError, match="simulated engine failure"):  # the stream ends with the error
+            list(stream)
+        assert svc.closed
+        with pytest.raises(ServiceClosedError):
+            svc.submit(svc.encode_prompt(CODE), greedy(4))
+    finally:
+        svc.shutdown(drain=False)
+
+
+def test_sparse_models_are_refused_clearly(tmp_path):
+    from r1kit.model.config import preset
+    from r1kit.model.transformer import Transformer
+
+    sparse = R1Model(Transformer(preset("tiny-dense", sparse_attention="local_global")).init_weights(0), None)
+    assert not sparse.use_engine  # R1Model.generate runs them on the KV-cache loop
+    with pytest.raises(GenerationError, match="does not run sparse layers"):
+        EngineService(sparse)

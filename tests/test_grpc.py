@@ -59,7 +59,9 @@ def free_ports(n: int) -> int:
 
 @pytest.fixture(scope="module")
 def model() -> R1Model:
-    return R1Model.from_pretrained("r1kit/nano", device="cpu", dtype="fp32")
+    model = R1Model.from_pretrained("r1kit/nano", device="cpu", dtype="fp32")
+    model.use_engine = False  # the reference (model.generate / chat) runs the plain KV-cache loop, not an engine
+    return model
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,9 @@ QUESTION = [{"role": "user", "content": "What is 47+38?"}]
 
 @pytest.fixture(scope="module")
 def model() -> R1Model:
-    return R1Model.from_pretrained(MODEL, device="cpu", dtype="fp32")
+    model = R1Model.from_pretrained(MODEL, device="cpu", dtype="fp32")
+    model.use_engine = False  # the reference (model.generate / chat) runs the plain KV-cache loop, not an engine
+    return model
 
 
 @contextlib.contextmanager

@@ -314,3 +314,21 @@ def test_sparse_model_checkpoint_round_trip(make_model, tmp_path, attn, kind):
     ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), model(ids))
+
+
+def test_sparse_models_generate_without_the_engine_and_refuse_speculation(make_model):
+    """R1Model runs sparse models on the KV-cache loop (the paged engine has no sparse path), and speculative
+    decoding refuses them: their caches cannot be rolled back past rejected drafts."""
+    from r1kit.api import R1Model
+    from r1kit.engine.speculative import speculative_generate
+    from r1kit.generate import GenerationError
+
+    model = build(make_model, "gqa", "local_global", num_mtp_layers=1)
+    r1 = R1Model(model, None)
+    assert not r1.use_engine
+    prompt = [3, 9, 4, 1, 7, 2]
+    got = r1.generate(input_ids=prompt, max_new_tokens=6, temperature=0)
+    want = [t[0] for t in generate_tokens(model, [prompt], SamplingParams(max_new_tokens=6, temperature=0))]
+    assert got == "".join(f"<{t}>" for t in want)
+    with pytest.raises(GenerationError, match="cannot be rolled back"):
+        next(speculative_generate(model, prompt, SamplingParams(max_new_tokens=4, temperature=0)))

@@ -241,6 +241,10 @@ def speculative_generate(model: Transformer, prompt_ids: Sequence[int] | torch.T
     num_draft: drafts per round (default: the model's MTP depths; more reuse the last depth). stats, when
     given, accumulates the counters (acceptance rate, forwards).
     """
+    if model.config.sparse_attention is not None:
+        raise GenerationError(f"speculative decoding: {model.config.sparse_attention!r} sparse attention caches "
+                              "(rolling windows, block sums) cannot be rolled back past rejected drafts; "
+                              "generate without speculative=True")
     prompt = _check_prompt(prompt_ids)
     if not model.mtp:
         raise GenerationError("speculative decoding needs MTP layers, and this model has none "

@@ -8,7 +8,8 @@ per-row scales, vpdpwssd against the activations rounded to int16 per row), thre
 The kernels are compiled on first use with the system's C compiler (`gcc -O3 -march=native -fopenmp`, about a
 second) into ``$R1KIT_CACHE`` (default ``~/.cache/r1kit``), keyed by the source and the CPU; without a
 compiler, or on a CPU without AVX-512 bf16, or with ``R1KIT_KERNELS=0``, everything falls back to
-``F.linear`` (the reference path; tests/test_kernels.py checks that both agree).
+``F.linear`` (the reference path; tests/test_kernels.py checks that both agree where the kernels can run, and
+CI sets ``R1KIT_REQUIRE_KERNELS=1`` so that they must).
 
     from r1kit import kernels
     kernels.accelerate(model)          # its nn.Linear modules take the kernel for <= 8 rows (bf16, CPU, no grad)
@@ -101,15 +102,18 @@ def why_not() -> str:
     return _reason
 
 
-def _rows_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == torch.bfloat16
-            and x.numel() <= MAX_ROWS * x.shape[-1] and x.numel() > 0
+def _rows_ok(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the kernels take this product: CPU, bf16 activations of 1..MAX_ROWS rows, no autograd, and
+    shapes that agree (otherwise F.linear runs, and raises its own error for a mismatch)."""
+    return (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() >= 1
+            and w.dim() == 2 and x.shape[-1] == w.shape[1] and 0 < x.numel() <= MAX_ROWS * x.shape[-1]
+            and (bias is None or bias.shape == (w.shape[0],))
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, w, bias), through the bf16 kernel when x has <= MAX_ROWS rows (x (..., K), w (N, K))."""
-    if not (_rows_ok(x, w) and w.dtype == torch.bfloat16 and load() is not None):
+    if not (_rows_ok(x, w, bias) and w.dtype == torch.bfloat16 and load() is not None):
         return F.linear(x, w, bias)
     K, N = x.shape[-1], w.shape[0]
     x2 = x.reshape(-1, K).contiguous()
@@ -126,13 +130,15 @@ def linear_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: tor
     """(x @ w.T) * scale + bias for int8 weights w (N, K) with per-row fp32 scales (N,) and bf16 x with <=
     MAX_ROWS rows (rounded to int16 per row inside the kernel); None when the kernel does not apply (the
     caller takes its own path)."""
-    if not (_rows_ok(x, w) and w.dtype == torch.int8 and scale.dtype == torch.float32 and load() is not None):
+    if not (_rows_ok(x, w, bias) and w.dtype == torch.int8 and scale.dtype == torch.float32
+            and scale.shape == (w.shape[0],) and load() is not None):
         return None
     K, N = x.shape[-1], w.shape[0]
     x2 = x.reshape(-1, K).contiguous()
+    w, scale = w.contiguous(), scale.contiguous()  # bound: the C call reads their memory
     b = None if bias is None else bias.to(torch.bfloat16).contiguous()
     y = x.new_empty(x2.shape[0], N)
-    if _lib.gemv_int8(x2.data_ptr(), w.contiguous().data_ptr(), scale.contiguous().data_ptr(),
+    if _lib.gemv_int8(x2.data_ptr(), w.data_ptr(), scale.data_ptr(),
                       None if b is None else b.data_ptr(), y.data_ptr(), x2.shape[0], N, K, torch.get_num_threads()):
         raise MemoryError(f"int8 kernel: no memory for {x2.shape[0]} x {K} int16 activations")
     return y.view(*x.shape[:-1], N)

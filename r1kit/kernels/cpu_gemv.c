@@ -18,7 +18,7 @@
 #include <string.h>
 
 #define MAX_M 8
-#define INT8_CHUNK 1024 /* |int16 * int8| < 2^22, so an int32 sum of 1024 of them cannot overflow */
+#define INT8_CHUNK 1024 /* |int16 * int8| <= 2^22; a chunk puts 1024 / 16 = 64 products in each int32 lane: < 2^28 */
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;

@@ -90,6 +90,23 @@ class Router(nn.Module):
         return weights * self.scaling, idx
 
 
+def dispatch_active(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, n_experts: int,
+                    run_expert: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Decode-sized batches (fewer (token, expert) pairs than experts): sort the pairs by expert and run only the
+    experts that received tokens, each once on its rows, ``run_expert(e, rows (R, C)) -> (R, C)``; the outputs
+    are weighted and summed back per token. x (N, C), weights/idx (N, k) -> (N, C)."""
+    k = idx.shape[1]
+    flat = idx.flatten()  # (N*k,)
+    order = flat.argsort(stable=True)  # pairs sorted by expert
+    token = order // k  # (N*k,) source token of each sorted pair
+    counts = torch.bincount(flat, minlength=n_experts)  # (E,)
+    used = counts.nonzero().flatten()  # the experts that received tokens, in id order (= the sorted order)
+    rows = x[token].split(counts[used].tolist())
+    ys = torch.cat([run_expert(e, r) for e, r in zip(used.tolist(), rows, strict=True)])  # (N*k, C)
+    ys = ys * weights.flatten()[order, None].to(ys.dtype)
+    return torch.zeros_like(x).index_add_(0, token, ys)
+
+
 class Experts(nn.Module):
     """n routed SwiGLU experts stored stacked: gate_up (E, 2I, C), down (E, C, I)."""
 
@@ -102,32 +119,23 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Grouped dispatch. x (N, C), weights/idx (N, k) -> (N, C)."""
         N, k = idx.shape
+        if x.device.type == "cpu" and N * k < self.n_experts:  # decode-sized: CPU's grouped_mm runs every group
+            return dispatch_active(x, weights, idx, self.n_experts, self._expert)
         flat = idx.flatten()  # (N*k,) expert of each (token, slot) pair
         order = flat.argsort(stable=True)  # pairs sorted by expert
         token = order // k  # (N*k,) source token of each sorted pair
         ends = torch.bincount(flat, minlength=self.n_experts).cumsum(0).to(torch.int32)  # (E,) group ends
         xs = x[token]  # (N*k, C)
-        if x.device.type == "cpu" and N * k < self.n_experts:
-            ys = self._active_experts(xs, ends)
-        else:
-            h = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=ends)  # (N*k, 2I)
-            gate, up = h.split(self.hidden, dim=-1)
-            ys = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=ends)  # (N*k, C)
+        h = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=ends)  # (N*k, 2I)
+        gate, up = h.split(self.hidden, dim=-1)
+        ys = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=ends)  # (N*k, C)
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys)
 
-    def _active_experts(self, xs: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-        """Decode-sized batches on CPU: fewer (token, expert) pairs than experts, so run only the experts that
-        received tokens, each on its contiguous slice (CPU's grouped_mm runs a matmul for every group, empty
-        or not). xs (P, C) sorted by expert, ends (E,) -> (P, C)."""
-        bounds = torch.cat((ends.new_zeros(1), ends)).tolist()
-        parts = []
-        for e in range(self.n_experts):
-            lo, hi = bounds[e], bounds[e + 1]
-            if hi > lo:
-                gate, up = kernels.linear(xs[lo:hi], self.gate_up_proj[e]).split(self.hidden, dim=-1)
-                parts.append(kernels.linear(F.silu(gate) * up, self.down_proj[e]))
-        return torch.cat(parts)
+    def _expert(self, e: int, xs: torch.Tensor) -> torch.Tensor:
+        """Expert e on its rows xs (R, C) -> (R, C), through r1kit's decode kernels where they apply."""
+        gate, up = kernels.linear(xs, self.gate_up_proj[e]).split(self.hidden, dim=-1)
+        return kernels.linear(F.silu(gate) * up, self.down_proj[e])
 
     def forward_reference(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The plain loop over tokens and their k experts (the definition the fast path must match)."""

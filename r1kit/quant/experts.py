@@ -17,17 +17,21 @@ applied to the grouped matmul's output rows instead of the weight; int4: full de
 sorted grouped dispatch as Experts runs over those U experts with ``torch._grouped_mm``.
 Decode on CPU (<= 8 tokens, bf16, fewer (token, expert) pairs than experts): int8 experts instead run one by one
 through r1kit's C int8 GEMV (``r1kit.kernels.linear_int8``), reading the int8 weights as stored; int4 experts
-through torch's CPU int4 kernel, in its layout, built per expert on first use and kept.
+through torch's CPU int4 kernel, in its layout, built per expert on first use and kept (a second, packed copy
+of each int4 expert that has decoded: at most the experts' int4 bytes again).
 forward_reference: dequantize every expert (fp32, cast to x's dtype) and run Experts' per-token loop.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from r1kit import kernels
+from r1kit.model.moe import dispatch_active
 from r1kit.quant.formats import (
     FP8_DTYPE,
     INT4_GROUP_SIZES,
@@ -139,13 +143,13 @@ class QuantizedExperts(nn.Module):
         if N == 0:
             return torch.zeros_like(x)
         dt = x.dtype
-        if (self.method == "int8" and N <= kernels.MAX_ROWS and N * k < self.n_experts and dt == torch.bfloat16
-                and x.device.type == "cpu" and kernels.load() is not None):
-            return self._decode_int8(x, weights, idx)
-        if (self.method == "int4" and N <= kernels.MAX_ROWS and N * k < self.n_experts and dt == torch.bfloat16
-                and x.device.type == "cpu" and HAS_INT4_MM and self.group_size in INT4_GROUP_SIZES
+        decode = (N <= kernels.MAX_ROWS and N * k < self.n_experts and dt == torch.bfloat16
+                  and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad))
+        if self.method == "int8" and decode and kernels.load() is not None:
+            return self._dispatch_decode(x, weights, idx, self._int8_expert)
+        if (self.method == "int4" and decode and HAS_INT4_MM and self.group_size in INT4_GROUP_SIZES
                 and self.dim % 16 == 0 and self.hidden % 8 == 0):
-            return self._decode_int4(x, weights, idx)
+            return self._dispatch_decode(x, weights, idx, self._int4_expert)
         used = idx.unique()  # sorted expert ids that received at least one token
         U = used.numel()
         sel = None if U == self.n_experts else used
@@ -172,25 +176,17 @@ class QuantizedExperts(nn.Module):
         ys = ys * weights.flatten()[order, None].to(dt)
         return torch.zeros_like(x).index_add_(0, token, ys)
 
-    def _decode_int8(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Decode-sized batches (<= kernels.MAX_ROWS tokens, fewer pairs than experts) on CPU: each expert that
-        received tokens runs on its rows through r1kit's int8 GEMV, reading only that expert's int8 weights
-        (nothing is converted). x (N, C), weights/idx (N, k) -> (N, C)."""
-        k = idx.shape[1]
-        flat = idx.flatten()
-        order = flat.argsort(stable=True)  # pairs sorted by expert
-        token = order // k
-        bounds = [0, *torch.bincount(flat, minlength=self.n_experts).cumsum(0).tolist()]
-        xs = x[token]  # (N*k, C)
-        parts = []
-        for e in range(self.n_experts):
-            lo, hi = bounds[e], bounds[e + 1]
-            if hi > lo:
-                h = kernels.linear_int8(xs[lo:hi], self.gate_up_proj[e], self.gate_up_proj_scale[e])
-                gate, up = h.split(self.hidden, dim=-1)
-                parts.append(kernels.linear_int8(F.silu(gate) * up, self.down_proj[e], self.down_proj_scale[e]))
-        ys = torch.cat(parts) * weights.flatten()[order, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys)
+    def _dispatch_decode(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
+                         run_expert: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Decode-sized batches on CPU: each expert that received tokens runs on its rows with run_expert(e, xs)
+        (`moe.dispatch_active`), reading only its own quantized weights. x (N, C), weights/idx (N, k) -> (N, C)."""
+        return dispatch_active(x, weights, idx, self.n_experts, run_expert)
+
+    def _int8_expert(self, e: int, xs: torch.Tensor) -> torch.Tensor:
+        """Expert e on xs (R, C) through r1kit's int8 GEMV, the int8 weights read as stored."""
+        h = kernels.linear_int8(xs, self.gate_up_proj[e], self.gate_up_proj_scale[e])
+        gate, up = h.split(self.hidden, dim=-1)
+        return kernels.linear_int8(F.silu(gate) * up, self.down_proj[e], self.down_proj_scale[e])
 
     def _int4_kernel(self, e: int) -> tuple[torch.Tensor, ...]:
         """Expert e's weights in torch's CPU int4 kernel layout: (gate_up packed, its scales/zeros, down packed,
@@ -208,24 +204,11 @@ class QuantizedExperts(nn.Module):
             self._int4_cache[e] = tuple(out)
         return self._int4_cache[e]
 
-    def _decode_int4(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """As _decode_int8, through torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``) per expert."""
-        k = idx.shape[1]
-        flat = idx.flatten()
-        order = flat.argsort(stable=True)
-        token = order // k
-        bounds = [0, *torch.bincount(flat, minlength=self.n_experts).cumsum(0).tolist()]
-        xs = x[token]
-        parts = []
-        for e in range(self.n_experts):
-            lo, hi = bounds[e], bounds[e + 1]
-            if hi > lo:
-                gu, gu_sz, dn, dn_sz = self._int4_kernel(e)
-                gate, up = torch._weight_int4pack_mm_for_cpu(xs[lo:hi], gu, self.group_size, gu_sz).split(
-                    self.hidden, dim=-1)
-                parts.append(torch._weight_int4pack_mm_for_cpu(F.silu(gate) * up, dn, self.group_size, dn_sz))
-        ys = torch.cat(parts) * weights.flatten()[order, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys)
+    def _int4_expert(self, e: int, xs: torch.Tensor) -> torch.Tensor:
+        """Expert e on xs (R, C) through torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``)."""
+        gu, gu_sz, dn, dn_sz = self._int4_kernel(e)
+        gate, up = torch._weight_int4pack_mm_for_cpu(xs, gu, self.group_size, gu_sz).split(self.hidden, dim=-1)
+        return torch._weight_int4pack_mm_for_cpu(F.silu(gate) * up, dn, self.group_size, dn_sz)
 
     def forward_reference(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Dequantize every expert, then the plain loop over tokens and their k experts."""

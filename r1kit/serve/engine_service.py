@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -34,6 +35,10 @@ from r1kit.engine import Sequence as EngineSequence
 from r1kit.generate import GenerationError, SamplingParams
 from r1kit.model.transformer import ContextLengthError
 from r1kit.tokenizer import StreamDecoder
+
+log = logging.getLogger("r1kit")
+
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 256  # stop strings are matched on every token, on the engine thread
 
 
 class QueueFullError(RuntimeError):
@@ -209,6 +214,9 @@ class EngineService:
                              "and max_num_seqs >= 1")
         if request_timeout is not None and request_timeout <= 0:
             raise ValueError(f"request_timeout = {request_timeout}: must be > 0 seconds (or None: no limit)")
+        if model.config.sparse_attention is not None:
+            raise GenerationError(f"{model.config.sparse_attention!r} sparse attention: the serving engine (paged KV "
+                                  "cache) does not run sparse layers yet; use R1Model.generate / chat for this model")
         self.model = model
         self.model_name = model_name or _model_name(model)
         self.context_length = model.config.max_position_embeddings
@@ -338,6 +346,9 @@ class EngineService:
         if not isinstance(params, SamplingParams):
             raise GenerationError(f"params must be a SamplingParams, not {type(params).__name__}")
         params.validate()
+        if len(params.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in params.stop):
+            raise GenerationError(f"stop: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters "
+                                  "(each is searched for on every token)")
         prompt = list(prompt_ids)
         vocab = self.model.config.vocab_size
         for i, t in enumerate(prompt):
@@ -365,8 +376,25 @@ class EngineService:
         self._lock.notify_all()
 
     def _loop(self, num_threads: int) -> None:
-        """The engine thread: admit, abort, time out, step, hand out tokens; sleep when there is no work."""
+        """The engine thread (see _serve); an unexpected error closes the service and fails every request,
+        instead of leaving them waiting on a dead thread (health checks then report the replica down)."""
         torch.set_num_threads(num_threads)  # the starting thread's setting (OpenMP keeps it per thread)
+        try:
+            self._serve()
+        except Exception as e:  # noqa: BLE001 - anything: the thread must not die silently
+            log.exception("engine thread failed: closing the service")
+            with self._lock:
+                self._closed = True
+                handles = [*self._waiting, *self._running.values()]
+                self._waiting.clear()
+                self._running.clear()
+                self._lock.notify_all()
+            for handle in handles:
+                handle._mark_finished("error", e)
+                handle._put(TextDelta("", [], True, "error"))
+
+    def _serve(self) -> None:
+        """Admit, abort, time out, step, hand out tokens; sleep when there is no work; return once stopped."""
         while True:
             with self._lock:
                 while not (self._stopping or self._waiting or self._running or self._aborts):

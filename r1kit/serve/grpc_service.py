@@ -21,6 +21,7 @@ import argparse
 import hmac
 import logging
 import math
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -302,13 +303,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-num-seqs", type=int, default=32, help="requests decoded together")
     p.add_argument("--request-timeout", type=float, default=None, help="seconds per request (server side)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--api-key", default=None, help="require 'authorization: Bearer KEY' (or set R1KIT_API_KEY)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     model = R1Model.from_pretrained(a.model, device=a.device, dtype=a.dtype)
     service = EngineService(model, max_queue=a.max_queue, max_num_seqs=a.max_num_seqs,
                             request_timeout=a.request_timeout)
     service.start()
-    server = serve_grpc(service, a.port, a.host)
+    server = serve_grpc(service, a.port, a.host, api_key=a.api_key or os.environ.get("R1KIT_API_KEY") or None)
 
     def stop() -> None:
         server.health.enter_graceful_shutdown()  # watchers move their traffic elsewhere first
