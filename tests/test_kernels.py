@@ -93,3 +93,21 @@ def test_accelerate_swaps_linears_and_keeps_outputs(make_model):
         cache = model.new_cache(1, 8)
         model(ids[:, :3], cache)
         torch.testing.assert_close(model(ids[:, 3:], cache)[:, -1], step_before, rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 64), (3, 5, 100), (2, 7)])
+def test_rms_norm_kernel_matches_the_torch_ops(shape):
+    from r1kit.model.attention import RMSNorm
+
+    g = torch.Generator().manual_seed(shape[-1])
+    norm = RMSNorm(shape[-1], eps=1e-5).to(torch.bfloat16)
+    norm.weight.data = torch.randn(shape[-1], generator=g).bfloat16()
+    x = (torch.randn(shape, generator=g) * 3).bfloat16()
+    with torch.inference_mode():
+        got = kernels.rms_norm(x, norm.weight, norm.eps)
+        x32 = x.float()  # RMSNorm's own ops (the reference path)
+        want = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.eps)).to(torch.bfloat16)
+        assert torch.equal(norm(x), got)  # the module takes the kernel
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    torch.testing.assert_close(got, want, rtol=2 ** -7, atol=0)  # one bf16 rounding apart at most
+    assert kernels.rms_norm(x.float(), norm.weight, norm.eps) is None  # fp32: the module's torch ops

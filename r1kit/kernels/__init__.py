@@ -1,4 +1,4 @@
-"""CPU decode kernels: batch-1..8 bf16 and int8 matrix-vector products in C (`cpu_gemv.c`).
+"""CPU decode kernels in C (`cpu_gemv.c`): batch-1..8 bf16 and int8 matrix-vector products, and RMSNorm.
 
 Batch-1 decode reads every weight once per token, so its speed is how fast the weights stream from memory.
 PyTorch's CPU bf16 matmul is built for large batches and reaches only a fraction of the memory bandwidth at
@@ -89,7 +89,8 @@ def load() -> ctypes.CDLL | None:
             p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
             lib.gemv_bf16.argtypes = [p, p, p, p, i32, i64, i64, i32]
             lib.gemv_int8.argtypes = [p, p, p, p, p, i32, i64, i64, i32]
-            lib.gemv_bf16.restype, lib.gemv_int8.restype = None, ctypes.c_int
+            lib.rmsnorm_bf16.argtypes = [p, p, p, i64, i64, ctypes.c_float]
+            lib.gemv_bf16.restype, lib.gemv_int8.restype, lib.rmsnorm_bf16.restype = None, ctypes.c_int, None
             _lib = lib
     if _lib is None:
         log.info("r1kit CPU decode kernels off: %s; using F.linear", _reason)
@@ -144,6 +145,20 @@ def linear_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: tor
     return y.view(*x.shape[:-1], N)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """RMSNorm of bf16 x (..., K) with a bf16 weight (K,) in one C call (`rmsnorm_bf16`); None when the kernel
+    does not apply (another dtype or device, autograd, kernels unavailable): the caller runs its own ops."""
+    if not (x.device.type == "cpu" and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+            and weight.device.type == "cpu" and weight.shape == x.shape[-1:] and x.numel() > 0
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and load() is not None):
+        return None
+    x2 = x.contiguous()
+    w = weight.contiguous()
+    y = torch.empty_like(x2)
+    _lib.rmsnorm_bf16(x2.data_ptr(), w.data_ptr(), y.data_ptr(), x2.numel() // x2.shape[-1], x2.shape[-1], eps)
+    return y
+
+
 class FastLinear(nn.Linear):
     """nn.Linear whose few-row bf16 products take the decode kernel (same parameters, same state dict)."""
 
@@ -164,4 +179,4 @@ def accelerate(model: nn.Module) -> int:
     return n
 
 
-__all__ = ["MAX_ROWS", "FastLinear", "accelerate", "linear", "linear_int8", "load", "why_not"]
+__all__ = ["MAX_ROWS", "FastLinear", "accelerate", "linear", "linear_int8", "load", "rms_norm", "why_not"]

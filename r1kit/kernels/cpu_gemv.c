@@ -124,3 +124,23 @@ int gemv_int8(const uint16_t *x, const int8_t *w, const float *scale, const uint
     free(xq);
     return 0;
 }
+
+/* ------------------------------------------------------------------------------------------ RMSNorm */
+
+/* y (M, K) bf16 = w * bf16(x * rsqrt(mean(x^2) + eps)), in fp32, rounded to bf16 where
+ * r1kit.model.attention.RMSNorm rounds (the normalized x, then the product with the bf16 weight). One call for
+ * what is eight tensor ops in PyTorch; at decode sizes those ops' dispatch costs more than their arithmetic. */
+void rmsnorm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, int64_t K, float eps) {
+    for (int64_t m = 0; m < M; m++) {
+        const uint16_t *xr = x + m * K;
+        uint16_t *yr = y + m * K;
+        float ss = 0.f;
+        for (int64_t k = 0; k < K; k++) {
+            float v = bf16_to_f32(xr[k]);
+            ss += v * v;
+        }
+        float r = 1.f / sqrtf(ss / (float)K + eps);
+        for (int64_t k = 0; k < K; k++)
+            yr[k] = f32_to_bf16(bf16_to_f32(w[k]) * bf16_to_f32(f32_to_bf16(bf16_to_f32(xr[k]) * r)));
+    }
+}
