@@ -26,7 +26,7 @@ from r1kit.engine.speculative import SpeculativeStats, speculative_generate
 from r1kit.generate import GenerationError, SamplingParams, generate_tokens
 from r1kit.model.config import format_count
 from r1kit.model.transformer import Transformer
-from r1kit.tokenizer import Tokenizer, split_reasoning
+from r1kit.tokenizer import TextStream, Tokenizer, split_reasoning
 
 log = logging.getLogger("r1kit")
 BUNDLED_DIR = Path(__file__).parent  # bundled models live in the package: r1kit/<name>
@@ -239,12 +239,9 @@ class R1Model:
     def _stream_rows(self, prompts: list[list[int]], params: SamplingParams,
                      usage: dict[str, int] | None = None, speculative: bool = False) -> Iterator[tuple[int, str]]:
         """(row, new text) pieces as tokens arrive; holds back text that might start a stop string."""
-        tok = self.tokenizer
         stop_ids = set(self.stop_ids())
-        decoders = [tok.stream_decoder(skip_special_tokens=True) if tok else None for _ in prompts]
-        pending = [""] * len(prompts)
+        streams = [TextStream(self.tokenizer, params.stop, stop_ids) for _ in prompts]
         finished = [False] * len(prompts)
-        hold = max((len(s) for s in params.stop), default=1) - 1
         if usage is not None:
             usage.update(prompt_tokens=sum(map(len, prompts)), completion_tokens=0)
         if speculative:
@@ -259,32 +256,15 @@ class R1Model:
                     continue
                 if usage is not None:
                     usage["completion_tokens"] += 1
-                if token in stop_ids:
-                    finished[row] = True
-                    text = pending[row] + (decoders[row].flush() if decoders[row] else "")
-                else:
-                    text = pending[row] + (decoders[row].push(token) if decoders[row] else f"<{token}>")
-                cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
-                if cut >= 0:
-                    finished[row] = True
-                    text = text[:cut]
-                if finished[row]:
-                    pending[row] = ""
-                    if text:
-                        yield row, text
-                    continue
-                split = max(0, len(text) - hold) if params.stop else len(text)
-                pending[row] = text[split:]
-                if split:
-                    yield row, text[:split]
+                text, finished[row] = streams[row].push(token)
+                if text:
+                    yield row, text
             if all(finished):
                 steps.close()
                 return
-        for row in range(len(prompts)):  # out of budget: flush what is still held back
-            if not finished[row]:
-                rest = pending[row] + (decoders[row].flush() if decoders[row] else "")
-                if rest:
-                    yield row, rest
+        for row in range(len(prompts)):  # out of budget: release what is still held back
+            if not finished[row] and (rest := streams[row].flush()):
+                yield row, rest
 
     def engine(self, min_blocks: int = 1, block_size: int = 16) -> LLMEngine:
         """The model's inference engine (continuous batching over a paged KV cache; see r1kit.engine), made on

@@ -11,7 +11,7 @@ and :class:`ReasoningStreamParser` does the same incrementally while it is gener
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +258,52 @@ class StreamDecoder:
         new_text = self._decode(self._prefix_offset)
         self._prefix_offset = self._read_offset = len(self._ids)
         return new_text[len(prefix_text) :]
+
+
+class TextStream:
+    """The text of one generation as its token ids arrive: incremental detokenization (`StreamDecoder`), stop
+    ids, and stop strings, which are cut out of the text and held back while they may still be starting.
+
+        stream = TextStream(tokenizer, stop=["\n\n"], stop_ids=tokenizer.stop_ids)
+        text, ended = stream.push(token)           # the text this token releases; ended: a stop id or string
+        text, ended = stream.push(token, last=True)  # the budget ends here: nothing is held back
+    Without a tokenizer, each token shows as "<id>".
+    """
+
+    def __init__(self, tokenizer: Tokenizer | None, stop: Sequence[str] = (), stop_ids: Collection[int] = ()):
+        self.decoder = tokenizer.stream_decoder(skip_special_tokens=True) if tokenizer is not None else None
+        self.stop, self.stop_ids = list(stop), stop_ids
+        self.hold = max((len(s) for s in self.stop), default=1) - 1  # chars that may start a stop string
+        self.pending = ""  # text held back
+
+    def push(self, token: int, last: bool = False) -> tuple[str, bool]:
+        """The text released by one more token, and whether the generation ends at it (a stop id, whose own
+        text is not output, or a stop string, cut out with everything after it). ``last``: the token budget
+        ends here, so everything held back is released."""
+        if token in self.stop_ids:
+            text, ended = self.pending + self._decoded_rest(), True
+        else:
+            text, ended = self.pending + (self.decoder.push(token) if self.decoder else f"<{token}>"), False
+            if last:
+                text += self._decoded_rest()
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text, ended = text[:cut], True
+        if ended or last:
+            self.pending = ""
+            return text, ended
+        split = max(0, len(text) - self.hold) if self.stop else len(text)
+        self.pending = text[split:]
+        return text[:split], False
+
+    def flush(self) -> str:
+        """What is still held back (the budget ended without a last=True push)."""
+        rest = self.pending + self._decoded_rest()
+        self.pending = ""
+        return rest
+
+    def _decoded_rest(self) -> str:
+        return self.decoder.flush() if self.decoder else ""
 
 
 def split_reasoning(text: str) -> tuple[str, str]:

@@ -381,3 +381,20 @@ def test_parity_with_transformers(tok: Tokenizer, saved_dir: Path, monkeypatch: 
             messages, tokenize=False, add_generation_prompt=True, thinking=thinking
         )
         assert rendered == tok.apply_chat_template(messages, thinking=thinking)
+
+
+def test_text_stream_stop_strings_hold_back_and_stop_ids():
+    """TextStream (shared by R1Model and the serving engine): a stop string spanning tokens is cut out, text that
+    may start one is held back, a stop id ends the text without its own, last=True releases everything."""
+    from r1kit.tokenizer import TextStream
+
+    s = TextStream(None, stop=["<3><4>"], stop_ids={9})  # no tokenizer: token t reads "<t>"
+    out = [s.push(t) for t in (1, 2, 3)]
+    assert "".join(t for t, _ in out) + s.pending == "<1><2><3>" and not any(e for _, e in out)
+    assert len(s.pending) == len("<3><4>") - 1  # held back: "<3><4" may still come
+    text, ended = s.push(4)
+    assert ended and "".join(t for t, _ in out) + text == "<1><2>"  # the stop string is cut out
+    s = TextStream(None, stop_ids={9})
+    assert s.push(5) == ("<5>", False) and s.push(9) == ("", True)  # the stop id's own text is not output
+    s = TextStream(None, stop=["zz"])
+    assert s.push(7, last=True) == ("<7>", False) and s.flush() == ""  # the budget ends: nothing held back

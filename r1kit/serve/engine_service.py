@@ -34,7 +34,7 @@ from r1kit.engine import LLMEngine, ModelRunner, SchedulerError
 from r1kit.engine import Sequence as EngineSequence
 from r1kit.generate import GenerationError, SamplingParams
 from r1kit.model.transformer import ContextLengthError
-from r1kit.tokenizer import StreamDecoder
+from r1kit.tokenizer import TextStream, Tokenizer
 
 log = logging.getLogger("r1kit")
 
@@ -65,7 +65,7 @@ class RequestHandle:
     """
 
     def __init__(self, service: EngineService, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 stop_ids: frozenset[int], decoder: StreamDecoder | None, deadline: float | None):
+                 stop_ids: frozenset[int], tokenizer: Tokenizer | None, deadline: float | None):
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.prompt_tokens = len(prompt_ids)
@@ -79,10 +79,7 @@ class RequestHandle:
         self.finished_at: float | None = None
         self.deadline = deadline
         self._service = service
-        self._stop_ids = stop_ids
-        self._decoder = decoder
-        self._pending = ""  # text held back: it may be the start of a stop string
-        self._hold = max((len(s) for s in params.stop), default=1) - 1
+        self._text = TextStream(tokenizer, params.stop, stop_ids)
         self._deltas: collections.deque[TextDelta] = collections.deque()
         self._cond = threading.Condition()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []  # async consumers
@@ -158,24 +155,11 @@ class RequestHandle:
         if self.first_token_at is None:
             self.first_token_at = now
         self.completion_tokens += 1
-        decoder = self._decoder
-        if token in self._stop_ids:
-            finished, reason = True, "stop"
-            text = self._pending + (decoder.flush() if decoder else "")
-        else:
-            text = self._pending + (decoder.push(token) if decoder else f"<{token}>")
-            if finished and decoder:
-                text += decoder.flush()
-        cut = min((i for i in (text.find(s) for s in self.params.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            finished, reason, text = True, "stop", text[:cut]
-        if finished:
-            self._pending = ""
-            self._mark_finished(reason or "stop")
+        text, ended = self._text.push(token, last=finished)
+        if ended or finished:
+            self._mark_finished("stop" if ended else reason or "stop")
             return TextDelta(text, [token], True, self.finish_reason)
-        split = max(0, len(text) - self._hold) if self.params.stop else len(text)
-        self._pending = text[split:]
-        return TextDelta(text[:split], [token], False, None)
+        return TextDelta(text, [token], False, None)
 
     def _mark_finished(self, reason: str, error: BaseException | None = None) -> None:
         self.error = error
@@ -312,8 +296,7 @@ class EngineService:
             rid = request_id or f"req-{next(self._ids)}"
             if rid in self._running or any(h.request_id == rid for h in self._waiting):
                 raise GenerationError(f"request id {rid!r} is already in use")
-            handle = RequestHandle(self, rid, prompt, params, self._stop_ids,
-                                   tok.stream_decoder(skip_special_tokens=True) if tok else None,
+            handle = RequestHandle(self, rid, prompt, params, self._stop_ids, tok,
                                    None if timeout is None else time.monotonic() + timeout)
             self._waiting.append(handle)
             self._counters["requests_total"] += 1
