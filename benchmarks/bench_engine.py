@@ -1,7 +1,7 @@
 """Inference engine figures, one run: batch-1 decode against transformers and the memory-bandwidth limit, and
 throughput of a continuous-batching workload, on random-weight checkpoints written by transformers.
 
-    python benchmarks/bench_engine.py [--json out.json] [--requests 64] [--models qwen2-150m deepseek-v3-moe]
+    python benchmarks/bench_engine.py [--json out.json] [--requests 64] [--models qwen2-150m deepseek-v3-moe] [--all]
 
 - Batch-1 decode tokens/s (greedy, a 32-token prompt, timed from the first sampled token to the last) for
   transformers bf16 and r1kit as `R1Model` runs it (the LLMEngine; bf16 with r1kit's CPU decode kernels, int8,
@@ -14,9 +14,13 @@ throughput of a continuous-batching workload, on random-weight checkpoints writt
   a time vs transformers static batches of 8 (left-padded, each batch as long as its longest request). Greedy;
   tokens/s counts generated tokens only.
 
+`--all` also runs, after these, bench_quant_quality.py (perplexity / accuracy / bytes of int8, int4 and fp8 against
+bf16 on the bundled r1kit/nano) and bench_speculative.py (MTP speed-up and acceptance on r1kit/nano), each in its
+own process, printing their tables and adding their results under "quality" and "speculative".
+
 `--json` writes every figure keyed by what it measures: decode_b1_tok_s[model][engine],
 decode_b1_fraction_of_limit[model][engine], decode_b1_vs_transformers[model][engine], weight_MB_per_token[...],
-workload_tok_s[engine], workload_engine_vs[engine], read_bandwidth_GBs.
+workload_tok_s[engine], workload_engine_vs[engine], read_bandwidth_GBs (and quality, speculative with --all).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -187,6 +192,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--models", nargs="*", default=["qwen2-150m", "deepseek-v3-moe"], choices=list(MODELS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--all", action="store_true", help="also the quantization quality and speculative benchmarks")
     a = ap.parse_args()
     import bench_decode
 
@@ -229,6 +235,13 @@ def main() -> None:
               "tokens | tok/s | r1kit engine / this |\n|---|---:|---:|")
         for k, v in out["workload_tok_s"].items():
             print(f"| {k} | {v:.1f} | {out['workload_engine_vs'][k]:.2f}x |")
+    if a.all:
+        for key, script in (("quality", "bench_quant_quality.py"), ("speculative", "bench_speculative.py")):
+            with tempfile.TemporaryDirectory() as tmp:
+                result = Path(tmp) / "out.json"
+                subprocess.run([sys.executable, str(Path(__file__).with_name(script)), "--json", str(result)],
+                               check=True, stderr=subprocess.DEVNULL)  # its table goes to our stdout
+                out[key] = json.loads(result.read_text())
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2))
         print(f"\nwrote {a.json}")
