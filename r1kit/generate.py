@@ -74,16 +74,22 @@ class SamplingParams:
         return 256
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick one token per row. logits (B, V); seen (B, V) bool marks tokens already in each sequence."""
+def penalize(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None) -> torch.Tensor:
+    """fp32 logits (N, V) after the repetition penalty on the tokens marked in seen (N, V) bool (greedy decoding
+    takes the argmax of these)."""
     logits = logits.float()
     if params.repetition_penalty != 1.0 and seen is not None:
         p = params.repetition_penalty
         logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
+    return logits
+
+
+def warp(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """The distribution `sample` draws from: logits (N, V) -> fp32 probabilities (N, V) after repetition
+    penalty, temperature (> 0), top-k and top-p. Speculative decoding warps draft and target alike with it."""
     if params.temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / params.temperature
+        raise GenerationError("warp: temperature = 0 is greedy decoding, which has no distribution to warp")
+    logits = penalize(logits, params, seen) / params.temperature
     if params.top_k:
         kth = logits.topk(min(params.top_k, logits.shape[-1]), -1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -92,8 +98,15 @@ def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | No
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= params.top_p  # keep the smallest prefix reaching top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits.softmax(-1)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick one token per row. logits (B, V); seen (B, V) bool marks tokens already in each sequence."""
+    if params.temperature == 0:
+        return penalize(logits, params, seen).argmax(-1)
+    return torch.multinomial(warp(logits, params, seen), 1, generator=generator).squeeze(-1)
 
 
 @torch.inference_mode()

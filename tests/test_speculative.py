@@ -10,21 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import random
 
 import pytest
 import torch
 
-from r1kit.engine.speculative import (
-    MTPDrafter,
-    SpeculativeStats,
-    penalize,
-    rejection_sample,
-    speculative_generate,
-    verify_drafts,
-    warp,
-)
-from r1kit.generate import GenerationError, SamplingParams, generate_tokens, sample
+from r1kit.engine.speculative import MTPDrafter, SpeculativeStats, rejection_sample, speculative_generate, verify_drafts
+from r1kit.generate import GenerationError, SamplingParams, generate_tokens, penalize, sample, warp
 from r1kit.model.transformer import ContextLengthError
 
 
@@ -102,6 +95,21 @@ def test_warp_is_the_distribution_sample_draws_from(kw):
     params = SamplingParams(**kw)
     logits = torch.randn(64, 40, generator=torch.Generator().manual_seed(0)) * 3
     seen = torch.rand(64, 40, generator=torch.Generator().manual_seed(1)) < 0.3
+    for row in range(4):  # against the definition, one row at a time with plain Python
+        z = [(x / params.repetition_penalty if x > 0 else x * params.repetition_penalty) if s else x
+             for x, s in zip(logits[row].tolist(), seen[row].tolist(), strict=True)]
+        z = [x / params.temperature for x in z]
+        order = sorted(range(40), key=lambda i: -z[i])
+        keep = set(order[:params.top_k] if params.top_k else order)
+        e = [math.exp(z[i]) if i in keep else 0.0 for i in range(40)]
+        total, mass, kept = sum(e), 0.0, set()
+        for i in order:  # the smallest prefix (by probability) whose mass reaches top_p
+            if i in keep and mass < params.top_p:
+                kept.add(i)
+                mass += e[i] / total
+        ref = torch.tensor([e[i] if i in kept else 0.0 for i in range(40)])
+        torch.testing.assert_close(warp(logits[row:row + 1], params, seen[row:row + 1])[0], ref / ref.sum(),
+                                   atol=1e-6, rtol=1e-5)
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     want = sample(logits, params, seen, g1)
     got = torch.multinomial(warp(logits, params, seen), 1, generator=g2).squeeze(-1)

@@ -36,38 +36,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from r1kit.generate import GenerationError, SamplingParams
+from r1kit.generate import GenerationError, SamplingParams, penalize, warp
 from r1kit.model.attention import attention_mask
 from r1kit.model.transformer import ContextLengthError, Transformer
 
 # ---------------------------------------------------------------------------------------------------- sampling
-
-
-def penalize(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None) -> torch.Tensor:
-    """fp32 logits (N, V) after the repetition penalty on the tokens marked in seen (N, V) bool, as
-    `r1kit.generate.sample` applies it. Greedy decoding takes the argmax of these."""
-    logits = logits.float()
-    if params.repetition_penalty != 1.0 and seen is not None:
-        p = params.repetition_penalty
-        logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
-    return logits
-
-
-def warp(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
-    """The distribution `r1kit.generate.sample` draws from: logits (N, V) -> fp32 probabilities (N, V) after
-    repetition penalty, temperature (> 0), top-k and top-p."""
-    if params.temperature == 0:
-        raise GenerationError("warp: temperature = 0 is greedy decoding, which has no distribution to warp")
-    logits = penalize(logits, params, seen) / params.temperature
-    if params.top_k:
-        kth = logits.topk(min(params.top_k, logits.shape[-1]), -1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= params.top_p  # keep the smallest prefix reaching top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits.softmax(-1)
 
 
 def rejection_sample(p: torch.Tensor, q: torch.Tensor, draft: int, generator: torch.Generator | None = None
