@@ -97,6 +97,9 @@ def load() -> ctypes.CDLL | None:
     return _lib
 
 
+_threads = torch.get_num_threads  # the OpenMP threads the kernels use: PyTorch's own setting
+
+
 def why_not() -> str:
     """Why the kernels are not in use ("" when they are)."""
     load()
@@ -105,25 +108,29 @@ def why_not() -> str:
 
 def _rows_ok(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether the kernels take this product: CPU, bf16 activations of 1..MAX_ROWS rows, no autograd, and
-    shapes that agree (otherwise F.linear runs, and raises its own error for a mismatch)."""
-    return (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() >= 1
-            and w.dim() == 2 and x.shape[-1] == w.shape[1] and 0 < x.numel() <= MAX_ROWS * x.shape[-1]
+    shapes that agree (otherwise F.linear runs, and raises its own error for a mismatch). Cheapest tests
+    first: this runs for every linear layer of every decode step."""
+    return (x.dtype is torch.bfloat16 and x.is_cpu and w.is_cpu and w.dim() == 2 and x.dim() >= 1
+            and x.shape[-1] == w.shape[1] and 0 < x.numel() <= MAX_ROWS * x.shape[-1]
             and (bias is None or bias.shape == (w.shape[0],))
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
 
 
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, w, bias), through the bf16 kernel when x has <= MAX_ROWS rows (x (..., K), w (N, K))."""
-    if not (_rows_ok(x, w, bias) and w.dtype == torch.bfloat16 and load() is not None):
+    if not (_rows_ok(x, w, bias) and w.dtype is torch.bfloat16 and (_lib is not None or load() is not None)):
         return F.linear(x, w, bias)
     K, N = x.shape[-1], w.shape[0]
-    x2 = x.reshape(-1, K).contiguous()
-    w = w.contiguous()
-    b = None if bias is None else bias.to(torch.bfloat16).contiguous()
-    y = x.new_empty(x2.shape[0], N)
-    _lib.gemv_bf16(x2.data_ptr(), w.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
-                   x2.shape[0], N, K, torch.get_num_threads())
-    return y.view(*x.shape[:-1], N)
+    x, w = _contiguous(x), _contiguous(w)  # bound: the C call reads their memory
+    b = None if bias is None else _contiguous(bias.to(torch.bfloat16))
+    y = x.new_empty(*x.shape[:-1], N)  # (..., N); the kernel sees x as (M, K) rows
+    _lib.gemv_bf16(x.data_ptr(), w.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
+                   x.numel() // K, N, K, _threads())
+    return y
 
 
 def linear_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
@@ -131,18 +138,18 @@ def linear_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: tor
     """(x @ w.T) * scale + bias for int8 weights w (N, K) with per-row fp32 scales (N,) and bf16 x with <=
     MAX_ROWS rows (rounded to int16 per row inside the kernel); None when the kernel does not apply (the
     caller takes its own path)."""
-    if not (_rows_ok(x, w, bias) and w.dtype == torch.int8 and scale.dtype == torch.float32
-            and scale.shape == (w.shape[0],) and load() is not None):
+    if not (_rows_ok(x, w, bias) and w.dtype is torch.int8 and scale.dtype is torch.float32
+            and scale.shape == (w.shape[0],) and (_lib is not None or load() is not None)):
         return None
     K, N = x.shape[-1], w.shape[0]
-    x2 = x.reshape(-1, K).contiguous()
-    w, scale = w.contiguous(), scale.contiguous()  # bound: the C call reads their memory
-    b = None if bias is None else bias.to(torch.bfloat16).contiguous()
-    y = x.new_empty(x2.shape[0], N)
-    if _lib.gemv_int8(x2.data_ptr(), w.data_ptr(), scale.data_ptr(),
-                      None if b is None else b.data_ptr(), y.data_ptr(), x2.shape[0], N, K, torch.get_num_threads()):
-        raise MemoryError(f"int8 kernel: no memory for {x2.shape[0]} x {K} int16 activations")
-    return y.view(*x.shape[:-1], N)
+    x, w, scale = _contiguous(x), _contiguous(w), _contiguous(scale)  # bound: the C call reads their memory
+    b = None if bias is None else _contiguous(bias.to(torch.bfloat16))
+    y = x.new_empty(*x.shape[:-1], N)  # (..., N); the kernel sees x as (M, K) rows
+    M = x.numel() // K
+    if _lib.gemv_int8(x.data_ptr(), w.data_ptr(), scale.data_ptr(), None if b is None else b.data_ptr(),
+                      y.data_ptr(), M, N, K, _threads()):
+        raise MemoryError(f"int8 kernel: no memory for {M} x {K} int16 activations")
+    return y
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:

@@ -160,13 +160,15 @@ class Int8Linear(QuantizedLinear):
         return dequantize_int8(self.weight, self.weight_scale, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.reference and self.weight.numel() >= INT8_STREAM_MIN_BYTES:  # decode: straight to the kernel
+            y = kernels.linear_int8(x, self.weight, self.weight_scale, self.bias)  # None unless bf16, <= 8 rows,
+            if y is not None:  # CPU, no autograd, kernels built
+                return y
         if self._use_reference(x):
             return self.reference_forward(x)
         x2, dt = self._rows(x), x.dtype
         y = None
-        if self.weight.numel() >= INT8_STREAM_MIN_BYTES:  # None unless bf16, <= 8 rows, CPU, kernel built
-            y = kernels.linear_int8(x2, self.weight, self.weight_scale)
-        if y is None and HAS_INT8_MM and x.device.type == "cpu" and x2.shape[0] <= INT8_MM_MAX_ROWS.get(dt, -1):
+        if HAS_INT8_MM and x.device.type == "cpu" and x2.shape[0] <= INT8_MM_MAX_ROWS.get(dt, -1):
             y = torch._weight_int8pack_mm(x2, self.weight, self.weight_scale.to(dt))
         if y is None:
             y = F.linear(x2, self.weight.to(dt)) * self.weight_scale.to(dt)
