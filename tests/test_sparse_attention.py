@@ -162,8 +162,9 @@ def test_topk_matches_the_reference(make_model, attn):
 
 def test_global_summaries_are_exact_across_chunks_and_at_large_scores():
     """The prefix softmax of the global tokens vs a float64 loop, with scores spread over hundreds (where one
-    shared maximum would underflow to 0/0), in one call, in chunks of 7, and resumed from a state."""
-    from r1kit.model.sparse_attention import global_summaries
+    shared maximum would underflow to 0/0), in one call, in chunks of 7, and resumed from a state: carried, or
+    taken over the first keys at once from their scores (global_state, as the paged engine does)."""
+    from r1kit.model.sparse_attention import global_scores, global_state, global_summaries
 
     gen = torch.Generator().manual_seed(5)
     H, n_kv, G, D, T = 4, 2, 3, 8, 30
@@ -182,6 +183,9 @@ def test_global_summaries_are_exact_across_chunks_and_at_large_scores():
     chunked, _ = global_summaries(q_g, k_g, v_g, k, v, None, 1.0, None, chunk=7)
     first, state = global_summaries(q_g, k_g, v_g, k[:, :, :12], v[:, :, :12], None, 1.0, None)
     rest, _ = global_summaries(q_g, k_g, v_g, k[:, :, 12:], v[:, :, 12:], None, 1.0, state, chunk=5)
+    at_once = global_state(global_scores(q_g, k[:, :, :12], 1.0), v[:, :, :12], None)
+    resumed, _ = global_summaries(q_g, k_g, v_g, k[:, :, 12:], v[:, :, 12:], None, 1.0, at_once)
+    assert torch.allclose(resumed.double(), want[..., 12:, :], atol=1e-4)
     for got in (whole, chunked, torch.cat((first, rest), 3)):
         assert torch.isfinite(got).all() and torch.allclose(got.double(), want, atol=1e-4)
 
@@ -285,8 +289,6 @@ def test_sparse_layers_choose_the_layers_and_params_are_counted(make_model):
     assert model.num_params() == model.config.num_params()
     mla = build(make_model, "mla", "local_global")
     assert mla.num_params() == mla.config.num_params()
-    with pytest.raises(NotImplementedError, match="paged engine"):
-        model.new_paged_cache(64)
 
 
 @pytest.mark.parametrize("overrides, field", [
@@ -316,16 +318,17 @@ def test_sparse_model_checkpoint_round_trip(make_model, tmp_path, attn, kind):
         torch.testing.assert_close(loaded(ids), model(ids))
 
 
-def test_sparse_models_generate_without_the_engine_and_refuse_speculation(make_model):
-    """R1Model runs sparse models on the KV-cache loop (the paged engine has no sparse path), and speculative
-    decoding refuses them: their caches cannot be rolled back past rejected drafts."""
+def test_sparse_models_generate_on_the_engine_and_refuse_speculation(make_model):
+    """R1Model runs sparse models on the paged engine (the tokens of the KV-cache loop; tests/test_engine_sparse.py
+    has the engine cases), and speculative decoding refuses them: their caches cannot be rolled back past
+    rejected drafts."""
     from r1kit.api import R1Model
     from r1kit.engine.speculative import speculative_generate
     from r1kit.generate import GenerationError
 
     model = build(make_model, "gqa", "local_global", num_mtp_layers=1)
     r1 = R1Model(model, None)
-    assert not r1.use_engine
+    assert r1.use_engine
     prompt = [3, 9, 4, 1, 7, 2]
     got = r1.generate(input_ids=prompt, max_new_tokens=6, temperature=0)
     want = [t[0] for t in generate_tokens(model, [prompt], SamplingParams(max_new_tokens=6, temperature=0))]
