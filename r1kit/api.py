@@ -98,9 +98,8 @@ class R1Model:
         self.model, self.tokenizer, self.path = model, tokenizer, path
         self.device_reason = device_reason
         self.kv_cache_bytes = kv_cache_bytes  # cap on the engine's paged KV pool
-        # False: the plain KV-cache decode loop (generate_tokens), the reference path; also what sparse-attention
-        # models use, since the paged engine does not run sparse layers
-        self.use_engine = model.config.sparse_attention is None
+        # False: the plain KV-cache decode loop (generate_tokens), the reference path
+        self.use_engine = True
         self._engine: LLMEngine | None = None
         self._ids = itertools.count()  # engine request ids
         self.speculative_stats: SpeculativeStats | None = None  # of the last speculative generate()

@@ -268,11 +268,20 @@ def test_a_dead_engine_thread_fails_its_requests_and_closes_the_service(model):
         svc.shutdown(drain=False)
 
 
-def test_sparse_models_are_refused_clearly(tmp_path):
-    from r1kit.model.config import preset
-    from r1kit.model.transformer import Transformer
-
-    sparse = R1Model(Transformer(preset("tiny-dense", sparse_attention="local_global")).init_weights(0), None)
-    assert not sparse.use_engine  # R1Model.generate runs them on the KV-cache loop
-    with pytest.raises(GenerationError, match="does not run sparse layers"):
-        EngineService(sparse)
+@pytest.mark.parametrize("kind", ["local_global", "topk"])
+def test_sparse_models_are_served_like_the_plain_loop(make_model, kind):
+    """A sparse-attention model (small blocks and windows: these contexts are sparse) in EngineService:
+    concurrent requests give R1Model.generate's text on the plain KV-cache loop."""
+    sparse = R1Model(make_model("tiny-dense", sparse_attention=kind, sparse_block_size=8, sparse_window_base=4,
+                                sparse_window_max=12, sparse_global_tokens=3, sparse_topk_blocks=2), None)
+    assert sparse.use_engine  # R1Model.generate runs them on the engine too
+    sparse.use_engine = False
+    prompts = [list(range(40, 66)), [5, 17, 42], list(range(100, 119))]
+    want = [sparse.generate(input_ids=p, max_new_tokens=12, temperature=0) for p in prompts]
+    svc = EngineService(sparse, max_num_seqs=4, block_size=4)
+    svc.start()
+    try:
+        handles = [svc.submit(p, greedy(12)) for p in prompts]
+        assert [h.result()[0] for h in handles] == want
+    finally:
+        svc.shutdown(drain=False)
