@@ -21,7 +21,7 @@ from r1kit.api import BUNDLED_DIR, R1Model
 from r1kit.eval import eval_arithmetic, eval_perplexity
 from r1kit.model.config import format_count
 from r1kit.train.data import KINDS, read_texts, split_files, stdlib_files
-from r1kit.train.loop import plot_metrics
+from r1kit.train.plots import plot_metrics
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 

@@ -23,7 +23,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ from r1kit.model.moe import MoE
 from r1kit.model.transformer import Transformer
 from r1kit.tokenizer import Tokenizer
 from r1kit.train.config import TrainConfig
+from r1kit.train.plots import plot_expert_load, plot_metrics
 
 log = logging.getLogger("r1kit")
 
@@ -197,20 +198,14 @@ def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.betas, fused=False)
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, device: str | torch.device = "cpu",
-          stop_after: int | None = None) -> dict[str, Any]:
-    """Run (or resume) a training recipe; returns a summary. `stop_after` ends early after that many steps."""
-    from r1kit.hardware import choose
-    from r1kit.train.data import build_corpus, prepare_tokenizer
+def open_run_dir(out: Path, cfg: TrainConfig, resume: bool) -> dict[str, Any] | None:
+    """Prepare `out` for a new or resumed run and write its config.json; returns the checkpoint to resume from.
 
-    out = Path(cfg.out_dir)
+    A new run refuses a folder that holds checkpoints; a resumed one needs a usable checkpoint of the same recipe.
+    """
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     for tmp in (out / "checkpoints").glob(".step_*.tmp-*"):  # left by a run killed while writing
         tmp.unlink()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = choose(device, "fp32").device  # master weights fp32; `precision` sets the autocast dtype
-    torch.manual_seed(cfg.seed)
     state = latest_usable_checkpoint(out) if resume else None
     if resume and state is None and checkpoint_files(out):
         raise TrainingError(f"{out / 'checkpoints'}: no usable checkpoint to resume from (all damaged)")
@@ -219,112 +214,197 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, device:
     if state is not None:
         _check_same_recipe(state.get("config", {}), cfg.to_dict(), out)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    return state
 
+
+def load_initial_weights(model: Transformer, folder: str, device: torch.device) -> None:
+    """Start from a trained model's weights (`init_from`: a later stage of a multi-stage recipe)."""
+    from r1kit.checkpoint import load_model
+
+    start = load_model(folder, device, torch.float32)
+    try:
+        model.load_state_dict(start.state_dict())
+    except RuntimeError as e:
+        raise TrainingError(f"init_from {folder}: does not fit the recipe's model ({e})") from None
+    log.info("initialised from %s", folder)
+
+
+@dataclasses.dataclass
+class RunState:
+    """How far a run has come: optimizer steps, training tokens, and seconds spent in steps."""
+
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0
+
+
+def restore_run(state: dict[str, Any] | None, out: Path, model: Transformer, opt: torch.optim.Optimizer,
+                data: Any) -> RunState:
+    """Load a checkpoint's weights, optimizer, data position and RNG, and cut metrics.jsonl back to its step.
+
+    Without a checkpoint (a new run) the run starts at step 0 with no metrics.jsonl.
+    """
+    metrics_file = out / "metrics.jsonl"
+    if state is None:
+        metrics_file.unlink(missing_ok=True)
+        return RunState()
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise TrainingError(f"{out / 'checkpoints'}: the checkpoint does not fit this model ({e})") from None
+    data.load_state_dict(state["data"])
+    torch.set_rng_state(state["rng"])
+    run = RunState(state["step"], state["tokens"], state.get("elapsed", 0.0))
+    if metrics_file.exists():  # drop what the killed run logged after its last checkpoint
+        kept = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= run.step]
+        metrics_file.write_text("".join(line + "\n" for line in kept))
+    log.info("resumed %s at step %d (%d tokens)", out, run.step, run.tokens)
+    return run
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What one optimizer step measured; the losses are means over its micro-batches."""
+
+    lr: float
+    loss: float
+    mtp_loss: float
+    aux_loss: float
+    grad_norm: float
+    tokens: int
+    seconds: float
+    loads: list[torch.Tensor]  # per MoE layer: the tokens each expert received, (E,)
+    dropped: list[int]  # per MoE layer: (token, expert) pairs over the capacity
+    maxvio: list[float]  # per MoE layer: max load / mean load - 1
+
+
+def run_step(model: Transformer, opt: torch.optim.Optimizer, data: Any, layers: list[MoE], cfg: TrainConfig,
+             lr: float, device: torch.device) -> StepResult:
+    """One optimizer step: forward and backward over gradient_accumulation micro-batches, clipping, AdamW at
+    `lr`, then the experts' bias balancing."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    loads = [torch.zeros(m.experts.n_experts, dtype=torch.long) for m in layers]
+    dropped = [0] * len(layers)
+    loss_sum, mtp_sum, aux_sum, tokens = 0.0, 0.0, 0.0, 0
+    t0 = time.perf_counter()
+    for _ in range(cfg.gradient_accumulation):
+        x, y, mask = (t.to(device) for t in data.next_batch())
+        with autocast(cfg.precision, device):
+            loss, mtp = step_losses(model, x, y, mask)
+            total_loss = loss if mtp is None else loss + cfg.mtp_loss_weight * mtp
+            aux = [m.aux_loss for m in layers if m.aux_loss is not None]
+            if aux:
+                aux_loss = torch.stack(aux).sum()
+                total_loss = total_loss + aux_loss
+                aux_sum += float(aux_loss.detach())
+        (total_loss / cfg.gradient_accumulation).backward()
+        loss_sum += float(loss.detach())
+        mtp_sum += float(mtp.detach()) if mtp is not None else 0.0
+        for i, m in enumerate(layers):
+            loads[i] += m.load.cpu()
+            dropped[i] += int(m.dropped)
+        tokens += x.numel()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    maxvio = balance_experts(layers, loads, cfg.moe_balance_rate)
+    n = cfg.gradient_accumulation
+    return StepResult(lr, loss_sum / n, mtp_sum / n, aux_sum / n, grad_norm, tokens, time.perf_counter() - t0,
+                      loads, dropped, maxvio)
+
+
+class MetricsLog:
+    """metrics.jsonl, appended to: one line per logged step (tokens/s since the previous logged one) and one per
+    validation. For a MoE: MaxVio, expert loads and dropped pairs per layer."""
+
+    def __init__(self, file: TextIO, model: Transformer, cfg: TrainConfig):
+        self.file = file
+        self.moe, self.mtp, self.aux = bool(moe_layers(model)), bool(model.mtp), bool(cfg.moe_aux_loss_alpha)
+        self.since, self.tokens_since = time.perf_counter(), 0
+
+    def step(self, run: RunState, r: StepResult, write: bool) -> None:
+        """Count a finished step; with `write`, log it."""
+        self.tokens_since += r.tokens
+        if not write:
+            return
+        now = time.perf_counter()
+        record = {"step": run.step, "loss": r.loss, "lr": r.lr, "tokens": run.tokens, "grad_norm": r.grad_norm,
+                  "tok_s": self.tokens_since / (now - self.since), "elapsed_s": run.elapsed}
+        if self.moe:  # per MoE layer: MaxVio, the tokens each expert received and the pairs dropped this step
+            record.update(mtp_loss=r.mtp_loss, maxvio=r.maxvio, load=[load.tolist() for load in r.loads],
+                          dropped=r.dropped)
+            if self.aux:
+                record["aux_loss"] = r.aux_loss
+        elif self.mtp:
+            record["mtp_loss"] = r.mtp_loss
+        self._write(record)
+        self.since, self.tokens_since = now, 0
+
+    def validation(self, run: RunState, val_loss: float) -> None:
+        self._write({"step": run.step, "val_loss": val_loss, "tokens": run.tokens})
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+
+def progress_bar(progress: bool, total: int, step: int) -> Any:
+    """A tqdm bar over the run's steps, starting at `step`; None without progress."""
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, device: str | torch.device = "cpu",
+          stop_after: int | None = None) -> dict[str, Any]:
+    """Run (or resume) a training recipe; returns a summary. `stop_after` ends early after that many steps."""
+    from r1kit.hardware import choose
+    from r1kit.train.data import build_corpus, prepare_tokenizer
+
+    out = Path(cfg.out_dir)
+    state = open_run_dir(out, cfg, resume)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = choose(device, "fp32").device  # master weights fp32; `precision` sets the autocast dtype
+    torch.manual_seed(cfg.seed)
     tokenizer: Tokenizer = prepare_tokenizer(cfg, out / "tokenizer")
     train_data, val_data = build_corpus(cfg, tokenizer)
     val_batches = [val_data.next_batch() for _ in range(cfg.eval_batches)]
     model = build_model(cfg, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, device)
     if cfg.init_from and state is None:
-        from r1kit.checkpoint import load_model
-
-        start = load_model(cfg.init_from, device, torch.float32)
-        try:
-            model.load_state_dict(start.state_dict())
-        except RuntimeError as e:
-            raise TrainingError(f"init_from {cfg.init_from}: does not fit the recipe's model ({e})") from None
-        log.info("initialised from %s", cfg.init_from)
+        load_initial_weights(model, cfg.init_from, device)
     opt = make_optimizer(model, cfg)
-    step, tokens, elapsed = 0, 0, 0.0
-    metrics_file = out / "metrics.jsonl"
-    if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise TrainingError(f"{out / 'checkpoints'}: the checkpoint does not fit this model ({e})") from None
-        train_data.load_state_dict(state["data"])
-        torch.set_rng_state(state["rng"])
-        step, tokens, elapsed = state["step"], state["tokens"], state.get("elapsed", 0.0)
-        if metrics_file.exists():  # drop what the killed run logged after its last checkpoint
-            kept = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= step]
-            metrics_file.write_text("".join(line + "\n" for line in kept))
-        log.info("resumed %s at step %d (%d tokens)", out, step, tokens)
-    elif metrics_file.exists():
-        metrics_file.unlink()
+    run = restore_run(state, out, model, opt, train_data)
 
-    layers = moe_layers(model)
-    total = cfg.total_steps
-    end = total if stop_after is None else min(total, step + stop_after)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    layers, total = moe_layers(model), cfg.total_steps
+    end = total if stop_after is None else min(total, run.step + stop_after)
+    bar = progress_bar(progress, total, run.step)
     model.train()
-    t_log, tok_log = time.perf_counter(), 0
-    with open(metrics_file, "a") as metrics:
-        while step < end:
-            lr = lr_at(step, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loads = [torch.zeros(m.experts.n_experts, dtype=torch.long) for m in layers]
-            dropped = [0] * len(layers)
-            loss_sum, mtp_sum, aux_sum = 0.0, 0.0, 0.0
-            t0 = time.perf_counter()
-            for _ in range(cfg.gradient_accumulation):
-                x, y, mask = (t.to(device) for t in train_data.next_batch())
-                with autocast(cfg.precision, device):
-                    loss, mtp = step_losses(model, x, y, mask)
-                    total_loss = loss if mtp is None else loss + cfg.mtp_loss_weight * mtp
-                    aux = [m.aux_loss for m in layers if m.aux_loss is not None]
-                    if aux:
-                        aux_loss = torch.stack(aux).sum()
-                        total_loss = total_loss + aux_loss
-                        aux_sum += float(aux_loss.detach())
-                (total_loss / cfg.gradient_accumulation).backward()
-                loss_sum += float(loss.detach())
-                mtp_sum += float(mtp.detach()) if mtp is not None else 0.0
-                for i, m in enumerate(layers):
-                    loads[i] += m.load.cpu()
-                    dropped[i] += int(m.dropped)
-                tokens += x.numel()
-                tok_log += x.numel()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            maxvio = balance_experts(layers, loads, cfg.moe_balance_rate)
-            step += 1
-            elapsed += time.perf_counter() - t0
-            loss_avg = loss_sum / cfg.gradient_accumulation
+    with open(out / "metrics.jsonl", "a") as file:
+        metrics = MetricsLog(file, model, cfg)
+        while run.step < end:
+            r = run_step(model, opt, train_data, layers, cfg, lr_at(run.step, cfg), device)
+            run.step, run.tokens, run.elapsed = run.step + 1, run.tokens + r.tokens, run.elapsed + r.seconds
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
-            if step % cfg.log_interval == 0 or step == end:
-                now = time.perf_counter()
-                record = {"step": step, "loss": loss_avg, "lr": lr, "tokens": tokens, "grad_norm": grad_norm,
-                          "tok_s": tok_log / (now - t_log), "elapsed_s": elapsed}
-                if layers:  # per MoE layer: MaxVio, the tokens each expert received and the pairs dropped this step
-                    record.update(mtp_loss=mtp_sum / cfg.gradient_accumulation, maxvio=maxvio,
-                                  load=[load.tolist() for load in loads], dropped=dropped)
-                    if cfg.moe_aux_loss_alpha:
-                        record["aux_loss"] = aux_sum / cfg.gradient_accumulation
-                elif model.mtp:
-                    record["mtp_loss"] = mtp_sum / cfg.gradient_accumulation
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                t_log, tok_log = now, 0
-            if step % cfg.eval_interval == 0 or step == total:
+                bar.set_postfix(loss=f"{r.loss:.3f}", tok_s=f"{run.tokens / max(run.elapsed, 1e-9):.0f}")
+            metrics.step(run, r, write=run.step % cfg.log_interval == 0 or run.step == end)
+            if run.step % cfg.eval_interval == 0 or run.step == total:
                 val = evaluate(model, val_batches, cfg.precision)
-                metrics.write(json.dumps({"step": step, "val_loss": val, "tokens": tokens}) + "\n")
-                metrics.flush()
+                metrics.validation(run, val)
                 if bar is not None:
-                    bar.write(f"step {step}: val_loss {val:.4f}")
-            if step % cfg.checkpoint_interval == 0 or step == end:
-                save_training_checkpoint(out, cfg, model, opt, train_data, step, tokens, elapsed)
+                    bar.write(f"step {run.step}: val_loss {val:.4f}")
+            if run.step % cfg.checkpoint_interval == 0 or run.step == end:
+                save_training_checkpoint(out, cfg, model, opt, train_data, run.step, run.tokens, run.elapsed)
     if bar is not None:
         bar.close()
-    summary = {"steps": step, "tokens": tokens, "elapsed_s": elapsed, "tok_s": tokens / max(elapsed, 1e-9)}
-    if step == total:
+    summary = {"steps": run.step, "tokens": run.tokens, "elapsed_s": run.elapsed,
+               "tok_s": run.tokens / max(run.elapsed, 1e-9)}
+    if run.step == total:
         summary.update(finalize(out, model, tokenizer, cfg))
     return summary
 
@@ -351,84 +431,3 @@ def finalize(out: Path, model: Transformer, tokenizer: Tokenizer, cfg: TrainConf
     names = [name for name, m in model.named_modules() if isinstance(m, MoE)]  # the order of moe_layers()
     load_plots = plot_expert_load(out / "metrics.jsonl", final / "expert_load", names) if names else []
     return {"final": str(final), "plot": str(plot) if plot else None, "expert_load_plots": [str(p) for p in load_plots]}
-
-
-def plot_metrics(metrics_file: Path, png: Path) -> Path | None:
-    """Loss curves (train, validation, MTP) and per-layer MaxVio, as a PNG; None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib not installed: no plot written")
-        return None
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-    train = [r for r in rows if "loss" in r]
-    val = [r for r in rows if "val_loss" in r]
-    fig, axes = plt.subplots(1, 2 if any("maxvio" in r for r in train) else 1, figsize=(11, 4), squeeze=False)
-    ax = axes[0][0]
-    ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], label="train loss")
-    if any("mtp_loss" in r for r in train):
-        ax.plot([r["tokens"] for r in train], [r.get("mtp_loss", float("nan")) for r in train], label="MTP loss",
-                alpha=0.6)
-    ax.plot([r["tokens"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("cross-entropy (nats)")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    if axes.shape[1] > 1:
-        ax = axes[0][1]
-        vio = [r["maxvio"] for r in train if "maxvio" in r]
-        for layer in range(len(vio[0])):
-            ax.plot([r["tokens"] for r in train if "maxvio" in r], [v[layer] for v in vio], label=f"MoE layer {layer}")
-        ax.set_xlabel("training tokens")
-        ax.set_ylabel("MaxVio (max load / mean - 1)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
-
-
-def plot_expert_load(metrics_file: Path, folder: Path, layer_names: list[str]) -> list[Path]:
-    """One PNG per MoE layer: a heatmap of each expert's load / mean load over the logged steps (1 = balanced),
-    with MaxVio and the dropped pairs underneath. Returns the files written ([] without matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib not installed: no expert-load plots written")
-        return []
-    rows = [r for r in map(json.loads, metrics_file.read_text().splitlines()) if "load" in r]
-    if not rows:
-        return []
-    folder.mkdir(parents=True, exist_ok=True)
-    steps = [r["step"] for r in rows]
-    half = (steps[1] - steps[0]) / 2 if len(steps) > 1 else 0.5  # each logged step is one column
-    files = []
-    for i, name in enumerate(layer_names):
-        load = torch.tensor([r["load"][i] for r in rows], dtype=torch.float32)  # (logged steps, E)
-        rel = load / load.mean(1, keepdim=True).clamp(min=1e-9)
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, height_ratios=(3, 1))
-        image = top.imshow(rel.T.numpy(), aspect="auto", cmap="RdBu_r", vmin=0, vmax=2, interpolation="nearest",
-                           extent=(steps[0] - half, steps[-1] + half, load.shape[1] - 0.5, -0.5))
-        fig.colorbar(image, ax=(top, bottom), label="load / mean load")
-        top.set_ylabel("expert")
-        top.set_title(f"{name}: expert load per step")
-        bottom.plot(steps, [r["maxvio"][i] for r in rows], label="MaxVio")
-        bottom.plot(steps, [r.get("dropped", [0] * len(layer_names))[i] / max(1, sum(r["load"][i])) for r in rows],
-                    label="dropped fraction")
-        bottom.set_xlabel("step")
-        bottom.grid(alpha=0.3)
-        bottom.legend()
-        file = folder / f"{name.replace('.', '_')}.png"
-        fig.savefig(file, dpi=100)
-        plt.close(fig)
-        files.append(file)
-    return files
