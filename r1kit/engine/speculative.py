@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from r1kit.generate import GenerationError, SamplingParams, penalize, warp
-from r1kit.model.attention import attention_mask
+from r1kit.model.attention import KVCache, attention_mask
 from r1kit.model.transformer import ContextLengthError, Transformer
 
 # ---------------------------------------------------------------------------------------------------- sampling
@@ -153,6 +153,22 @@ class SpeculativeStats:
         """Accepted / drafted over all draft positions."""
         return self.accepted / self.drafted if self.drafted else 0.0
 
+    def track_positions(self, k: int) -> None:
+        """Make room for the per-position counters of k drafts per round."""
+        self.drafted_at += [0] * (k - len(self.drafted_at))
+        self.accepted_at += [0] * (k - len(self.accepted_at))
+
+    def record_round(self, drafted: int, accepted: int) -> None:
+        """Count one draft + verify round that drafted `drafted` tokens and kept the first `accepted`."""
+        self.rounds += 1
+        self.target_forwards += 1
+        self.draft_forwards += drafted
+        self.drafted += drafted
+        self.accepted += accepted
+        for j in range(drafted):
+            self.drafted_at[j] += 1
+            self.accepted_at[j] += j < accepted
+
     def acceptance_at(self) -> list[float]:
         """Acceptance rate per draft position (position 0 is DeepSeek-V3's "second token")."""
         return [a / d if d else 0.0 for a, d in zip(self.accepted_at, self.drafted_at, strict=True)]
@@ -203,17 +219,9 @@ def _check_prompt(prompt_ids: Sequence[int] | torch.Tensor) -> list[int]:
     return prompt
 
 
-@torch.inference_mode()
-def speculative_generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor, params: SamplingParams,
-                         stop_ids: Sequence[int] = (), num_draft: int | None = None,
-                         stats: SpeculativeStats | None = None) -> Iterator[list[int]]:
-    """Generate for one prompt with MTP speculative decoding; yields the tokens each round accepts (>= 1).
-
-    The output follows the target model's distribution exactly (greedy: the tokens of `generate_tokens`);
-    it ends after a stop id (which is yielded) or params' token budget, as `generate_tokens` does.
-    num_draft: drafts per round (default: the model's MTP depths; more reuse the last depth). stats, when
-    given, accumulates the counters (acceptance rate, forwards).
-    """
+def _check_request(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor, params: SamplingParams,
+                   num_draft: int | None) -> tuple[list[int], int, int]:
+    """The prompt as a flat list, the drafts per round and the new-token budget; errors for what cannot run."""
     if model.config.sparse_attention is not None:
         raise GenerationError(f"speculative decoding: {model.config.sparse_attention!r} sparse attention caches "
                               "(rolling windows, block sums) cannot be rolled back past rejected drafts; "
@@ -225,24 +233,76 @@ def speculative_generate(model: Transformer, prompt_ids: Sequence[int] | torch.T
     k = len(model.mtp) if num_draft is None else num_draft
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise GenerationError(f"num_draft = {num_draft!r}: must be an int >= 1 (None: the model's MTP depths)")
-    n_prompt = len(prompt)
-    budget = params.new_tokens_for(n_prompt)
+    n_prompt, budget = len(prompt), params.new_tokens_for(len(prompt))
     ctx = model.config.max_position_embeddings
     if n_prompt + budget > ctx:
         raise ContextLengthError(f"{n_prompt} prompt tokens + {budget} new tokens = {n_prompt + budget} exceeds "
                                  f"the model's context of {ctx} tokens; shorten the prompt or generate fewer tokens")
-    drafter = MTPDrafter(model, k, n_prompt + budget)
+    return prompt, k, budget
+
+
+def _verify(model: Transformer, cache: KVCache, last: int, drafts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 2: one main-model forward of [x[R], d_1 .. d_k]: logits (1, k + 1, V) and hidden states (1, k + 1, C)."""
+    ids = torch.tensor([[last, *drafts]], device=model.embed_tokens.weight.device)
+    return model(ids, cache, return_hidden=True)
+
+
+def _accept(logits: torch.Tensor, drafts: list[int], picker: _DraftPicker, params: SamplingParams,
+            generator: torch.Generator | None) -> list[int]:
+    """Step 3: the round's tokens: the accepted drafts, then the target's correction or bonus token.
+
+    Greedy keeps the drafts that equal the target's argmax; sampling applies the rejection rule against the
+    distributions the drafts were drawn from.
+    """
+    rows_seen = torch.cat(picker.seen_rows) if picker.seen_rows else None  # (k + 1, V)
+    if params.temperature == 0:
+        targets = penalize(logits[0], params, rows_seen).argmax(-1).tolist()  # (k + 1,)
+        a = next((j for j, d in enumerate(drafts) if d != targets[j]), len(drafts))
+        return drafts[:a] + [targets[a]]
+    p = warp(logits[0], params, rows_seen)  # (k + 1, V)
+    return verify_drafts(p, torch.stack(picker.q_rows) if drafts else p[:0], drafts, generator)
+
+
+def _roll_back(cache: KVCache, drafter: MTPDrafter, hidden: torch.Tensor, R: int, accepted: int) -> None:
+    """Step 4: keep the verify block's KV entries and hidden states up to the last accepted draft; the rejected
+    drafts' KV entries are overwritten next round."""
+    cache.pos = R + accepted + 1
+    drafter.add_hidden(hidden[:, :accepted + 1])
+
+
+def _emitted_chunk(new: list[int], stop: set[int], emitted: int, budget: int) -> list[int]:
+    """The round's tokens up to a stop id or the token that spends the budget, whichever comes first."""
+    chunk = []
+    for t in new:
+        chunk.append(t)
+        if t in stop or emitted + len(chunk) == budget:
+            break
+    return chunk
+
+
+@torch.inference_mode()
+def speculative_generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor, params: SamplingParams,
+                         stop_ids: Sequence[int] = (), num_draft: int | None = None,
+                         stats: SpeculativeStats | None = None) -> Iterator[list[int]]:
+    """Generate for one prompt with MTP speculative decoding; yields the tokens each round accepts (>= 1).
+
+    The output follows the target model's distribution exactly (greedy: the tokens of `generate_tokens`);
+    it ends after a stop id (which is yielded) or params' token budget, as `generate_tokens` does.
+    num_draft: drafts per round (default: the model's MTP depths; more reuse the last depth). stats, when
+    given, accumulates the counters (acceptance rate, forwards).
+    """
+    prompt, k, budget = _check_request(model, prompt_ids, params, num_draft)
+    n_prompt, device = len(prompt), model.embed_tokens.weight.device
     stats = SpeculativeStats() if stats is None else stats
-    stats.drafted_at += [0] * (k - len(stats.drafted_at))
-    stats.accepted_at += [0] * (k - len(stats.accepted_at))
-    device = model.embed_tokens.weight.device
+    stats.track_positions(k)
+    drafter = MTPDrafter(model, k, n_prompt + budget)
     cache = model.new_cache(1, n_prompt + budget)  # the verify block never passes the last token's slot
     generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
     seen = None  # (1, V) bool: tokens in the sequence, for the repetition penalty
     if params.repetition_penalty != 1.0:
         seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)
         seen[0, prompt] = True
-    greedy, stop = params.temperature == 0, set(stop_ids)
+    stop = set(stop_ids)
 
     tokens = list(prompt)  # accepted so far; tokens[-1] = x[R] is not in the main cache yet
     if n_prompt > 1:
@@ -255,35 +315,13 @@ def speculative_generate(model: Transformer, prompt_ids: Sequence[int] | torch.T
         num = min(k, budget - emitted - 1) if R > 0 else 0  # never draft past the budget
         picker = _DraftPicker(params, seen, generator)
         drafts = drafter.draft(tokens, num, picker)
-        logits, hidden = model(torch.tensor([[tokens[R], *drafts]], device=device), cache,
-                               return_hidden=True)  # (1, num + 1, V), (1, num + 1, C)
-        rows_seen = torch.cat(picker.seen_rows) if seen is not None else None  # (num + 1, V)
-        if greedy:
-            targets = penalize(logits[0], params, rows_seen).argmax(-1).tolist()  # (num + 1,)
-            a = next((j for j, d in enumerate(drafts) if d != targets[j]), num)
-            new = drafts[:a] + [targets[a]]
-        else:
-            p = warp(logits[0], params, rows_seen)  # (num + 1, V)
-            new = verify_drafts(p, torch.stack(picker.q_rows) if drafts else p[:0], drafts, generator)
-            a = len(new) - 1
-        cache.pos = R + a + 1  # roll back: the rejected drafts' KV entries are overwritten next round
-        drafter.add_hidden(hidden[:, :a + 1])
+        logits, hidden = _verify(model, cache, tokens[R], drafts)
+        new = _accept(logits, drafts, picker, params, generator)
+        _roll_back(cache, drafter, hidden, R, len(new) - 1)
         tokens += new
-
-        stats.rounds += 1
-        stats.target_forwards += 1
-        stats.draft_forwards += num
-        stats.drafted += num
-        stats.accepted += a
-        for j in range(num):
-            stats.drafted_at[j] += 1
-            stats.accepted_at[j] += j < a
-        chunk = []
-        for t in new:
-            chunk.append(t)
-            emitted += 1
-            if t in stop or emitted == budget:
-                break
+        stats.record_round(num, len(new) - 1)
+        chunk = _emitted_chunk(new, stop, emitted, budget)
+        emitted += len(chunk)
         stats.tokens += len(chunk)
         yield chunk
         if chunk[-1] in stop or emitted == budget:
