@@ -36,9 +36,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from r1kit.generate import GenerationError, SamplingParams, penalize, warp
+from r1kit.engine.config import check_speculative_supported
+from r1kit.generate import GenerationError, SamplingParams, check_budget, check_prompt, penalize, warp
 from r1kit.model.attention import KVCache, attention_mask
-from r1kit.model.transformer import ContextLengthError, Transformer
+from r1kit.model.transformer import Transformer
 
 # ---------------------------------------------------------------------------------------------------- sampling
 
@@ -201,7 +202,8 @@ class _DraftPicker:
         return d
 
 
-def _check_prompt(prompt_ids: Sequence[int] | torch.Tensor) -> list[int]:
+def _flat_prompt(prompt_ids: Sequence[int] | torch.Tensor) -> list:
+    """One prompt as a flat list (a (1, T) tensor or a batch of one accepted); a batch of several is refused."""
     if isinstance(prompt_ids, torch.Tensor):
         if prompt_ids.dim() == 2 and prompt_ids.shape[0] == 1:
             prompt_ids = prompt_ids[0]
@@ -212,33 +214,20 @@ def _check_prompt(prompt_ids: Sequence[int] | torch.Tensor) -> list[int]:
             raise GenerationError(f"speculative decoding runs one sequence at a time (batch 1); got a batch of "
                                   f"{len(prompt)} prompts: call it once per prompt, or use generate_tokens")
         prompt = list(prompt[0])
-    if not prompt:
-        raise GenerationError("the prompt must have at least one token")
-    if not all(isinstance(t, int) for t in prompt):
-        raise GenerationError("speculative decoding takes one prompt as a flat sequence of token ids")
     return prompt
 
 
 def _check_request(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor, params: SamplingParams,
                    num_draft: int | None) -> tuple[list[int], int, int]:
-    """The prompt as a flat list, the drafts per round and the new-token budget; errors for what cannot run."""
-    if model.config.sparse_attention is not None:
-        raise GenerationError(f"speculative decoding: {model.config.sparse_attention!r} sparse attention caches "
-                              "(rolling windows, block sums) cannot be rolled back past rejected drafts; "
-                              "generate without speculative=True")
-    prompt = _check_prompt(prompt_ids)
-    if not model.mtp:
-        raise GenerationError("speculative decoding needs MTP layers, and this model has none "
-                              "(config num_mtp_layers / num_nextn_predict_layers = 0); use generate_tokens")
+    """The prompt as a flat list, the drafts per round and the new-token budget; errors for what cannot run
+    (the shared request checks of r1kit.generate and the engine's speculative limits)."""
+    check_speculative_supported(model.config)
+    params.validate()
+    prompt = check_prompt(_flat_prompt(prompt_ids), model.config.vocab_size)
     k = len(model.mtp) if num_draft is None else num_draft
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise GenerationError(f"num_draft = {num_draft!r}: must be an int >= 1 (None: the model's MTP depths)")
-    n_prompt, budget = len(prompt), params.new_tokens_for(len(prompt))
-    ctx = model.config.max_position_embeddings
-    if n_prompt + budget > ctx:
-        raise ContextLengthError(f"{n_prompt} prompt tokens + {budget} new tokens = {n_prompt + budget} exceeds "
-                                 f"the model's context of {ctx} tokens; shorten the prompt or generate fewer tokens")
-    return prompt, k, budget
+    return prompt, k, check_budget(len(prompt), params, model.config.max_position_embeddings)
 
 
 def _verify(model: Transformer, cache: KVCache, last: int, drafts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
