@@ -1,15 +1,16 @@
 """Quality and size of the quantized checkpoints of the bundled r1kit/nano, against bf16 and fp32, in one run.
 
-    python benchmarks/bench_quant_quality.py [--json out.json] [--max-tokens 16000] [--n 32] [--threads 1]
+    python benchmarks/bench_quant_quality.py [--json out.json] [--max-tokens 50000] [--n 32] [--threads 1]
 
 Each format goes through the user's path: fp32 and bf16 are ``save_model`` copies, int8 / int4 / fp8 are written
 by ``r1kit quantize r1kit/nano --to METHOD OUT`` and loaded back with ``R1Model.from_pretrained(OUT)`` (bf16
-activations; fp32 runs in fp32). For each: held-out perplexity (``r1kit.eval.eval_perplexity`` on the validation
-split of the standard-library files, the first --max-tokens tokens) and its change relative to bf16, greedy
+activations; fp32 runs in fp32). For each: held-out perplexity (r1kit.eval's one definition: ``heldout_ids`` and
+``perplexity``, --max-tokens tokens scored in windows spread evenly over the held-out standard-library text; the
+default budget is the model card's, so the fp32 row reproduces its figure) and its change relative to bf16, greedy
 accuracy on --n held-out arithmetic problems per kind (``r1kit.eval.eval_arithmetic``), and the bytes of the
 weights that quantization replaces (linear layers and MoE experts; kv_b_proj, embeddings, norms and the router
 are never quantized), of the whole model in memory, and of the safetensors on disk.
-Targets (issue 4): int8 perplexity within 1% of bf16, fp8 within 2%, int4 reported. About 1-2 minutes.
+Targets (issue 4): int8 perplexity within 1% of bf16, fp8 within 2%, int4 reported. About 2-3 minutes.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from torch import nn
 from r1kit.__main__ import main as cli
 from r1kit.api import R1Model, resolve_model_path
 from r1kit.checkpoint import load_model, save_model
-from r1kit.eval import eval_arithmetic, eval_perplexity
+from r1kit.eval import PERPLEXITY_TOKENS, eval_arithmetic, heldout_ids, perplexity
 from r1kit.model.moe import Experts
 from r1kit.quant import QuantizedExperts, QuantizedLinear
-from r1kit.train.data import split_files, stdlib_files
+from r1kit.tokenizer import Tokenizer
 
 FORMATS = ("fp32", "bf16", "int8", "int4", "fp8")
 TARGETS = {"int8": 0.01, "fp8": 0.02}  # largest relative perplexity change against bf16
@@ -73,14 +74,14 @@ def write_checkpoints(src: Path, root: Path) -> dict[str, Path]:
     return folders
 
 
-def measure(folder: Path, fmt: str, texts: list[str], max_tokens: int, kinds: list[str], n: int) -> dict:
+def measure(folder: Path, fmt: str, ids: torch.Tensor, max_tokens: int, kinds: list[str], n: int) -> dict:
     model = R1Model.from_pretrained(folder, device="cpu", dtype="fp32" if fmt == "fp32" else "bf16")
     start = time.perf_counter()
-    ppl = eval_perplexity(model, texts, max_tokens=max_tokens)
+    ppl = perplexity(model.model, ids, max_tokens=max_tokens)
     ppl_s = time.perf_counter() - start
     start = time.perf_counter()
     arith = eval_arithmetic(model, kinds, n=n, progress=False)
-    return {"perplexity": ppl["perplexity"], "nll_per_token": ppl["nll_per_token"], "tokens": ppl["tokens"],
+    return {**{k: ppl[k] for k in ("perplexity", "nll_per_token", "tokens", "of_tokens", "windows", "window")},
             "perplexity_seconds": ppl_s, "arithmetic_accuracy": arith["accuracy"], "arithmetic_n": n,
             "arithmetic_seconds": time.perf_counter() - start,
             "replaced_weight_bytes": replaced_weight_bytes(model.model), "model_bytes": model_bytes(model.model),
@@ -90,7 +91,7 @@ def measure(folder: Path, fmt: str, texts: list[str], max_tokens: int, kinds: li
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="r1kit/nano")
-    p.add_argument("--max-tokens", type=int, default=16_000, help="held-out tokens for perplexity")
+    p.add_argument("--max-tokens", type=int, default=PERPLEXITY_TOKENS, help="held-out tokens scored for perplexity")
     p.add_argument("--n", type=int, default=32, help="arithmetic problems per kind (one batch of 32)")
     p.add_argument("--kinds", default="add3,sub3")
     p.add_argument("--threads", type=int, default=1)
@@ -98,12 +99,12 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     kinds = a.kinds.split(",")
-    _, val_files = split_files(stdlib_files())
-    texts = [f.read_text(errors="ignore") for f in val_files]
+    src = resolve_model_path(a.model)
+    ids = heldout_ids(Tokenizer.from_dir(src))  # every format has this tokenizer
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="r1kit-quant-quality-") as tmp:
-        for fmt, folder in write_checkpoints(resolve_model_path(a.model), Path(tmp)).items():
-            rows[fmt] = measure(folder, fmt, texts, a.max_tokens, kinds, a.n)
+        for fmt, folder in write_checkpoints(src, Path(tmp)).items():
+            rows[fmt] = measure(folder, fmt, ids, a.max_tokens, kinds, a.n)
     base, fp32 = rows["bf16"], rows["fp32"]
     for fmt, r in rows.items():
         r["perplexity_change_vs_bf16"] = r["perplexity"] / base["perplexity"] - 1
@@ -112,8 +113,9 @@ def main() -> None:
             r["target_perplexity_change"] = TARGETS[fmt]
             r["target_met"] = abs(r["perplexity_change_vs_bf16"]) <= TARGETS[fmt]
 
-    print(f"{a.model}: held-out stdlib perplexity over {base['tokens']} tokens, arithmetic n={a.n} per kind "
-          f"(greedy), {a.threads} thread(s)")
+    print(f"{a.model}: held-out stdlib perplexity over {base['tokens']} of {base['of_tokens']} tokens "
+          f"({base['windows']} windows of {base['window']}), arithmetic n={a.n} per kind (greedy), "
+          f"{a.threads} thread(s)")
     head = ("| format | perplexity | vs bf16 | target | replaced weights MiB (% fp32) | model MiB | disk MiB | "
             + " | ".join(kinds) + " |")
     print(head)

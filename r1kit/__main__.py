@@ -226,13 +226,25 @@ def cmd_eval(a: argparse.Namespace) -> None:
         for kind, acc in res["accuracy"].items():
             print(f"| {kind} | {acc:.1%} |")
     else:
-        from r1kit.train.data import split_files, stdlib_files
-
-        _, val_files = split_files(stdlib_files())
-        res = eval_perplexity(model, [f.read_text(errors="ignore") for f in val_files], max_tokens=a.max_tokens)
-        print(f"held-out stdlib perplexity {res['perplexity']:.3f} over {res['tokens']} tokens")
+        res = eval_perplexity(model, max_tokens=a.max_tokens)
+        print(f"held-out stdlib perplexity {res['perplexity']:.3f} over {res['tokens']} of {res['of_tokens']} tokens "
+              f"({res['windows']} windows of {res['window']}, stride {res['stride']})")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    from r1kit.eval import PERPLEXITY_TOKENS
+    from r1kit.train.data import KINDS
+
+    _model_args(p)
+    p.add_argument("--task", choices=["arithmetic", "perplexity"], required=True)
+    p.add_argument("--kinds", default=",".join(KINDS), help="arithmetic kinds, comma-separated")
+    p.add_argument("--n", type=int, default=200, help="problems per kind (>= 1)")
+    p.add_argument("--max-tokens", type=int, default=PERPLEXITY_TOKENS,
+                   help="perplexity: tokens scored, in windows spread evenly over the held-out text (>= 1)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--json", default=None, help="write the results here")
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
@@ -366,13 +378,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable[[argpar
                                     p.add_argument("--resume", action="store_true"),
                                     p.add_argument("--out-dir", default=None), p.add_argument("--max-steps", type=int),
                                     p.add_argument("--device", default="cpu"))),
-    "eval": (cmd_eval, lambda p: (_model_args(p), p.add_argument("--task", choices=["arithmetic", "perplexity"],
-                                                                  required=True),
-                                  p.add_argument("--kinds", default="add2,sub2,add3,sub3,mul2x1,mul2x2"),
-                                  p.add_argument("--n", type=int, default=200, help="problems per kind"),
-                                  p.add_argument("--max-tokens", type=int, default=50_000),
-                                  p.add_argument("--seed", type=int, default=None),
-                                  p.add_argument("--json", default=None, help="write the results here"))),
+    "eval": (cmd_eval, _eval_args),
     "demo": (cmd_demo, lambda p: p.add_argument("--device", default="auto")),
     "serve": (cmd_serve, _serve_args),
 }

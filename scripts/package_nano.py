@@ -4,8 +4,9 @@
 
 The runs are the stages in order (configs/nano.yaml, then configs/nano-sft.yaml). Copies the last stage's
 final checkpoint (config, bf16 safetensors, tokenizer) into r1kit/nano/, plots the loss curves of all
-stages on one token axis, evaluates the model on held-out data (arithmetic accuracy per kind, perplexity
-on held-out standard-library files) and writes training_summary.json and a README.md model card.
+stages on one token axis, evaluates the model in fp32 on held-out data (arithmetic accuracy per kind,
+perplexity by r1kit.eval's one definition: the figure `r1kit eval --task perplexity` gives) and writes
+training_summary.json and a README.md model card.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from r1kit.api import BUNDLED_DIR, R1Model
 from r1kit.eval import eval_arithmetic, eval_perplexity
 from r1kit.model.config import format_count
-from r1kit.train.data import KINDS, read_texts, split_files, stdlib_files
+from r1kit.train.data import KINDS
 from r1kit.train.plots import plot_metrics
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
@@ -54,10 +55,9 @@ def main() -> None:
     plot_metrics(combined, a.out / "loss.png")
     combined.unlink()
 
-    model = R1Model.from_pretrained(a.out, device="cpu")
+    model = R1Model.from_pretrained(a.out, device="cpu", dtype="fp32")
     arithmetic = eval_arithmetic(model, list(KINDS), n=a.n)
-    _, val_files = split_files(stdlib_files())
-    ppl = eval_perplexity(model, read_texts(val_files), max_tokens=50_000)
+    ppl = eval_perplexity(model)
     train_rows = [r for r in rows if "loss" in r]
     val_rows = [r for r in rows if "val_loss" in r]
     info = model.info()
@@ -71,7 +71,9 @@ def main() -> None:
         "final_maxvio": train_rows[-1].get("maxvio"),
         "stdlib_of_python": platform.python_version(),
         "eval": {"arithmetic": arithmetic["accuracy"], "arithmetic_n_per_kind": a.n,
-                 "stdlib_perplexity": round(ppl["perplexity"], 3), "perplexity_tokens": ppl["tokens"]},
+                 "stdlib_perplexity": round(ppl["perplexity"], 3), "perplexity_tokens": ppl["tokens"],
+                 "perplexity_windows": ppl["windows"], "perplexity_window": ppl["window"],
+                 "perplexity_of_tokens": ppl["of_tokens"]},
         "examples": arithmetic["examples"][::3],
     }
     (a.out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -100,8 +102,9 @@ recipes (`configs/nano.yaml`, then `configs/nano-sft.yaml`) on a {summary['machi
 |---|---:|
 {acc}
 
-Perplexity on held-out standard-library code: {summary['eval']['stdlib_perplexity']}
-({summary['eval']['perplexity_tokens']} tokens).
+Perplexity on held-out standard-library code: {summary['eval']['stdlib_perplexity']} (fp32; {ppl['tokens']}
+tokens scored in {ppl['windows']} windows of {ppl['window']} spread evenly over all {ppl['of_tokens']} held-out
+tokens; `r1kit eval r1kit/nano --task perplexity`, defined in r1kit/eval.py).
 
 Example ({ex['question']}):
 ```
