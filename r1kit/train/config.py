@@ -97,21 +97,31 @@ class TrainConfig:
         need(self.moe_capacity_factor is None or self.moe_capacity_factor > 0, "moe_capacity_factor",
              "must be > 0, or None for no token dropping")
         need(self.mtp_loss_weight >= 0, "mtp_loss_weight", "must be >= 0")
+        need(self.threads is None or self.threads >= 1, "threads", "must be >= 1, or None for torch's default")
         if self.model.preset not in PRESETS:
             raise TrainConfigError(f"model.preset = {self.model.preset!r}: unknown; presets: {sorted(PRESETS)}")
         self.model_config()  # the overrides must form a valid ModelConfig
-        weights = [*self.data.mixture.values(), *self.data.arithmetic_kinds.values()]
+        self._validate_data()
+
+    def _validate_data(self) -> None:
+        d = self.data
+        for name in ("arithmetic_examples", "tokenizer_vocab", "tokenizer_chars", "max_files", "max_chars"):
+            value = getattr(d, name)
+            if value is not None and value < 1:
+                cap = ", or None for no cap" if name.startswith("max_") else ""
+                raise TrainConfigError(f"data.{name} = {value!r}: must be >= 1{cap}")
+        weights = [*d.mixture.values(), *d.arithmetic_kinds.values()]
         if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
             raise TrainConfigError(f"data: mixture and arithmetic_kinds weights must be numbers, got {weights}")
-        need(bool(self.data.mixture) and all(w >= 0 for w in self.data.mixture.values())
-             and sum(self.data.mixture.values()) > 0, "data", "data.mixture needs non-negative weights, sum > 0")
-        unknown = set(self.data.mixture) - {"stdlib", "arithmetic"}
+        if not d.mixture or any(w < 0 for w in d.mixture.values()) or sum(d.mixture.values()) <= 0:
+            raise TrainConfigError(f"data.mixture = {d.mixture}: needs non-negative weights with a sum > 0")
+        unknown = set(d.mixture) - {"stdlib", "arithmetic"}
         if unknown:
             raise TrainConfigError(f"data.mixture: unknown source(s) {sorted(unknown)}; known: arithmetic, stdlib")
         from r1kit.train.data import KINDS
 
-        bad = set(self.data.arithmetic_kinds) - set(KINDS)
-        if bad or not self.data.arithmetic_kinds:
+        bad = set(d.arithmetic_kinds) - set(KINDS)
+        if bad or not d.arithmetic_kinds:
             raise TrainConfigError(f"data.arithmetic_kinds: unknown kind(s) {sorted(bad)}; kinds: {list(KINDS)}")
 
     def model_config(self) -> ModelConfig:
@@ -144,11 +154,15 @@ class TrainConfig:
         if not path.is_file():
             raise TrainConfigError(f"{path}: no such config file")
         try:
-            d = yaml.safe_load(path.read_text()) or {}
+            d = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
             raise TrainConfigError(f"{path}: not valid YAML ({e})") from None
+        except UnicodeDecodeError:
+            raise TrainConfigError(f"{path}: not a text file (not UTF-8)") from None
+        if d is None or d == {}:
+            raise TrainConfigError(f"{path}: the recipe is empty (no keys); see configs/*.yaml for a complete one")
         if not isinstance(d, dict):
-            raise TrainConfigError(f"{path}: the top level must be a mapping of keys")
+            raise TrainConfigError(f"{path}: the top level must be a mapping of keys, got {type(d).__name__}")
         return _build(cls, {**d, **overrides}, str(path))
 
 
@@ -165,7 +179,7 @@ def _build(cls: type, d: dict[str, Any], where: str) -> Any:
     for name, value in d.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value or {}, f"{where}: {name}")
+            kwargs[name] = _build(hint, {} if value is None else value, f"{where}: {name}")
         else:
             kwargs[name] = _check_type(value, hint, f"{where}: {name}")
     try:
