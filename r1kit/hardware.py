@@ -128,8 +128,9 @@ def available_backends() -> list[str]:
 
 
 @functools.lru_cache(maxsize=1)
-def _cpu_flags() -> frozenset[str]:
-    """CPU feature flags from /proc/cpuinfo ("flags" on x86, "Features" on arm64); empty if unknown."""
+def cpu_flags() -> frozenset[str]:
+    """CPU feature flags from /proc/cpuinfo ("flags" on x86, "Features" on arm64); empty if unknown. The one
+    reader of them: r1kit.kernels asks it too."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             return _parse_cpu_flags(f.read())
@@ -160,7 +161,7 @@ def cpu_supports_bf16() -> bool:
     /proc/cpuinfo, a capability capped by ATEN_CPU_CAPABILITY) answers False, i.e. fp32.
     """
     machine = platform.machine().lower()
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if machine in ("x86_64", "amd64", "i686", "x86"):
         if not ({"avx512_bf16", "amx_bf16"} & flags):
             return False

@@ -240,7 +240,7 @@ ARM_PLAIN = "processor\t: 0\nFeatures\t: fp asimd\n"
 )
 def test_cpu_supports_bf16(monkeypatch, machine, text, capability, expected):
     monkeypatch.setattr(hardware.platform, "machine", lambda: machine)
-    monkeypatch.setattr(hardware, "_cpu_flags", lambda: hardware._parse_cpu_flags(text))
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: hardware._parse_cpu_flags(text))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     assert hardware.cpu_supports_bf16() is expected
 

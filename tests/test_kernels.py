@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from r1kit import kernels
+from r1kit import hardware, kernels
 
 # CI sets R1KIT_REQUIRE_KERNELS=1: on a CPU with AVX-512 bf16 a kernel build failure is then an error, not a skip
 if (kernels.load() is None and os.environ.get("R1KIT_REQUIRE_KERNELS") == "1"
-        and "avx512_bf16" in kernels._cpu_flags().split()):
+        and "avx512_bf16" in hardware.cpu_flags()):
     raise RuntimeError(f"R1KIT_REQUIRE_KERNELS=1 but the CPU kernels are unavailable: {kernels.why_not()}")
 pytestmark = pytest.mark.skipif(kernels.load() is None, reason=f"CPU kernels unavailable: {kernels.why_not()}")
 

@@ -24,12 +24,14 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from r1kit import hardware
+from r1kit.fileio import atomic_write
 
 log = logging.getLogger("r1kit")
 SOURCE = Path(__file__).with_name("cpu_gemv.c")
@@ -39,28 +41,19 @@ _tried = False
 _reason = ""
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return ""
-
-
 def _build(out: Path) -> None:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         raise RuntimeError("no C compiler (gcc or $CC) found")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        so = Path(tmp) / out.name
+
+    def compile_to(so: Path) -> None:
         cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", str(so)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
-        os.replace(so, out)  # atomic: a concurrent process sees the old file or the whole new one
+
+    atomic_write(out, compile_to, mode=0o777)  # a concurrent process sees the old file or the whole new one
 
 
 def load() -> ctypes.CDLL | None:
@@ -70,13 +63,13 @@ def load() -> ctypes.CDLL | None:
     if _tried:
         return _lib
     _tried = True
-    flags = _cpu_flags()
+    flags = hardware.cpu_flags()
     if os.environ.get("R1KIT_KERNELS", "1") == "0":
         _reason = "disabled by R1KIT_KERNELS=0"
-    elif "avx512_bf16" not in flags.split():
+    elif "avx512_bf16" not in flags:
         _reason = "this CPU has no AVX-512 bf16 (avx512_bf16)"
     else:
-        key = hashlib.sha256(SOURCE.read_bytes() + flags.encode()).hexdigest()[:16]
+        key = hashlib.sha256(SOURCE.read_bytes() + " ".join(sorted(flags)).encode()).hexdigest()[:16]
         cache = Path(os.environ.get("R1KIT_CACHE", Path.home() / ".cache" / "r1kit"))
         so = cache / "kernels" / f"cpu_gemv-{key}.so"
         try:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from r1kit.fileio import atomic_folder
 from r1kit.tokenizer import THINK_CLOSE, Tokenizer
 
 HELDOUT_FRACTION = 0.1
@@ -612,14 +613,10 @@ def prepare_tokenizer(cfg: Any, folder: Path) -> Tokenizer:
 def _save_tokenizer(tokenizer: Tokenizer, folder: Path, recipe: dict[str, Any]) -> None:
     """Write the tokenizer and its recipe stamp as a complete folder or not at all (written, then renamed)."""
     import json
-    import shutil
 
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save(tmp)
-    (tmp / "recipe.json").write_text(json.dumps(recipe))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    with atomic_folder(folder) as tmp:
+        tokenizer.save(tmp)
+        (tmp / "recipe.json").write_text(json.dumps(recipe))
 
 
 def build_corpus(cfg: Any, tokenizer: Tokenizer) -> tuple[Mixture, Mixture]:

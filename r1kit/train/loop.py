@@ -20,7 +20,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from r1kit.checkpoint import save_model
+from r1kit.fileio import atomic_write
 from r1kit.model.moe import MoE
 from r1kit.model.transformer import Transformer
 from r1kit.tokenizer import Tokenizer
@@ -118,17 +118,6 @@ def evaluate(model: Transformer, batches: list[tuple[torch.Tensor, ...]], precis
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
-
-
-def _atomic_torch_save(obj: Any, file: Path) -> None:
-    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, file)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def checkpoint_files(out_dir: Path) -> list[Path]:
@@ -413,9 +402,9 @@ def save_training_checkpoint(out: Path, cfg: TrainConfig, model: Transformer, op
                              data: Any, step: int, tokens: int, elapsed: float) -> Path:
     """Write step_N.pt atomically, then drop the oldest beyond keep_checkpoints."""
     file = out / "checkpoints" / f"step_{step:08d}.pt"
-    _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                        "tokens": tokens, "elapsed": elapsed, "data": data.state_dict(),
-                        "rng": torch.get_rng_state(), "config": cfg.to_dict()}, file)
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "tokens": tokens,
+             "elapsed": elapsed, "data": data.state_dict(), "rng": torch.get_rng_state(), "config": cfg.to_dict()}
+    atomic_write(file, lambda tmp: torch.save(state, tmp))
     for old in checkpoint_files(out)[:-cfg.keep_checkpoints]:
         old.unlink(missing_ok=True)
     return file
