@@ -71,21 +71,24 @@ def cmd_info(a: argparse.Namespace) -> None:
         except ModelNotFoundError as e:
             raise ModelNotFoundError(f"{e}; or name a preset: {', '.join(sorted(PRESETS))}") from None
         cfg, source = read_config(path), str(path)
-    total, active = cfg.num_params(include_mtp=True), cfg.num_params(active=True)
+    held = cfg.num_params(include_mtp=True)  # what r1kit loads: the MTP layers share the embedding and head
     info = {"model": a.model, "source": source, "architecture": cfg.arch, "attention": cfg.attention,
             "layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "heads": cfg.num_heads,
             "vocab_size": cfg.vocab_size, "context": cfg.max_position_embeddings,
             "routed_experts": cfg.n_routed_experts, "shared_experts": cfg.n_shared_experts,
             "experts_per_token": cfg.num_experts_per_tok, "mtp_layers": cfg.num_mtp_layers,
-            "params_total": total, "params_active": active,
-            "memory_bf16_GiB": round(total * 2 / 2**30, 2), "memory_int8_GiB": round(total / 2**30, 2)}
+            "params_total": cfg.num_params(), "params_mtp": cfg.num_mtp_params(),
+            "params_active": cfg.num_params(active=True),
+            "memory_bf16_GiB": round(held * 2 / 2**30, 2), "memory_int8_GiB": round(held / 2**30, 2)}
     if a.json:
         print(json.dumps(info, indent=2))
         return
-    width = max(map(len, info))
-    for k, v in info.items():
-        shown = format_count(v) if k.startswith("params") else v
-        print(f"{k:<{width}}  {shown}")
+    shown = {k: format_count(v) if k.startswith("params") else v for k, v in info.items()}
+    if info["params_mtp"]:  # as DeepSeek states it: "671B + 14B MTP"
+        shown["params_total"] += f" + {shown['params_mtp']} MTP"
+    width = max(map(len, shown))
+    for k, v in shown.items():
+        print(f"{k:<{width}}  {v}")
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
@@ -167,6 +170,7 @@ def cmd_quantize(a: argparse.Namespace) -> None:
 
     from r1kit.api import resolve_model_path
     from r1kit.checkpoint import load_model, read_config, save_model
+    from r1kit.fileio import atomic_folder
     from r1kit.quant import METHODS, quantize_model
     from r1kit.quant.checkpoint import stored_method
 
@@ -181,23 +185,20 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     keep_dtype = stored_dtype if stored_dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
     model = load_model(src, "cpu", torch.float32, allow_pickle=a.allow_pickle)  # quantize from the stored values
     stats = quantize_model(model, a.to, skip=a.skip, group_size=a.group_size)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # written whole, then renamed: never half a checkpoint
-    try:
+    with atomic_folder(out) as tmp:  # written whole, then renamed: never half a checkpoint
         save_model(model, tmp, dtype=keep_dtype, max_shard_bytes=int(a.shard_gb * 2**30))
         for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
-        if out.is_dir():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     disk = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    before, after = stats["weight_bytes_before"], stats["weight_bytes_after"]
-    print(f"wrote {out}: {stats['swapped']} modules {a.to}, quantized weights {before / 2**20:.2f} -> "
-          f"{after / 2**20:.2f} MiB ({after / before:.1%} of their fp32 bytes), "
-          f"{disk / 2**20:.2f} MiB of safetensors; kept unquantized: {', '.join(stats['skipped']) or 'none'} "
-          f"(and embeddings, norms, router in {str(keep_dtype).removeprefix('torch.')})")
+    stored = str(keep_dtype).removeprefix("torch.")
+    before = stats["weight_bytes_before"] // 4 * keep_dtype.itemsize  # quantized from fp32; as stored in SRC
+    after = stats["weight_bytes_after"]
+    print(f"wrote {out}: {stats['swapped']} modules quantized to {a.to}, their weights {before / 2**20:.2f} MiB "
+          f"({stored}) -> {after / 2**20:.2f} MiB ({after / max(before, 1):.1%}); "
+          f"{model.config.num_params(include_mtp=True):,} parameters, unchanged; {disk / 2**20:.2f} MiB of "
+          f"safetensors; kept unquantized: {', '.join(stats['skipped']) or 'none'} (and embeddings, norms, router "
+          f"in {stored})")
 
 
 def cmd_train(a: argparse.Namespace) -> None:

@@ -17,18 +17,13 @@ import r1kit.checkpoint as ckpt
 from r1kit.checkpoint import (
     FP32_TENSORS,
     CheckpointError,
-    dequantize_fp8,
     load_model,
     read_config,
     save_model,
 )
+from r1kit.fp8 import dequantize_blocks, quantize_blocks
 from r1kit.model.config import ConfigError, ModelConfig
 from r1kit.model.transformer import Transformer
-from r1kit.train.fp8 import quantize_weight
-
-
-def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return quantize_weight(w, torch.float8_e4m3fn, 128)
 
 F8 = torch.float8_e4m3fn
 F8_MAX = torch.finfo(F8).max  # 448
@@ -258,10 +253,10 @@ def test_fp8_without_scale_names_the_tensor(fp8_checkpoint, tmp_path):
 def test_quantize_fp8_round_trip(shape):
     w = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.05
     w[0, 0] = 3.0  # one outlier: its block gets a coarser scale
-    q, s = quantize_fp8(w)
+    q, s = quantize_blocks(w)
     assert q.dtype == F8 and q.shape == w.shape
     assert s.shape == (math.ceil(shape[0] / 128), math.ceil(shape[1] / 128))
-    back = dequantize_fp8(q, s)
+    back = dequantize_blocks(q, s)
     assert back.dtype == torch.float32 and back.shape == w.shape
     assert (back - w).norm() / w.norm() < 0.07
     # per element: 3 mantissa bits (relative step 1/16) above the subnormal range of each block
@@ -273,10 +268,16 @@ def test_quantize_fp8_round_trip(shape):
     assert torch.equal(back, ref_dequantize(rq, rs))
 
 
-def test_dequantize_fp8_rejects_mismatched_scale():
-    q, _ = quantize_fp8(torch.randn(200, 130))
-    with pytest.raises(CheckpointError, match=r"200x130"):
-        dequantize_fp8(q, torch.ones(1, 2))
+def test_fp8_scale_of_the_wrong_shape_names_the_tensor(fp8_checkpoint, tmp_path):
+    q, _ = quantize_blocks(torch.randn(200, 130))
+    with pytest.raises(ValueError, match=r"\(1, 2\).*200x130"):
+        dequantize_blocks(q, torch.ones(1, 2))
+    path, _, _ = fp8_checkpoint
+    shutil.copytree(path, tmp_path, dirs_exist_ok=True)
+    name = "model.layers.0.mlp.gate_proj.weight"  # 128 x 160: 1 x 2 blocks
+    _edit_tensors(tmp_path, lambda t: t.__setitem__(name + "_scale_inv", torch.ones(1, 1)))
+    with pytest.raises(CheckpointError, match=re.escape(name) + r".*\(1, 1\).*128x160"):
+        load_model(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
@@ -374,7 +375,7 @@ def test_config_field_out_of_range_is_named(broken, changes, field):
 def test_moe_config_field_out_of_range_is_named(broken):
     path = broken("tiny-moe")
     _edit_config(path, topk_group=7)
-    with pytest.raises(CheckpointError, match="topk_group"):
+    with pytest.raises(ConfigError, match=r"config\.json: topk_group = 7: must be in 1\.\.n_group \(4\)"):
         load_model(path)
 
 
@@ -532,7 +533,7 @@ def test_save_fp8_round_trip(make_model, tmp_path):
         scale = f.get_tensor("model.layers.0.self_attn.q_a_proj.weight_scale_inv")
     back = load_model(tmp_path)
     w = back.state_dict()["layers.0.self_attn.q_a_proj.weight"]
-    assert torch.equal(w, dequantize_fp8(q, scale))
+    assert torch.equal(w, dequantize_blocks(q, scale))
     for name, t in model.state_dict().items():
         err = (back.state_dict()[name] - t).norm() / t.norm().clamp(min=1e-12)
         assert err < 0.07, (name, float(err))

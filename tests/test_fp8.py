@@ -1,4 +1,5 @@
-"""FP8 training emulation (r1kit.train.fp8): quantization numerics, FP8Linear forward/backward, model conversion."""
+"""FP8 training emulation (r1kit.train.fp8): quantization numerics (r1kit.fp8), FP8Linear forward/backward, model
+conversion."""
 
 from __future__ import annotations
 
@@ -9,20 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from r1kit.fp8 import E4M3, E5M2, dequantize_blocks, dequantize_tiles, quantize_blocks, quantize_tiles
 from r1kit.model.config import preset
 from r1kit.model.moe import Experts
 from r1kit.model.transformer import Transformer
-from r1kit.train.fp8 import (
-    E4M3,
-    E5M2,
-    FP8Linear,
-    convert_to_fp8,
-    dequantize,
-    quantize,
-    quantize_dequantize,
-    quantize_dequantize_weight,
-    quantize_weight,
-)
+from r1kit.train.fp8 import FP8Linear, convert_to_fp8, quantize_dequantize
 
 DTYPES = [E4M3, E5M2]
 REL_BOUND = {E4M3: 2.0**-4, E5M2: 2.0**-3}  # half an ulp of a 3- / 2-bit mantissa, normal range
@@ -58,6 +50,11 @@ def ref_qdq(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor) -> torch.T
     return ((x.float() / scale).to(dtype).float() * scale).to(x.dtype)
 
 
+def quantize_dequantize_weight(w: torch.Tensor, dtype: torch.dtype = E4M3, block: int = 128) -> torch.Tensor:
+    q, scale = quantize_blocks(w, (block, block), dtype)
+    return dequantize_blocks(q, scale, (block, block), w.dtype)
+
+
 def spread(shape: tuple[int, ...], seed: int = 0, decades: float = 4.0) -> torch.Tensor:
     """Random values whose magnitude varies over `decades` decades along the last dim (tiles of different ranges)."""
     gen = torch.Generator().manual_seed(seed)
@@ -77,10 +74,10 @@ def test_qdq_matches_reference_and_is_representable(dtype, block):
     # fp8 round trip of y / scale moves it by at most the fp32 rounding of the division (1 ulp)
     r = y / scale
     codes = r.to(dtype)
-    q, s = quantize(x, dtype, block)
+    q, s = quantize_tiles(x, dtype, block)
     assert q.dtype == dtype and torch.equal(codes.view(torch.uint8), q.view(torch.uint8))
     torch.testing.assert_close(codes.float(), r, rtol=2.0**-22, atol=0)
-    assert torch.equal(dequantize(q, s, block), y)
+    assert torch.equal(dequantize_tiles(q, s, block), y)
     # the absmax of every tile maps onto the fp8 max
     assert r.abs().max().item() == pytest.approx(torch.finfo(dtype).max, rel=1e-6)
 
@@ -130,7 +127,7 @@ def test_weight_blocks_are_independent():
     for dtype in DTYPES:
         y = quantize_dequantize_weight(w, dtype, 128)
         assert torch.equal(y, ref_qdq(w, dtype, ref_block_scales(w, dtype, 128)))
-        q, s = quantize_weight(w, dtype, 128)
+        q, s = quantize_blocks(w, (128, 128), dtype)
         assert q.dtype == dtype and s.shape == (2, 3)
     spiked = w.clone()
     spiked[0, 0] = 1e6

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +18,15 @@ ARCHITECTURES = ("deepseek_v3", "deepseek_v2", "qwen2", "llama")
 
 
 class ConfigError(ValueError):
-    """A config field is missing, unknown or out of range. The message names the field."""
+    """A config field is missing, unknown, of the wrong type or out of range. The message names the field.
+
+    ``field`` is that field's name and ``problem`` what is wrong with it ("= 'abc': expected a number, not str"),
+    so that a reader of a file can name the field as the file spells it (see r1kit.checkpoint.config_from_hf).
+    """
+
+    def __init__(self, message: str, field: str | None = None, problem: str = ""):
+        super().__init__(message)
+        self.field, self.problem = field, problem
 
 
 @dataclass
@@ -86,6 +96,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+        for f in dataclasses.fields(self):  # an integer given for a float field (rope_theta: 10000) becomes a float
+            if _FIELD_TYPES[f.name] is float:
+                setattr(self, f.name, float(getattr(self, f.name)))
 
     # ---------------------------------------------------------------- derived sizes
     @property
@@ -109,12 +122,16 @@ class ModelConfig:
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:
-        """Raise ConfigError naming the first field that is out of range."""
+        """Raise ConfigError naming the first field of the wrong type, or else the first one out of range."""
 
         def need(ok: bool, name: str, why: str) -> None:
             if not ok:
-                raise ConfigError(f"ModelConfig.{name} = {getattr(self, name)!r}: {why}")
+                problem = f"= {getattr(self, name)!r}: {why}"
+                raise ConfigError(f"ModelConfig.{name} {problem}", name, problem)
 
+        for f in dataclasses.fields(self):
+            value, expected = getattr(self, f.name), _FIELD_TYPES[f.name]
+            need(_has_type(value, expected), f.name, f"expected {_describe(expected)}, not {type(value).__name__}")
         need(self.arch in ARCHITECTURES, "arch", f"must be one of {ARCHITECTURES}")
         need(self.attention in ("gqa", "mla"), "attention", "must be 'gqa' or 'mla'")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_position_embeddings"):
@@ -174,7 +191,8 @@ class ModelConfig:
             need(kind in ("default", "yarn", "llama3", "linear"), "rope_scaling",
                  "type must be 'yarn', 'llama3', 'linear' or 'default'")
             if kind != "default":
-                need(float(self.rope_scaling.get("factor", 0)) >= 1.0, "rope_scaling", "factor must be >= 1")
+                factor = self.rope_scaling.get("factor", 0)
+                need(_has_type(factor, float) and factor >= 1.0, "rope_scaling", "factor must be a number >= 1")
 
     # ---------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -194,20 +212,37 @@ class ModelConfig:
 
     # ---------------------------------------------------------------- parameter counts
     def num_params(self, active: bool = False, include_mtp: bool = False) -> int:
-        """Parameter count; with ``active=True`` only those one token touches (its top-k routed experts)."""
+        """Parameter count; with ``active=True`` only those one token touches (its top-k routed experts).
+
+        The main model alone by default (DeepSeek-V3/R1: 671B); ``include_mtp=True`` adds what the MTP layers hold
+        beyond the embedding and head they share with it (the parameters of the model r1kit builds).
+        """
         h = self.hidden_size
         emb = self.vocab_size * h
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
-        block_dense = self._attn_params() + 3 * h * self.intermediate_size + 2 * h
         n_moe = sum(self.is_moe_layer(i) for i in range(self.num_layers))
-        block_moe = self._attn_params() + self._moe_params(active) + 2 * h
-        total = emb + head + h + n_moe * block_moe + (self.num_layers - n_moe) * block_dense
+        total = emb + head + h + n_moe * self._block_params(True, active)
+        total += (self.num_layers - n_moe) * self._block_params(False, active)
         total += sum(self.is_sparse_layer(i) for i in range(self.num_layers)) * self._sparse_params()
-        if include_mtp and self.num_mtp_layers:
-            block = block_moe if self.n_routed_experts else block_dense
-            # enorm, hnorm, eh_proj, the block and the shared head's norm (embedding and head are shared)
-            total += self.num_mtp_layers * (2 * h + 2 * h * h + block + h)
+        if include_mtp:
+            total += self.num_mtp_layers * self._mtp_layer_params(active)
         return total
+
+    def num_mtp_params(self) -> int:
+        """Parameters of the multi-token-prediction module as DeepSeek counts them ("671B main model + 14B MTP"):
+        each depth as its checkpoint stores it, with its own copy of the embedding and the output head (the model
+        shares one, so ``num_params(include_mtp=True)`` counts them once)."""
+        return self.num_mtp_layers * (self._mtp_layer_params(False) + 2 * self.vocab_size * self.hidden_size)
+
+    def _mtp_layer_params(self, active: bool) -> int:
+        """One MTP depth without the shared embedding and head: enorm, hnorm, eh_proj, its block, the head's norm."""
+        h = self.hidden_size
+        return 2 * h + 2 * h * h + self._block_params(self.n_routed_experts > 0, active) + h
+
+    def _block_params(self, moe: bool, active: bool) -> int:
+        """One decoder block: attention, the dense MLP or the MoE, two norms."""
+        h = self.hidden_size
+        return self._attn_params() + (self._moe_params(active) if moe else 3 * h * self.intermediate_size) + 2 * h
 
     def _attn_params(self) -> int:
         h, nh = self.hidden_size, self.num_heads
@@ -235,6 +270,39 @@ class ModelConfig:
         combiner = (2 * self.moe_combiner_heads * self.moe_combiner_head_dim * h
                     if self.moe_combiner == "cross_expert_attention" else 0)  # CEAP's query and key projections
         return self.n_routed_experts * h + (routed + self.n_shared_experts) * 3 * h * i + combiner
+
+
+_FIELD_TYPES = typing.get_type_hints(ModelConfig)
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null",
+               dict: "an object", list: "a list"}
+
+
+def _has_type(value: Any, expected: Any) -> bool:
+    """Whether `value` fits a field annotation: int | None, list[int], dict[str, Any], ... (a bool is not a number,
+    an int is a float)."""
+    args = typing.get_args(expected)
+    if isinstance(expected, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if expected is Any:
+        return True
+    if expected in (int, float) and isinstance(value, bool):
+        return False
+    if expected is float:
+        return isinstance(value, (int, float))
+    origin = typing.get_origin(expected) or expected
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+    return isinstance(value, origin)
+
+
+def _describe(expected: Any) -> str:
+    """A field annotation in words: int | None -> "an integer or null", list[int] -> "a list of integers"."""
+    if isinstance(expected, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(expected))
+    origin = typing.get_origin(expected) or expected
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(expected)[0]).removeprefix('an ').removeprefix('a ')}s"
+    return _TYPE_WORDS.get(origin, getattr(origin, "__name__", str(origin)))
 
 
 def rope_type(scaling: dict[str, Any] | None) -> str:

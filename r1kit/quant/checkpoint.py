@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from r1kit.checkpoint import CheckpointError
+from r1kit.fileio import CheckpointError, read_config_json
 from r1kit.quant.experts import QuantizedExperts
 from r1kit.quant.linear import QuantizedLinear
 from r1kit.quant.model import METHODS
@@ -69,7 +69,7 @@ def parse_config_entry(hf_config: dict[str, Any], source: str) -> dict[str, Any]
     version = qc.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{where}.format_version is {version!r}; this r1kit reads version "
-                                      f"{FORMAT_VERSION} (a newer r1kit wrote it?)")
+                              f"{FORMAT_VERSION} (a newer r1kit wrote it?)")
     method = qc.get("method")
     if method not in METHODS:
         raise CheckpointError(f"{where}.method is {method!r}; expected one of {list(METHODS)}")
@@ -119,7 +119,5 @@ def check_tensor(name: str, t: torch.Tensor, dtype: torch.dtype, source: str) ->
 def stored_method(path: str | Path) -> str | None:
     """The method a checkpoint folder was quantized with in r1kit's format ("int8", ...), or None (reads
     config.json only)."""
-    from r1kit.checkpoint import read_config
-
-    hf = read_config(path).extra["hf_config"]
+    hf = read_config_json(path)
     return parse_config_entry(hf, str(Path(path) / "config.json"))["method"] if is_r1kit_quantized(hf) else None

@@ -17,7 +17,8 @@ int4  asymmetric per group of G consecutive inputs (G in 32, 64, 128, 256): scal
       of a row holds column 2j in its low nibble and column 2j + 1 in its high nibble.
 fp8   float8_e4m3fn with an fp32 scale per output row (scale = amax / 448) or, for 2-D weights, per
       (bo x bi) block (DeepSeek-V3 uses 128 x 128; its checkpoints call this tensor ``weight_scale_inv``);
-      w ~ q * scale. Relative error <= 2^-4 per element (3 mantissa bits) above the subnormal range.
+      w ~ q * scale. Relative error <= 2^-4 per element (3 mantissa bits) above the subnormal range. The
+      scaling itself is r1kit.fp8's, shared with checkpoint loading and FP8 training.
 
 A row (int8, fp8), group (int4) or block (fp8) that is all zeros gets scale 1, so zeros stay zeros and
 nothing divides by zero.
@@ -29,9 +30,10 @@ import math
 
 import torch
 
+from r1kit import fp8
+
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 kernel accepts
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+FP8_DTYPE = fp8.E4M3
 
 
 # ---------------------------------------------------------------------------------------------------- int8
@@ -107,33 +109,15 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 def quantize_fp8(w: torch.Tensor, block_size: tuple[int, int] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """w (..., K) -> q float8_e4m3fn (..., K), fp32 scale (...,) per row; or with block_size (bo, bi) and a
-    2-D w (N, K): scale (ceil(N / bo), ceil(K / bi)) per block (edge blocks are partial)."""
-    w = w.detach().float()
-    if block_size is None:
-        amax = w.abs().amax(-1)
-        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-        full = scale[..., None]
-    else:
-        if w.ndim != 2:
-            raise ValueError(f"fp8 block scales need a 2-D weight, got shape {tuple(w.shape)}")
-        (n, k), (bo, bi) = w.shape, block_size
-        nb, kb = math.ceil(n / bo), math.ceil(k / bi)
-        padded = w.new_zeros(nb * bo, kb * bi)
-        padded[:n, :k] = w.abs()
-        amax = padded.view(nb, bo, kb, bi).amax(dim=(1, 3))
-        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-        full = expand_blocks(scale, block_size, (n, k))
-    q = (w / full).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q, scale
-
-
-def expand_blocks(scale: torch.Tensor, block_size: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:
-    """Block scales (nb, kb) -> one per element (N, K)."""
-    bo, bi = block_size
-    return scale.repeat_interleave(bo, 0).repeat_interleave(bi, 1)[:shape[0], :shape[1]]
+    2-D w (N, K): scale (ceil(N / bo), ceil(K / bi)) per block (edge blocks are partial). See r1kit.fp8."""
+    if block_size is not None:
+        return fp8.quantize_blocks(w, block_size, FP8_DTYPE)
+    q, scale = fp8.quantize_tiles(w, FP8_DTYPE, w.shape[-1])  # a row is one 1 x K tile
+    return q, scale[..., 0, 0]
 
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, block_size: tuple[int, int] | None = None,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    full = scale.float()[..., None] if block_size is None else expand_blocks(scale.float(), block_size, q.shape)
-    return (q.float() * full).to(dtype)
+    if block_size is not None:
+        return fp8.dequantize_blocks(q, scale, block_size, dtype)
+    return fp8.dequantize_tiles(q, scale[..., None, None], q.shape[-1], dtype)

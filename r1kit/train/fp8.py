@@ -36,7 +36,8 @@ FP8 tensors. Any failure of that path warns once and falls back to the emulation
 machine has no GPU; only the emulation is covered by ``tests/test_fp8.py``.
 
 Scales are fp32, ``amax / finfo(fp8).max`` per tile/block (DeepSeek-V3's online quantization); an all-zero
-tile gets scale 1 so that zeros stay zeros and nothing divides by zero.
+tile gets scale 1 so that zeros stay zeros and nothing divides by zero. The quantization itself is r1kit.fp8's,
+shared with checkpoint I/O and ``r1kit quantize``.
 """
 
 from __future__ import annotations
@@ -48,104 +49,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-E4M3 = torch.float8_e4m3fn  # more mantissa (3 bits), max 448: activations and weights
-E5M2 = torch.float8_e5m2  # more range (5 exponent bits), max 57344: gradients
+from r1kit.fp8 import E4M3, E5M2, dequantize_blocks, dequantize_tiles, quantize_blocks, quantize_tiles
+
 TILE = 128  # 1xTILE activation/gradient tiles, TILExTILE weight blocks
-FP8_DTYPES = (E4M3, E5M2)
+WEIGHT_BLOCK = (TILE, TILE)
 
 
-# ---------------------------------------------------------------------------------------------- quantization
-def _check_dtype(dtype: torch.dtype) -> float:
-    if dtype not in FP8_DTYPES:
-        raise ValueError(f"dtype must be torch.float8_e4m3fn or torch.float8_e5m2, not {dtype}")
-    return torch.finfo(dtype).max
-
-
-def _to_fp8(x32: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Cast x32 / scale to fp8; the clamp guards against x/scale landing a hair above max (e5m2 would give inf)."""
-    fmax = torch.finfo(dtype).max
-    return (x32 / scale).clamp(-fmax, fmax).to(dtype)
-
-
-def _scale_of(amax: torch.Tensor, fmax: float) -> torch.Tensor:
-    """fp32 scale mapping amax to the fp8 max; 1 for all-zero tiles (zeros stay zeros, no 0/0)."""
-    return torch.where(amax > 0, amax / fmax, torch.ones_like(amax))
-
-
-def quantize(x: torch.Tensor, dtype: torch.dtype = E4M3, block: int | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x -> (q, scale): q is a real fp8 tensor of x's shape, x ~ q * scale.
-
-    block=None: one scale for the tensor (scale shape ()). block=k: one scale per k contiguous elements of the
-    last dim, i.e. 1xk tiles (scale shape (..., ceil(K / k), 1)); a last partial tile gets its own scale.
-    """
-    fmax = _check_dtype(dtype)
-    x32 = x.float()
-    if block is None:
-        scale = _scale_of(x32.abs().amax() if x32.numel() else x32.new_zeros(()), fmax)
-        return _to_fp8(x32, scale, dtype), scale
-    if block < 1:
-        raise ValueError(f"block must be a positive int or None, not {block}")
-    k = x32.shape[-1]
-    n = -(-k // block)
-    padded = F.pad(x32, (0, n * block - k)) if n * block != k else x32  # zero padding does not change amax
-    tiles = padded.unflatten(-1, (n, block))  # (..., n, block)
-    scale = _scale_of(tiles.abs().amax(-1, keepdim=True), fmax)  # (..., n, 1)
-    q = _to_fp8(tiles, scale, dtype).flatten(-2)[..., :k]
-    return q, scale
-
-
-def dequantize(q: torch.Tensor, scale: torch.Tensor, block: int | None = None,
-               out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Inverse of `quantize`: q * scale in `out_dtype`, with the `block` that `quantize` was given."""
-    q32 = q.float()
-    if block is None:
-        return (q32 * scale).to(out_dtype)
-    k, n = q32.shape[-1], scale.shape[-2]
-    padded = F.pad(q32, (0, n * block - k)) if n * block != k else q32
-    return (padded.unflatten(-1, (n, block)) * scale).flatten(-2)[..., :k].to(out_dtype)
-
-
-def quantize_dequantize(x: torch.Tensor, dtype: torch.dtype, block: int | None = None) -> torch.Tensor:
+def quantize_dequantize(x: torch.Tensor, dtype: torch.dtype, tile: int | None = None) -> torch.Tensor:
     """Round x through fp8 storage: scale (absmax -> finfo(dtype).max), cast to `dtype`, cast back, unscale.
 
-    block=None: one scale per tensor; block=k: one scale per 1xk tile along the last dim (DeepSeek-V3 uses
-    1x128 for activations and gradients). For kxk weight blocks use `quantize_dequantize_weight`. The result has
-    x's dtype and shape (in bf16 the unscaled value is rounded once more to bf16).
+    tile=None: one scale per tensor; tile=k: one scale per 1xk tile along the last dim (DeepSeek-V3 uses 1x128
+    for activations and gradients). The result has x's dtype and shape (in bf16 the unscaled value is rounded
+    once more to bf16).
     """
-    q, scale = quantize(x, dtype, block)
-    return dequantize(q, scale, block, x.dtype)
-
-
-def quantize_weight(w: torch.Tensor, dtype: torch.dtype = E4M3, block: int = TILE
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """2-D w (N, K) -> (q, scale) with one scale per block x block tile (scale shape (ceil(N/b), ceil(K/b)))."""
-    fmax = _check_dtype(dtype)
-    if w.ndim != 2:
-        raise ValueError(f"weight block quantization needs a 2-D tensor, got shape {tuple(w.shape)}")
-    if block < 1:
-        raise ValueError(f"block must be a positive int, not {block}")
-    rows, cols = w.shape
-    nr, nc = -(-rows // block), -(-cols // block)
-    w32 = F.pad(w.float(), (0, nc * block - cols, 0, nr * block - rows))
-    blocks = w32.view(nr, block, nc, block)
-    scale = _scale_of(blocks.abs().amax(dim=(1, 3)), fmax)  # (nr, nc)
-    q = _to_fp8(blocks, scale[:, None, :, None], dtype).view(nr * block, nc * block)[:rows, :cols]
-    return q, scale
-
-
-def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, block: int = TILE,
-                      out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Inverse of `quantize_weight`, with the `block` that it was given."""
-    rows, cols = q.shape
-    full = scale.repeat_interleave(block, 0).repeat_interleave(block, 1)[:rows, :cols]
-    return (q.float() * full).to(out_dtype)
-
-
-def quantize_dequantize_weight(w: torch.Tensor, dtype: torch.dtype = E4M3, block: int = TILE) -> torch.Tensor:
-    """Round a 2-D weight through fp8 with one scale per block x block tile (DeepSeek-V3: 128x128)."""
-    q, scale = quantize_weight(w, dtype, block)
-    return dequantize_weight(q, scale, block, w.dtype)
+    q, scale = quantize_tiles(x, dtype, tile)
+    return dequantize_tiles(q, scale, tile, x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- CUDA path
@@ -164,8 +82,8 @@ def _scaled_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def _scaled_mm_forward(x2: torch.Tensor, weight: torch.Tensor):
     """Real FP8 forward with per-tensor scales (UNTESTED here: no GPU). x2 (M, K), weight (N, K) -> (M, N)."""
-    xq, xs = quantize(x2, E4M3)
-    wq, ws = quantize(weight, E4M3)
+    xq, xs = quantize_tiles(x2, E4M3)
+    wq, ws = quantize_tiles(weight, E4M3)
     out = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, out_dtype=x2.dtype)  # wq.t(): column-major
     if isinstance(out, tuple):  # PyTorch < 2.5 returned (out, amax)
         out = out[0]
@@ -191,10 +109,10 @@ class FP8LinearFunction(torch.autograd.Function):
                 warnings.warn(f"FP8 torch._scaled_mm path failed ({e!r}); using the FP8 emulation", stacklevel=2)
                 out2 = None
         if out2 is None:
-            xq, xs = quantize(x2, E4M3, TILE)
-            wq, ws = quantize_weight(weight, E4M3, TILE)
-            x_blk, w_blk = TILE, TILE
-            out2 = F.linear(dequantize(xq, xs, TILE, dtype), dequantize_weight(wq, ws, TILE, dtype))
+            xq, xs = quantize_tiles(x2, E4M3, TILE)
+            wq, ws = quantize_blocks(weight, WEIGHT_BLOCK, E4M3)
+            x_blk, w_blk = TILE, WEIGHT_BLOCK
+            out2 = F.linear(dequantize_tiles(xq, xs, TILE, dtype), dequantize_blocks(wq, ws, WEIGHT_BLOCK, dtype))
         if bias is not None:
             out2 = out2 + bias.to(dtype)
         ctx.save_for_backward(xq, xs, wq, ws)  # FP8 tensors + fp32 scales, as DeepSeek-V3 caches activations
@@ -211,10 +129,10 @@ class FP8LinearFunction(torch.autograd.Function):
         gq = quantize_dequantize(g2, E5M2, TILE).to(dtype)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            w = dequantize_weight(wq, ws, w_blk, dtype) if w_blk is not None else dequantize(wq, ws, None, dtype)
+            w = dequantize_blocks(wq, ws, w_blk, dtype) if w_blk is not None else dequantize_tiles(wq, ws, None, dtype)
             grad_x = (gq @ w).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            grad_w = (gq.t() @ dequantize(xq, xs, x_blk, dtype)).to(ctx.w_dtype)
+            grad_w = (gq.t() @ dequantize_tiles(xq, xs, x_blk, dtype)).to(ctx.w_dtype)
         if ctx.b_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0).to(ctx.b_dtype)  # a reduction, not a GEMM: from the unquantized gradient
         return grad_x, grad_w, grad_b
