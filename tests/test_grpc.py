@@ -5,6 +5,7 @@ driven load balancing, and two replica processes behind round_robin with one SIG
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -24,7 +25,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from r1kit.api import R1Model
 from r1kit.serve import EngineService
 from r1kit.serve.client import SERVICE_NAME, R1Client, R1ClientError, channel_target
-from r1kit.serve.grpc_service import serve_grpc
+from r1kit.serve.grpc_service import BadRequestLog, serve_grpc
+from r1kit.serve.ports import PortError
 from r1kit.serve.replicas import ReplicaError, ReplicaSet, replica_commands
 
 CODE = "import os\nimport sys\n\n\ndef main("  # nano continues this for hundreds of tokens without an eos
@@ -134,11 +136,104 @@ def test_health_and_reflection(server, client):
     (lambda c: c.generate("x", max_new_tokens=5000), "context"),
     (lambda c: c.chat([]), "chat.messages"),
     (lambda c: c.chat([{"role": "robot", "content": "hi"}]), "chat.messages[0].role"),
+    (lambda c: c.chat([{"role": "system", "content": "x"}, {"role": "user", "content": ""}]),
+     "chat.messages[1].content is empty"),
+    # hostile values: each refused at once, naming the field (not RESOURCE_EXHAUSTED for a too-long error message)
+    (lambda c: c.generate("x", stop=["s"] * 5000), "stop"),
+    (lambda c: c.generate("x", stop=["s" * 100_000]), "stop"),
+    (lambda c: c.generate("x", max_new_tokens=-5), "sampling.max_new_tokens"),
+    (lambda c: c.generate("x", max_new_tokens=-2**31), "sampling.max_new_tokens"),
+    (lambda c: c.generate("x", top_k=-1), "sampling.top_k"),
+    (lambda c: c.generate("x", temperature=float("inf")), "sampling.temperature"),
+    (lambda c: c.generate("x", request_id="r" * 100_000), "request_id"),
+    (lambda c: c.generate("x", request_id="a\nforged log line"), "request_id"),
+    (lambda c: c.chat([{"role": "user", "content": "x"}] * 5000), "chat.messages has 5000 messages"),
 ])
 def test_bad_params_are_invalid_argument(client, call, field):
     with pytest.raises(R1ClientError) as e:
         call(client)
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and field in e.value.details
+
+
+def test_huge_prompt_is_refused_before_tokenizing(client):
+    """Megabytes of prompt are refused at once: tokenizing them would hold the GIL for seconds, stalling the
+    server (engine, health checks) for every client."""
+    start = time.monotonic()
+    for call in (lambda: client.generate("ab " * 1_300_000), lambda: client.chat([{"role": "user",
+                                                                                   "content": "ab " * 1_300_000}])):
+        with pytest.raises(R1ClientError) as e:
+            call()
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "context" in e.value.details
+    assert time.monotonic() - start < 2.0
+
+
+def test_developer_role_is_a_system_message(model, client):
+    as_system = model.chat([{"role": "system", "content": "Be brief."}, *QUESTION], max_new_tokens=24, temperature=0)
+    reply = client.chat([{"role": "developer", "content": "Be brief."}, *QUESTION], max_new_tokens=24, temperature=0)
+    assert reply.text == as_system.text and reply.prompt_tokens == as_system.prompt_tokens
+
+
+def test_tiny_deadlines_end_cleanly(service, client):
+    for timeout in (0, 1e-6, 0.005):
+        with pytest.raises(R1ClientError) as e:
+            client.generate(CODE, max_new_tokens=400, timeout=timeout)
+        assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_for(lambda: service.stats()["requests_running"] == 0 and service.stats()["queue_depth"] == 0)
+    assert service.stats()["kv_blocks_free"] == service.stats()["kv_blocks_total"]
+
+
+@pytest.mark.parametrize("api_key", [None, "k"])
+def test_malformed_messages_are_invalid_argument_and_one_log_line(service, caplog, api_key):
+    """Garbage bytes to every method, with and without the API key: INVALID_ARGUMENT (UNAUTHENTICATED without the
+    key), no traceback in the log and a bounded number of lines after 50 bad calls; the server keeps serving."""
+    srv = serve_grpc(service, port=0, api_key=api_key)
+    garbage = b"\xff\xff\xff\xff"
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel, caplog.at_level(logging.INFO):
+            raw = dict(request_serializer=lambda b: b, response_deserializer=lambda b: b)
+            generate = channel.unary_unary(f"/{SERVICE_NAME}/Generate", **raw)
+            stream = channel.unary_stream(f"/{SERVICE_NAME}/GenerateStream", **raw)
+            health_check = channel.unary_unary("/grpc.health.v1.Health/Check", **raw)
+            reflect = channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", **raw)
+            key = (("authorization", f"Bearer {api_key}"),) if api_key else None
+            calls = [(lambda: generate(garbage, timeout=5, metadata=key), "INVALID_ARGUMENT"),
+                     (lambda: list(stream(garbage, timeout=5, metadata=key)), "INVALID_ARGUMENT"),
+                     (lambda: health_check(garbage, timeout=5), "INVALID_ARGUMENT"),
+                     (lambda: list(reflect(iter([garbage]), timeout=5)), "INVALID_ARGUMENT")]
+            if api_key:  # refused before the bytes are read
+                calls.append((lambda: generate(garbage, timeout=5), "UNAUTHENTICATED"))
+            for i in range(50):
+                call, code = calls[i % len(calls)]
+                with pytest.raises(grpc.RpcError) as e:
+                    call()
+                assert e.value.code().name == code, e.value.details()
+        assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records), caplog.text
+        assert len(caplog.records) <= 2, caplog.text  # one line per kind (malformed, unauthenticated) per 10 s
+        assert all("malformed request" in r.message or "unauthenticated" in r.message for r in caplog.records)
+        with R1Client(f"127.0.0.1:{srv.port}", api_key=api_key, timeout=30) as c:
+            assert c.generate("Once upon", max_new_tokens=2).completion_tokens == 2  # still serving
+    finally:
+        srv.stop(grace=None)
+
+
+def test_bad_request_log_is_rate_limited(caplog):
+    bad = BadRequestLog(interval=0.3)
+    with caplog.at_level(logging.WARNING, logger="r1kit.serve"):
+        for i in range(50):
+            bad.warn("malformed", f"bad call {i}")
+        bad.warn("unauthenticated", "no key")
+        time.sleep(0.35)
+        bad.warn("malformed", "bad call 50")
+    assert [r.getMessage() for r in caplog.records] == [
+        "bad call 0", "no key", "bad call 50 (and 49 more malformed calls not logged)"]
+
+
+def test_a_busy_grpc_port_is_refused(service, server):
+    """SO_REUSEPORT is off: a second server on a port in use is an error, not a silent split of the traffic."""
+    with pytest.raises(PortError, match=f"gRPC port {server.port}: cannot listen"):
+        serve_grpc(service, port=server.port)
+    with pytest.raises(PortError, match="not a port"):
+        serve_grpc(service, port=70000)
 
 
 def test_no_prompt_is_invalid_argument(server, client):
@@ -256,7 +351,7 @@ def test_supervisor_restarts_with_backoff_then_gives_up():
         assert replicas.replicas[0].restarts == 2 and replicas.replicas[0].exit_codes == [3, 3, 3]
     finally:
         replicas.stop(grace=1)
-    with pytest.raises(ReplicaError, match="exited before serving"):
+    with pytest.raises(ReplicaError, match="exited with code 3 before serving"):
         with ReplicaSet([crash], [free_ports(1)], restart=False, stdout=subprocess.DEVNULL) as once:
             once.wait_ready(timeout=20)
 

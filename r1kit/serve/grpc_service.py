@@ -18,12 +18,16 @@ client behind a load balancer can tell which replica answered.
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
 import hmac
 import logging
 import math
 import os
 import signal
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import NamedTuple
@@ -36,6 +40,7 @@ from r1kit.api import CHAT_MAX_NEW_TOKENS
 from r1kit.generate import SamplingParams
 from r1kit.serve.client import SERVER_METADATA_KEY, SERVICE_NAME
 from r1kit.serve.engine_service import EngineService, QueueFullError, RequestHandle, ServiceClosedError, TextDelta
+from r1kit.serve.ports import PortError, check_free, check_port
 from r1kit.serve.proto import r1kit_pb2 as pb
 from r1kit.serve.proto import r1kit_pb2_grpc as pb_grpc
 from r1kit.tokenizer import ReasoningStreamParser
@@ -43,8 +48,11 @@ from r1kit.tokenizer import ReasoningStreamParser
 log = logging.getLogger("r1kit.serve")
 
 COMPLETION_MAX_NEW_TOKENS = 256  # a completion's default budget (as SamplingParams), as far as the context allows
-CHAT_ROLES = ("system", "user", "assistant")
+# a chat message's role -> the chat template's (developer: OpenAI's newer name for system)
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 NO_DEADLINE = 1e8  # seconds: what grpc reports as the time remaining of a call without a deadline is beyond it
+MAX_REQUEST_ID_CHARS = 128  # a request_id is echoed in every streamed chunk
+MAX_DETAILS_CHARS = 1000  # of a status message (it may quote a client's value): clients refuse > 16 KiB trailers
 FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 
 
@@ -77,6 +85,20 @@ def _sampling_params(options: pb.SamplingOptions, default_max_new_tokens: int) -
         raise InvalidRequest(f"sampling.{e}") from None
 
 
+def _chat_messages(chat: pb.ChatPrompt) -> list[dict[str, str]]:
+    """The chat template's messages (a developer message is a system one); InvalidRequest naming the bad field."""
+    if not chat.messages:
+        raise InvalidRequest("chat.messages is empty: give at least one message")
+    messages = []
+    for i, m in enumerate(chat.messages):
+        if m.role not in CHAT_ROLES:
+            raise InvalidRequest(f"chat.messages[{i}].role = {m.role!r}: expected one of {', '.join(CHAT_ROLES)}")
+        if not m.content and m.role != "assistant":
+            raise InvalidRequest(f"chat.messages[{i}].content is empty: a {m.role} message needs text")
+        messages.append({"role": CHAT_ROLES[m.role], "content": m.content})
+    return messages
+
+
 def _prepare(service: EngineService, request: pb.GenerateRequest) -> _Prepared:
     """Tokenize the prompt and build the sampling parameters, or raise InvalidRequest."""
     context = service.context_length
@@ -88,18 +110,21 @@ def _prepare(service: EngineService, request: pb.GenerateRequest) -> _Prepared:
             raise InvalidRequest("text is empty: give a prompt to continue")
         ids, thinking, default = service.encode_prompt(request.text), False, COMPLETION_MAX_NEW_TOKENS
     else:
-        messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-        if not messages:
-            raise InvalidRequest("chat.messages is empty: give at least one message")
-        for i, m in enumerate(messages):
-            if m["role"] not in CHAT_ROLES:
-                raise InvalidRequest(f"chat.messages[{i}].role = {m['role']!r}: expected one of {CHAT_ROLES}")
+        messages = _chat_messages(request.chat)
         thinking = request.chat.thinking if request.chat.HasField("thinking") else True
         ids, default = service.encode_chat(messages, thinking=thinking), CHAT_MAX_NEW_TOKENS
     if len(ids) >= context:
         raise InvalidRequest(f"the prompt is {len(ids)} tokens: the model's context is {context} tokens")
     params = _sampling_params(request.sampling, min(default, context - len(ids)))
     return _Prepared(ids, params, kind == "chat", thinking)
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> None:
+    """End the call with ``code``; details beyond MAX_DETAILS_CHARS are cut (a client would see RESOURCE_EXHAUSTED
+    for its metadata instead of the error)."""
+    if len(details) > MAX_DETAILS_CHARS:
+        details = f"{details[:MAX_DETAILS_CHARS]}... ({len(details)} characters in all)"
+    context.abort(code, details)
 
 
 class _Collector:
@@ -127,6 +152,12 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
     def __init__(self, service: EngineService, server_name: str):
         self.service = service
         self.server_name = server_name
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """UTF-8 bytes of the model's longest token (as decoded alone): a prompt of N bytes is >= N / it tokens."""
+        tok = self.service.model.tokenizer
+        return sys.maxsize if tok is None else max(len(tok.decode([i]).encode()) for i in range(tok.vocab_size))
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
         prepared, handle = self._submit(request, context)
@@ -160,18 +191,38 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         remaining = context.time_remaining()  # the call's deadline, if it has one: the engine stops there too
         timeout = remaining if remaining is not None and remaining < NO_DEADLINE else None
         try:
+            self._check_size(request)
             prepared = _prepare(self.service, request)
             handle = self.service.submit(prepared.prompt_ids, prepared.params, request_id=request.request_id or None,
                                          timeout=timeout)
         except QueueFullError as e:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry later or on another replica")
+            _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry later or on another replica")
         except ServiceClosedError as e:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            _abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
         except ValueError as e:  # InvalidRequest, GenerationError, ContextLengthError, TokenizerError
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         # runs when the call ends for any reason: a cancelled call or a passed deadline frees the request's KV
         context.add_callback(handle.abort)
         return prepared, handle
+
+    def _check_size(self, request: pb.GenerateRequest) -> None:
+        """InvalidRequest for a request too large to serve, found before tokenizing it: tokenizing megabytes holds
+        the GIL for seconds, stalling every other call and the health checks. A prompt has at least one token per
+        chat message and per ``max_token_bytes`` bytes (>= characters); request_id is echoed in every chunk."""
+        if len(request.request_id) > MAX_REQUEST_ID_CHARS or not request.request_id.isprintable():
+            raise InvalidRequest(f"request_id is {len(request.request_id)} characters: at most "
+                                 f"{MAX_REQUEST_ID_CHARS} printable ones (no line breaks or control characters)")
+        context = self.service.context_length
+        if request.WhichOneof("prompt") == "chat":
+            if len(request.chat.messages) >= context:
+                raise InvalidRequest(f"chat.messages has {len(request.chat.messages)} messages: the model's context "
+                                     f"is {context} tokens (each message takes at least one)")
+            field, chars = "chat.messages", sum(len(m.content) for m in request.chat.messages)
+        else:
+            field, chars = "text", len(request.text)
+        if chars > context and chars > context * self.max_token_bytes:
+            raise InvalidRequest(f"{field} has {chars} characters: more than the model's context of {context} tokens "
+                                 f"can hold (a token is at most {self.max_token_bytes} bytes); shorten the prompt")
 
     @staticmethod
     def _deltas(handle: RequestHandle, context: grpc.ServicerContext) -> Iterator[TextDelta]:
@@ -185,14 +236,14 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
                 return
             except Exception as e:  # the engine failed on this request
                 log.exception("request %s failed", handle.request_id)
-                context.abort(grpc.StatusCode.INTERNAL, f"request {handle.request_id} failed in the engine: {e}")
+                _abort(context, grpc.StatusCode.INTERNAL, f"request {handle.request_id} failed in the engine: {e}")
             if delta.finished and delta.finish_reason == "timeout":
-                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                              f"request {handle.request_id} passed its deadline after {handle.completion_tokens} "
-                              "generated tokens")
+                _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                       f"request {handle.request_id} passed its deadline after {handle.completion_tokens} "
+                       "generated tokens")
             if delta.finished and delta.finish_reason not in FINISH_REASONS:  # "abort": shutdown without drain
-                context.abort(grpc.StatusCode.UNAVAILABLE,
-                              f"request {handle.request_id} was aborted by the server ({delta.finish_reason})")
+                _abort(context, grpc.StatusCode.UNAVAILABLE,
+                       f"request {handle.request_id} was aborted by the server ({delta.finish_reason})")
             yield delta
 
     @staticmethod
@@ -223,14 +274,99 @@ class GrpcServer:
         return self.server.wait_for_termination(timeout)
 
 
+class BadRequestLog:
+    """Logs refused calls (malformed, unauthenticated) as one WARNING line each, at most one line per ``interval``
+    seconds per kind; the next line says how many were left out, so a flood of bad calls cannot flood the log."""
+
+    def __init__(self, interval: float = 10.0):
+        self.interval = interval
+        self._last: dict[str, float] = {}  # kind -> monotonic time of its last line
+        self._left_out: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+
+    def warn(self, kind: str, message: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if kind in self._last and now - self._last[kind] < self.interval:
+                self._left_out[kind] += 1
+                return
+            self._last[kind], left_out = now, self._left_out.pop(kind, 0)
+        more = f" (and {left_out} more {kind} calls not logged)" if left_out else ""
+        log.warning("%s%s", message, more)
+
+
+class _Undecodable(NamedTuple):
+    """What a request that does not parse as its message type decodes to (instead of grpc's INTERNAL)."""
+
+    method: str
+    error: str
+
+
+class DecodeGuard(grpc.ServerInterceptor):
+    """A request message that does not parse (to any service: Generator, health, reflection) is refused as
+    INVALID_ARGUMENT with one line in ``bad_requests``; left to gRPC it is INTERNAL and a logged traceback."""
+
+    def __init__(self, bad_requests: BadRequestLog):
+        self.bad_requests = bad_requests
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}  # method -> guarded handler (they never change)
+
+    def intercept_service(self, continuation, details):  # noqa: ANN001 (grpc's own types)
+        handler = self._handlers.get(details.method)
+        if handler is None:
+            handler = continuation(details)
+            if handler is None or handler.request_deserializer is None:
+                return handler
+            handler = self._handlers.setdefault(details.method, self._guard(details.method, handler))
+        return handler
+
+    def _guard(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        decode = handler.request_deserializer
+
+        def safe_decode(data: bytes) -> object:
+            try:
+                return decode(data)
+            except Exception as e:  # noqa: BLE001 - DecodeError, invalid UTF-8 in a string field, ...
+                return _Undecodable(method, str(e) or type(e).__name__)
+
+        def refuse(request: _Undecodable, context: grpc.ServicerContext) -> None:
+            self.bad_requests.warn("malformed", f"malformed request to {method} from {context.peer()}: "
+                                                f"{request.error}")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid message for {method}: "
+                                                            f"{request.error}")
+
+        name = f"{'stream' if handler.request_streaming else 'unary'}_" \
+               f"{'stream' if handler.response_streaming else 'unary'}"
+        behavior = getattr(handler, name)
+
+        def checked(requests: Iterator[object], context: grpc.ServicerContext) -> Iterator[object]:
+            for request in requests:
+                if isinstance(request, _Undecodable):
+                    refuse(request, context)
+                yield request
+
+        def guarded(request: object, context: grpc.ServicerContext, *args: object) -> object:
+            if handler.request_streaming:
+                return behavior(checked(request, context), context, *args)
+            if isinstance(request, _Undecodable):
+                refuse(request, context)
+            return behavior(request, context, *args)
+
+        functools.update_wrapper(guarded, behavior)  # keeps grpc's experimental_* attributes (health's Watch)
+        return handler._replace(request_deserializer=safe_decode, **{name: guarded})
+
+
 class ApiKeyInterceptor(grpc.ServerInterceptor):
     """Generator calls need metadata ``authorization: Bearer KEY`` (compared in constant time); others get
-    UNAUTHENTICATED. Health checks and reflection stay open, so that load balancers can probe the server."""
+    UNAUTHENTICATED (and a line in ``bad_requests``, if given). Health checks and reflection stay open, so that
+    load balancers can probe the server."""
 
-    def __init__(self, api_key: str):
+    def __init__(self, api_key: str, bad_requests: BadRequestLog | None = None):
         self.expected = f"Bearer {api_key}".encode()
 
         def deny(request: object, context: grpc.ServicerContext) -> None:
+            if bad_requests is not None:
+                bad_requests.warn("unauthenticated", f"unauthenticated call from {context.peer()}: missing or "
+                                                     "wrong API key")
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key: send metadata "
                                                            "'authorization: Bearer KEY'")
 
@@ -252,17 +388,22 @@ def serve_grpc(service: EngineService, port: int, host: str = "127.0.0.1", max_w
 
     Each in-flight call holds one of ``max_workers`` threads; calls beyond it are refused as
     RESOURCE_EXHAUSTED by gRPC itself (the engine's own queue bound usually refuses first). With ``api_key``,
-    Generator calls need ``authorization: Bearer KEY`` metadata (`ApiKeyInterceptor`).
-    Raises OSError when the address cannot be bound.
+    Generator calls need ``authorization: Bearer KEY`` metadata (`ApiKeyInterceptor`). Malformed and
+    unauthenticated calls are logged one line each, rate-limited (`BadRequestLog`).
+    Raises PortError (a ValueError) when the address cannot be bound: the port is in use (also by another gRPC
+    server: SO_REUSEPORT is off, so two servers never share a port silently) or the host has no such address.
     """
+    bad_requests = BadRequestLog()
+    interceptors = ([ApiKeyInterceptor(api_key, bad_requests)] if api_key else []) + [DecodeGuard(bad_requests)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="r1kit-grpc"),
-                         maximum_concurrent_rpcs=max_workers,
-                         interceptors=[ApiKeyInterceptor(api_key)] if api_key else None)
+                         maximum_concurrent_rpcs=max_workers, interceptors=interceptors,
+                         options=[("grpc.so_reuseport", 0)])
+    check_port(port, "gRPC port")
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(address)
-    except RuntimeError as e:  # grpc reports a failed bind as RuntimeError
-        raise OSError(f"cannot serve gRPC on {address}: {e}") from None
+    except RuntimeError:  # grpc reports a failed bind as RuntimeError (and logs its own line)
+        raise PortError(f"gRPC port {port}: cannot listen on {address}: in use, or no such address here") from None
     name = f"{host}:{bound}"
     pb_grpc.add_GeneratorServicer_to_server(GeneratorServicer(service, name), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)  # Watch streams hold no thread
@@ -306,6 +447,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--api-key", default=None, help="require 'authorization: Bearer KEY' (or set R1KIT_API_KEY)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    check_free(a.host, a.port, "--port")  # before the model loads: a bad or busy port fails at once
     model = R1Model.from_pretrained(a.model, device=a.device, dtype=a.dtype)
     service = EngineService(model, max_queue=a.max_queue, max_num_seqs=a.max_num_seqs,
                             request_timeout=a.request_timeout)
@@ -322,4 +464,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # as `r1kit serve`: one line naming the flag or file, exit code 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

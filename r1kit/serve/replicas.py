@@ -7,10 +7,12 @@
     run_replicas(commands, [50051, 50052])         # the blocking form: until SIGTERM / Ctrl-C
 
 Each replica is its own process with its own model and engine (one per GPU, or CPU cores split between
-them). The supervisor thread restarts a replica that exits (with backoff, up to ``max_restarts`` times);
-clients ride through the gap because their channel's health checking takes the dead replica out of
-rotation and retries calls that it refused. Stopping sends SIGTERM (each server drains its in-flight
-requests) and SIGKILL after the grace period.
+them). The supervisor thread restarts a replica that exits (with backoff, up to ``max_restarts`` times),
+except one that exits with the CLI's error code 2 (a bad flag, a busy port, no such model: a restart would
+fail the same way); ``wait_ready`` raises at once for a replica that is not restarted. Clients ride through
+the gap because their channel's health checking takes the dead replica out of rotation and retries calls
+that it refused. Stopping sends SIGTERM (each server drains its in-flight requests) and SIGKILL after the
+grace period.
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from r1kit.serve.client import SERVICE_NAME
+from r1kit.serve.ports import PortError, check_free
 
 log = logging.getLogger("r1kit.serve")
 STABLE_SECONDS = 60.0  # a replica that ran this long before exiting is restarted without backoff
+EXIT_USAGE = 2  # the exit code of `r1kit serve` (and the gRPC server) for a bad command line: never restarted
 
 
 class ReplicaError(RuntimeError):
@@ -58,6 +62,21 @@ def replica_commands(model: str, n: int, *, grpc_port: int, http_port: int | Non
     return commands
 
 
+def check_ports(host: str, n: int, *, grpc_port: int, http_port: int | None = None) -> None:
+    """PortError unless every replica's ports (``grpc_port + i``, ``http_port + i``) are fixed, valid and free now,
+    named by the `r1kit serve` flag they come from."""
+    for flag, base in (("--grpc-port", grpc_port), ("--port", http_port)):
+        if base is None:
+            continue
+        if base == 0:
+            raise PortError(f"{flag} 0: replicas need fixed ports (replica i listens on {flag} + i)")
+        for i in range(n):
+            try:
+                check_free(host, base + i, flag)
+            except PortError as e:
+                raise PortError(f"{e} (replica {i} of {n} listens on {flag} {base} + {i})") from None
+
+
 @dataclass
 class Replica:
     """One supervised server process."""
@@ -71,6 +90,7 @@ class Replica:
     crashes: int = 0  # exits in a row, each within STABLE_SECONDS of its start (sets the backoff)
     next_start: float | None = None  # when an exited replica is started again (None: none scheduled)
     exit_codes: list[int] = field(default_factory=list)
+    given_up: bool = False  # exited and will not be restarted
 
 
 class ReplicaSet:
@@ -123,9 +143,7 @@ class ReplicaSet:
                             break
                     except grpc.RpcError:
                         pass  # not listening yet (the model is loading)
-                    if not self.restart and (replica.process is None or replica.process.poll() is not None):
-                        raise ReplicaError(f"replica {replica.index} exited before serving (restart is off): "
-                                           f"{' '.join(replica.command)}")
+                    self._check_not_given_up(replica)
                     time.sleep(0.2)
 
     def stop(self, grace: float = 30.0) -> None:
@@ -154,6 +172,15 @@ class ReplicaSet:
         self.stop()
 
     # ------------------------------------------------------------------------------------------ supervision
+    def _check_not_given_up(self, replica: Replica) -> None:
+        """ReplicaError if ``replica`` exited and will not be started again (restart off, or given up on)."""
+        process = replica.process
+        code = process.poll() if process is not None and not self.restart else None
+        if replica.given_up or code is not None:
+            code = replica.exit_codes[-1] if code is None else code
+            raise ReplicaError(f"replica {replica.index} exited with code {code} before serving (its output says "
+                               f"why) and is not restarted: {' '.join(replica.command)}")
+
     def _spawn(self, replica: Replica) -> None:
         log.info("replica %d: starting on gRPC port %d: %s", replica.index, replica.grpc_port,
                  " ".join(replica.command))
@@ -173,10 +200,13 @@ class ReplicaSet:
                     if replica.next_start is None:  # an exit not handled yet
                         replica.exit_codes.append(process.returncode)
                         replica.crashes = 0 if now - replica.started_at >= STABLE_SECONDS else replica.crashes + 1
-                        if not self.restart or replica.crashes > self.max_restarts:
-                            log.error("replica %d exited with code %d; not restarting (%d quick exits in a row)",
-                                      replica.index, process.returncode, replica.crashes)
-                            replica.process = None
+                        if (not self.restart or replica.crashes > self.max_restarts
+                                or process.returncode == EXIT_USAGE):
+                            why = ("its command line is at fault" if process.returncode == EXIT_USAGE
+                                   else f"{replica.crashes} quick exits in a row")
+                            log.error("replica %d exited with code %d; not restarting (%s)", replica.index,
+                                      process.returncode, why)
+                            replica.process, replica.given_up = None, True
                             continue
                         replica.next_start = now + (0.0 if replica.crashes == 0 else 0.5 * 2 ** (replica.crashes - 1))
                         log.warning("replica %d exited with code %d; restarting in %.1f s", replica.index,
