@@ -5,13 +5,17 @@
 
 Endpoints: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (server-sent events with
 ``stream: true``; the chat reply carries the ``<think>`` text in ``reasoning_content`` beside ``content``, as
-DeepSeek's API does), ``/health``, ``/metrics`` (Prometheus text), ``/openapi.json`` and the chat page at ``/``.
+DeepSeek's API does), ``/health``, ``/metrics`` (Prometheus text), ``/openapi.json`` and the chat page at ``/``
+(``HEAD`` too on the page and ``/health``; ``OPTIONS`` on every path; no ``/docs``: its assets come from a CDN).
 
 Errors are OpenAI-shaped JSON, ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed or
-invalid request (bad JSON or UTF-8, wrong types, out-of-range values, a prompt beyond the context), 401 for a
-missing or wrong API key, 404 for an unknown model or path, 413 for a body over the size limit, 429 when the
-queue is full, 503 while shutting down, 504 when a request runs past its timeout. A client that disconnects
-aborts its request. On SIGTERM the server stops accepting, lets in-flight requests finish, then exits.
+invalid request (bad JSON or UTF-8, wrong types, out-of-range values, a prompt beyond the context, an OpenAI
+parameter this server does not implement, see UNSUPPORTED_PARAMS), 401 for a missing or wrong API key, 404 for
+an unknown model or path, 413 for a body over the size limit (Content-Length or chunked), 429 when the queue is
+full, 503 while shutting down, 504 when a request runs past its timeout. A client that disconnects aborts its
+request. Connections are limited in number and must send their request head within a timeout (slow clients).
+On SIGTERM the server stops accepting, lets in-flight requests finish for up to the shutdown timeout, then ends
+the rest with an error (streams: an error event, then ``[DONE]``) and exits.
 """
 
 from __future__ import annotations
@@ -26,16 +30,19 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import Match, Router
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from r1kit.generate import GenerationError, SamplingParams
 from r1kit.model.transformer import ContextLengthError
@@ -48,6 +55,10 @@ COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 CHAT_MAX_TOKENS = 1024  # chat default (as R1Model.chat): room for the <think> phase, as far as the context allows
 MAX_N = 16
 MAX_SEED = 2**63 - 1
+HEADER_TIMEOUT = 10.0  # seconds a connection has to send its request head (slow-loris clients are closed)
+KEEP_ALIVE_TIMEOUT = 5.0  # seconds an idle keep-alive connection stays open (uvicorn's default)
+MAX_CONNECTIONS = 512  # open connections served at once; a request on one more gets 503
+SHUTDOWN_GRACE = 5.0  # seconds after the shutdown timeout for aborted requests to send their error
 
 
 class APIError(Exception):
@@ -73,9 +84,10 @@ class StreamOptions(BaseModel):
 
 
 class _Request(BaseModel):
-    """Fields shared by both generation endpoints; unknown fields (logprobs, user, ...) are ignored."""
+    """Fields shared by both generation endpoints. Other fields land in ``model_extra``: those in
+    UNSUPPORTED_PARAMS are refused unless off, the rest (user, metadata, store, ...) are ignored."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="allow")
     model: str
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
@@ -97,10 +109,20 @@ class CompletionRequest(_Request):
                                                             Field(min_length=1, max_length=MAX_N)]
 
 
-class ChatMessage(BaseModel):
+class ContentPart(BaseModel):
+    """One part of a message's content array; only text parts can be read (see _message_text)."""
+
     model_config = ConfigDict(strict=True, extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    """``developer`` is the newer name of ``system``; ``content`` may be text parts; null only for assistant."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None
 
 
 class ChatCompletionRequest(_Request):
@@ -110,13 +132,36 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # the newer name of max_tokens; wins
 
 
+# OpenAI parameters this server does not implement (yet). A request that turns one on gets 400 naming it rather
+# than a reply that silently ignores it; the values that mean "off" are accepted, since clients send them:
+# null, false, 0, "", [] and {}, plus the ones each row's function accepts. Implementing one: delete its row.
+UNSUPPORTED_PARAMS: dict[str, Callable[[Any, _Request], bool] | None] = {
+    "logprobs": None,
+    "top_logprobs": None,
+    "echo": None,
+    "suffix": None,
+    "best_of": lambda value, body: value == body.n,
+    "logit_bias": None,
+    "frequency_penalty": None,
+    "presence_penalty": None,
+    "tools": None,
+    "tool_choice": lambda value, body: value == "none",
+    "parallel_tool_calls": None,
+    "functions": None,
+    "function_call": lambda value, body: value == "none",
+    "response_format": lambda value, body: value == {"type": "text"},
+}
+
+
 # ---------------------------------------------------------------------------------------------------- the app
 def create_app(service: EngineService, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-               max_tokens_limit: int | None = None, shutdown_timeout: float | None = 30.0) -> FastAPI:
+               max_tokens_limit: int | None = None, shutdown_timeout: float | None = 30.0,
+               cors_origins: Sequence[str] = ()) -> FastAPI:
     """The FastAPI app serving ``service`` (already started). At app shutdown the service drains and stops
     (in-flight requests get up to ``shutdown_timeout`` seconds). ``api_key``: required as a Bearer token on
     /v1/* and /metrics when set. ``max_tokens_limit``: the most tokens one choice may ask for (None: the
-    context)."""
+    context). ``cors_origins``: origins (``"https://app.example"``, or ``"*"``) whose pages may call the API from
+    a browser; none by default (the chat page at / is same-origin and needs none)."""
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
@@ -125,11 +170,23 @@ def create_app(service: EngineService, *, api_key: str | None = None, max_body_b
     options: dict[str, Any] = {}
     if "telemetry" in inspect.signature(FastAPI.__init__).parameters:  # recent FastAPI: OpenTelemetry checks on
         options["telemetry"] = {"tracing": False, "metrics": False, "logs": False}  # every request (~0.5 ms)
-    app = FastAPI(title="r1kit", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="r1kit", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,  # /docs: CDN
                   description="OpenAI-compatible API for a DeepSeek-R1-style model served by r1kit.", **options)
     status_counts: collections.Counter[int] = collections.Counter()
-    app.add_middleware(_GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes, status_counts=status_counts)
+    app.add_middleware(_GuardMiddleware, router=app.router, api_key=api_key, max_body_bytes=max_body_bytes,
+                       status_counts=status_counts)
+    if cors_origins:  # outermost: it answers preflights (browsers send no API key there) and its headers reach
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), max_age=600,  # the 401s too
+                           allow_methods=["GET", "HEAD", "POST", "OPTIONS"], allow_headers=["Authorization",
+                                                                                          "Content-Type"])
+    _add_error_handlers(app)
+    _add_info_routes(app, service, status_counts)
+    _add_generation_routes(app, service, max_tokens_limit)
+    return app
 
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI-shaped JSON (APIError.body), FastAPI's own too (validation, 404, 405)."""
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
         return e.response()
@@ -155,11 +212,16 @@ def create_app(service: EngineService, *, api_key: str | None = None, max_body_b
     async def internal(_: Request, e: Exception) -> JSONResponse:
         return APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error").response()
 
+
+def _add_info_routes(app: FastAPI, service: EngineService, status_counts: collections.Counter[int]) -> None:
+    """The chat page, /health (both also HEAD, for load balancers), /metrics and /v1/models."""
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.head("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(WEB_PAGE.read_text(encoding="utf-8"))
 
     @app.get("/health")
+    @app.head("/health", include_in_schema=False)
     async def health() -> JSONResponse:
         """200 while serving, 503 once shutting down (load balancers take the replica out)."""
         stats = service.stats()
@@ -182,9 +244,13 @@ def create_app(service: EngineService, *, api_key: str | None = None, max_body_b
         _check_model(service, model)
         return _model_card(service)
 
+
+def _add_generation_routes(app: FastAPI, service: EngineService, max_tokens_limit: int | None) -> None:
+    """POST /v1/completions and /v1/chat/completions: JSON, or server-sent events with ``stream``."""
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         _check_model(service, body.model)
+        _refuse_unsupported(body)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         ids = [_encode(lambda p=p: service.encode_prompt(p), "prompt") for p in prompts]
         handles = _submit(service, body, ids, COMPLETION_MAX_TOKENS, max_tokens_limit)
@@ -196,7 +262,8 @@ def create_app(service: EngineService, *, api_key: str | None = None, max_body_b
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         _check_model(service, body.model)
-        messages = [m.model_dump() for m in body.messages]
+        _refuse_unsupported(body)
+        messages = _chat_messages(body.messages)
         ids = [_encode(lambda: service.encode_chat(messages, thinking=True), "messages")]
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
@@ -206,64 +273,92 @@ def create_app(service: EngineService, *, api_key: str | None = None, max_body_b
             return _sse(_chat_chunks(handles, meta, _include_usage(body)))
         return await _until_done(request, handles, lambda: _chat_body(handles, meta))
 
-    return app
-
 
 class _GuardMiddleware:
-    """Pure ASGI (streaming-safe): API key on /v1/* and /metrics, body size limit, status code counts."""
+    """Pure ASGI (streaming-safe): counts responses by status code, answers OPTIONS (the methods a path takes;
+    CORS preflights, when enabled, are answered by CORSMiddleware before this), checks the API key on /v1/* and
+    /metrics and the body size limit."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int, status_counts: collections.Counter):
-        self.app, self.max_body_bytes, self.status_counts = app, max_body_bytes, status_counts
+    def __init__(self, app, router: Router, api_key: str | None, max_body_bytes: int,
+                 status_counts: collections.Counter):
+        self.app, self.router, self.max_body_bytes, self.status_counts = app, router, max_body_bytes, status_counts
         self.api_key = None if api_key is None else api_key.encode()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status: list[int] = []
 
         async def counting_send(message) -> None:
             if message["type"] == "http.response.start":
-                status.append(message["status"])
                 self.status_counts[message["status"]] += 1
             await send(message)
 
+        if scope["method"] == "OPTIONS" and (methods := _allowed_methods(self.router, scope)):
+            allow = ", ".join(sorted(methods | {"OPTIONS"}))
+            return await Response(status_code=204, headers={"Allow": allow})(scope, receive, counting_send)
         headers = dict(scope.get("headers") or [])
-        path = scope.get("path", "")
-        if self.api_key is not None and (path.startswith("/v1/") or path == "/metrics"):
-            given = headers.get(b"authorization", b"")
-            token = given[7:].strip() if given[:7].lower() == b"bearer " else b""
-            if not hmac.compare_digest(token, self.api_key):
-                error = APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                                 "authentication_error", code="invalid_api_key",
-                                 headers={"WWW-Authenticate": "Bearer"})
-                return await error.response()(scope, receive, counting_send)
-        length = headers.get(b"content-length")
+        error = self._key_error(scope["path"], headers)
+        if error is None:
+            receive, error = await self._bounded_body(headers, receive)
+        if error is not None:
+            return await error.response()(scope, receive, counting_send)
+        await self.app(scope, receive, counting_send)
+
+    def _key_error(self, path: str, headers: dict[bytes, bytes]) -> APIError | None:
+        """401 when an API key is set, the path needs it and the request's Bearer token is not it."""
+        if self.api_key is None or not (path.startswith("/v1/") or path == "/metrics"):
+            return None
+        given = headers.get(b"authorization", b"")
+        token = given[7:].strip() if given[:7].lower() == b"bearer " else b""
+        if hmac.compare_digest(token, self.api_key):
+            return None
+        return APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", "authentication_error",
+                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    async def _bounded_body(self, headers: dict[bytes, bytes], receive) -> tuple[Callable, APIError | None]:
+        """(the receive to pass on, 413 or None). A Content-Length over the limit is refused at once; a chunked
+        body, whose size shows only as it arrives, is read here (up to the limit) and replayed to the app. An
+        over-limit body is read on (up to 4x the limit) so that a client still sending sees the 413."""
         too_big = APIError(413, f"request body larger than {self.max_body_bytes} bytes", code="request_too_large")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            if length.isdigit() and int(length) <= 4 * self.max_body_bytes:  # read it (bounded) so that a client
-                while (await receive()).get("more_body"):                     # still sending sees the 413
+        length = headers.get(b"content-length")
+        if length is not None:
+            if length.isdigit() and int(length) <= self.max_body_bytes:
+                return receive, None
+            if length.isdigit() and int(length) <= 4 * self.max_body_bytes:
+                while (await receive()).get("more_body"):
                     pass
-            return await too_big.response()(scope, receive, counting_send)
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
+            return receive, too_big
+        if b"transfer-encoding" not in headers:  # no body
+            return receive, None
+        parts, size, message = [], 0, {"more_body": True}
+        while message.get("more_body") and size <= 4 * self.max_body_bytes:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise _BodyTooLarge
-            return message
-
-        try:
-            await self.app(scope, limited_receive, counting_send)
-        except _BodyTooLarge:
-            if not status:
-                await too_big.response()(scope, receive, counting_send)
+            if message["type"] != "http.request":  # the client went away
+                return _replay(message, receive), None
+            size += len(message.get("body", b""))
+            parts.append(message.get("body", b"") if size <= self.max_body_bytes else b"")
+        if size > self.max_body_bytes:
+            return receive, too_big
+        return _replay({"type": "http.request", "body": b"".join(parts), "more_body": False}, receive), None
 
 
-class _BodyTooLarge(Exception):
-    pass
+def _replay(first: dict[str, Any], receive: Callable) -> Callable:
+    """A receive that returns ``first``, then what ``receive`` returns."""
+    pending = [first]
+
+    async def replaying() -> dict[str, Any]:
+        return pending.pop() if pending else await receive()
+
+    return replaying
+
+
+def _allowed_methods(router: Router, scope: dict[str, Any]) -> set[str]:
+    """The methods the routes at this request's path take (empty: no route has the path)."""
+    methods: set[str] = set()
+    for route in router.routes:
+        if route.matches(scope)[0] is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return methods
 
 
 # ---------------------------------------------------------------------------------------------------- requests
@@ -276,6 +371,53 @@ def _check_model(service: EngineService, name: str) -> None:
     if name != service.model_name:
         raise APIError(404, f"model {name!r} does not exist: this server serves {service.model_name!r}",
                        "not_found_error", code="model_not_found", param="model")
+
+
+def _refuse_unsupported(body: _Request) -> None:
+    """400 naming the first parameter of UNSUPPORTED_PARAMS that the request turns on."""
+    extra = body.model_extra or {}
+    for name, also_off in UNSUPPORTED_PARAMS.items():
+        value = extra.get(name)
+        if _off(value) or (also_off is not None and also_off(value, body)):
+            continue
+        shown = json.dumps(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise APIError(400, f"{name} = {shown} is not supported by this server: leave it out (or send null)",
+                       code="unsupported_parameter", param=name)
+
+
+def _off(value: Any) -> bool:
+    """Whether a parameter's value means "not used": null, false, 0, "", [] or {}."""
+    if isinstance(value, bool) or value is None:
+        return not value
+    if isinstance(value, int | float):
+        return value == 0
+    return value in ("", [], {})
+
+
+def _chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """The messages as the chat template takes them: ``developer`` as ``system``, content parts joined."""
+    return [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m, i)}
+            for i, m in enumerate(messages)]
+
+
+def _message_text(message: ChatMessage, i: int) -> str:
+    """The text of messages[i]: a string; text parts joined by newlines; null (an assistant's) as empty."""
+    if isinstance(message.content, str):
+        return message.content
+    if message.content is None:
+        if message.role != "assistant":
+            raise APIError(400, f"messages[{i}].content is null: only an assistant message may have no content",
+                           param=f"messages.{i}.content")
+        return ""
+    for j, part in enumerate(message.content):
+        where = f"messages[{i}].content[{j}]"
+        if part.type != "text":
+            raise APIError(400, f"{where}: content parts of type {part.type!r} are not supported (this model "
+                           "reads text only)", code="unsupported_content", param=f"messages.{i}.content.{j}.type")
+        if part.text is None:
+            raise APIError(400, f"{where}: a text part needs a 'text' string", param=f"messages.{i}.content.{j}.text")
+    return "\n".join(part.text for part in message.content)
 
 
 def _encode(encode: Callable[[], list[int]], param: str) -> list[int]:
@@ -358,10 +500,15 @@ class _Meta:
 
 
 def _finish_error(handle: RequestHandle) -> APIError | None:
-    """The error to report for a request that ended badly (timeout, engine failure), else None."""
+    """The error to report for a request that ended badly (timeout, engine failure, aborted by a shutdown whose
+    timeout expired: a client's own aborts have nobody listening), else None."""
     if handle.finish_reason == "timeout":
         return APIError(504, f"request {handle.request_id} ran past the server's timeout after "
                         f"{handle.completion_tokens} tokens", "timeout_error", code="timeout")
+    if handle.finish_reason == "abort":
+        return APIError(503, f"request {handle.request_id} was aborted after {handle.completion_tokens} tokens: the "
+                        "server is shutting down and its shutdown timeout expired", "service_unavailable",
+                        code="shutting_down")
     if handle.finish_reason == "error":
         return APIError(500, f"generation failed: {handle.error}", "server_error")
     return None
@@ -480,7 +627,7 @@ async def _completion_chunks(handles: list[RequestHandle], meta: _Meta, include_
             events: list[dict[str, Any] | str] = []
             for i, delta, error in batch:
                 if (failure := _stream_error(handles[i], error)) is not None:
-                    yield [*events, failure]
+                    yield [*events, failure, "[DONE]"]
                     return
                 if delta.text or delta.finished:
                     choice = {"index": i, "text": delta.text, "logprobs": None,
@@ -502,7 +649,7 @@ async def _chat_chunks(handles: list[RequestHandle], meta: _Meta, include_usage:
             events: list[dict[str, Any] | str] = []
             for i, delta, error in batch:
                 if (failure := _stream_error(handles[i], error)) is not None:
-                    yield [*events, failure]
+                    yield [*events, failure, "[DONE]"]
                     return
                 reasoning, content = parsers[i].push(delta.text)
                 if delta.finished:
@@ -521,7 +668,8 @@ async def _chat_chunks(handles: list[RequestHandle], meta: _Meta, include_usage:
 
 
 def _stream_error(handle: RequestHandle, error: Exception | None) -> dict[str, Any] | None:
-    """An SSE error event (the openai client raises it) for a failed or timed-out request, else None."""
+    """An SSE error event (the openai client raises it; [DONE] follows) for a request that failed, timed out or
+    was aborted by the shutdown, else None."""
     if error is not None:
         return APIError(500, f"generation failed: {error}", "server_error").body()
     if handle.finished and (failure := _finish_error(handle)) is not None:
@@ -538,6 +686,10 @@ _METRICS = [  # (name, type, help, stats key)
     ("r1kit_prompt_tokens_total", "counter", "Prompt tokens of finished requests.", "prompt_tokens"),
     ("r1kit_kv_blocks_free", "gauge", "Free KV cache blocks.", "kv_blocks_free"),
     ("r1kit_kv_blocks_total", "gauge", "KV cache blocks.", "kv_blocks_total"),
+    ("r1kit_spec_draft_tokens_total", "counter", "MTP draft tokens verified (speculative decoding).",
+     "spec_draft_tokens"),
+    ("r1kit_spec_accepted_tokens_total", "counter", "MTP draft tokens accepted (speculative decoding).",
+     "spec_accepted_tokens"),
 ]
 _SUMMARIES = [  # (name, help, stats key prefix)
     ("r1kit_time_to_first_token_seconds", "Time from submission to the first generated token.", "ttft_seconds"),
@@ -571,11 +723,14 @@ def prometheus_text(stats: dict[str, float | int], status_counts: collections.Co
 # ---------------------------------------------------------------------------------------------------- running
 class _Server(uvicorn.Server):
     """uvicorn that, on SIGINT/SIGTERM, first marks the service closed (new requests: 503) and then shuts
-    down as uvicorn does: stop listening, let open responses finish, run the app's shutdown (drain)."""
+    down as uvicorn does (stop listening, let open responses finish, run the app's shutdown) while the service
+    drains: requests still running after ``shutdown_timeout`` are aborted and end with an error response or
+    event, before uvicorn (SHUTDOWN_GRACE later) would cut them off."""
 
-    def __init__(self, config: uvicorn.Config, service: EngineService, on_exit: Callable[[], None] | None = None):
+    def __init__(self, config: uvicorn.Config, service: EngineService, shutdown_timeout: float,
+                 on_exit: Callable[[], None] | None = None):
         super().__init__(config)
-        self.service, self.on_exit = service, on_exit
+        self.service, self.shutdown_timeout, self.on_exit = service, shutdown_timeout, on_exit
 
     def handle_exit(self, sig, frame) -> None:
         self.service.close()
@@ -583,16 +738,72 @@ class _Server(uvicorn.Server):
             threading.Thread(target=self.on_exit, daemon=True).start()
         super().handle_exit(sig, frame)
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        drain = asyncio.ensure_future(asyncio.to_thread(self.service.shutdown, drain=True,
+                                                        timeout=self.shutdown_timeout))
+        await super().shutdown(sockets)
+        if not self.force_exit:
+            await drain
+
+
+class _HTTPProtocol(AutoHTTPProtocol):
+    """uvicorn's HTTP protocol plus the header timeout uvicorn lacks (it times out idle keep-alive connections
+    only): a connection that has not sent a whole request head ``header_timeout`` seconds after it opened, or
+    after its last response, is closed. Slow-loris clients trickling headers no longer hold connections."""
+
+    header_timeout = HEADER_TIMEOUT
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._start_header_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._start_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        super().connection_lost(exc)
+
+    def _start_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        self._header_timer = self.loop.call_later(self.header_timeout, self._header_timeout, self.cycle)
+
+    def _header_timeout(self, cycle) -> None:
+        """Close the connection unless a request head came since the timer started (a new, or running, cycle)."""
+        if self.cycle is cycle and (cycle is None or cycle.response_complete) and not self.transport.is_closing():
+            self.transport.close()
+
 
 def build_server(service: EngineService, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-                 max_tokens_limit: int | None = None, shutdown_timeout: float = 30.0, log_level: str = "info",
+                 max_tokens_limit: int | None = None, shutdown_timeout: float = 30.0, cors_origins: Sequence[str] = (),
+                 header_timeout: float = HEADER_TIMEOUT, keep_alive_timeout: float = KEEP_ALIVE_TIMEOUT,
+                 max_connections: int = MAX_CONNECTIONS, log_level: str = "info",
                  on_exit: Callable[[], None] | None = None) -> uvicorn.Server:
     """A uvicorn server for ``service`` (started already); ``server.run()`` blocks until SIGTERM/SIGINT (or
-    ``server.should_exit = True``). ``on_exit`` runs (in a thread) when a signal asks the server to stop."""
-    app = create_app(service, api_key=api_key, max_tokens_limit=max_tokens_limit, shutdown_timeout=shutdown_timeout)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=shutdown_timeout, access_log=log_level == "debug")
-    return _Server(config, service, on_exit)
+    ``server.should_exit = True``). ``on_exit`` runs (in a thread) when a signal asks the server to stop.
+
+    Connections: a request head must arrive within ``header_timeout`` seconds (10) of connecting or of the
+    previous response, an idle keep-alive connection closes after ``keep_alive_timeout`` (5), and at most
+    ``max_connections`` (512) are served at once: a request on one more gets 503. ``cors_origins``: as
+    create_app."""
+    for name, value in (("header_timeout", header_timeout), ("keep_alive_timeout", keep_alive_timeout),
+                        ("max_connections", max_connections)):
+        if not value > 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    app = create_app(service, api_key=api_key, max_tokens_limit=max_tokens_limit, shutdown_timeout=shutdown_timeout,
+                     cors_origins=cors_origins)
+    protocol = type("_HTTPProtocol", (_HTTPProtocol,), {"header_timeout": header_timeout})
+    cutoff = shutdown_timeout + SHUTDOWN_GRACE  # uvicorn cancels what is left then; the drain ends it before
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", http=protocol,
+                            timeout_keep_alive=keep_alive_timeout, timeout_graceful_shutdown=cutoff,
+                            limit_concurrency=max_connections + 1,  # uvicorn counts the connection it answers
+                            access_log=log_level == "debug")
+    return _Server(config, service, shutdown_timeout, on_exit)
 
 
 @contextlib.contextmanager
