@@ -144,3 +144,60 @@ def test_chat_page_streams_reasoning_and_answer_and_shows_errors(model, base_url
         assert (tmp_path / name).stat().st_size > 10_000
     if os.environ.get("R1KIT_SCREENSHOTS"):  # keep them for a look: R1KIT_SCREENSHOTS=/some/dir
         shutil.copytree(tmp_path, os.environ["R1KIT_SCREENSHOTS"], dirs_exist_ok=True)
+
+
+# The reply a mocked fetch streams to the page (7 characters per event): Markdown, and HTML that must stay text.
+REPLY = """Use `sorted()` for this:
+
+```python
+def top(xs, n=3):
+    return sorted(xs)[-n:]  # <b>not bold</b>
+```
+
+- **bold** item
+- *italic* item
+
+1. one
+2. two
+
+<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2">"""
+MOCK_FETCH = """
+window.pwned = 0;
+const reply = arguments[0], realFetch = window.fetch;
+window.fetch = async (url, options) => {
+  if (!String(url).endsWith('/v1/chat/completions')) return realFetch(url, options);
+  const events = reply.match(/[\\s\\S]{1,7}/g).map((piece) => ({choices: [{index: 0, delta: {content: piece}}]}));
+  events.push({choices: [{index: 0, delta: {}, finish_reason: 'stop'}]});
+  const body = events.map((e) => 'data: ' + JSON.stringify(e) + '\\n\\n').join('') + 'data: [DONE]\\n\\n';
+  return new Response(body, {status: 200, headers: {'Content-Type': 'text/event-stream'}});
+};
+"""
+
+
+def test_help_line_and_markdown_with_all_html_escaped(base_url, browser):
+    browser.get(base_url + "/")
+    help_line = browser.find_element(By.ID, "help")
+    assert help_line.is_displayed() and "What is 47+38?" in help_line.text and "Python" in help_line.text
+    browser.execute_script(MOCK_FETCH, REPLY)
+    ask(browser, "Show me some code")
+    content = last_answer(browser, "done").find_element(By.CSS_SELECTOR, ".content")
+    assert not browser.find_elements(By.ID, "help")  # gone once the conversation starts
+
+    pre = content.find_element(By.CSS_SELECTOR, "pre > code")
+    assert pre.text == "def top(xs, n=3):\n    return sorted(xs)[-n:]  # <b>not bold</b>"  # indentation kept
+    for element in (pre, content.find_element(By.CSS_SELECTOR, "p > code")):
+        assert "monospace" in element.value_of_css_property("font-family")
+    assert "monospace" not in content.find_element(By.TAG_NAME, "p").value_of_css_property("font-family")
+    assert content.find_element(By.CSS_SELECTOR, "p > code").text == "sorted()"
+    assert [li.text for li in content.find_elements(By.CSS_SELECTOR, "ul > li")] == ["bold item", "italic item"]
+    assert content.find_element(By.CSS_SELECTOR, "ul strong").text == "bold"
+    assert content.find_element(By.CSS_SELECTOR, "ul em").text == "italic"
+    assert [li.text for li in content.find_elements(By.CSS_SELECTOR, "ol > li")] == ["one", "two"]
+
+    # the HTML in the reply is text on the screen: no element made from it, nothing ran
+    assert content.find_elements(By.CSS_SELECTOR, "script, img, b") == []
+    assert '<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2">' in content.text
+    assert browser.execute_script("return window.pwned") == 0
+
+    browser.find_element(By.ID, "reset").click()
+    assert browser.find_element(By.ID, "help").is_displayed()
