@@ -22,7 +22,7 @@ from r1kit.checkpoint import (
     save_model,
 )
 from r1kit.fp8 import dequantize_blocks, quantize_blocks
-from r1kit.model.config import ConfigError, ModelConfig
+from r1kit.model.config import ConfigError, ModelConfig, preset
 from r1kit.model.transformer import Transformer
 
 F8 = torch.float8_e4m3fn
@@ -157,14 +157,16 @@ def test_failed_save_leaves_old_checkpoint_and_no_temp_files(make_model, tmp_pat
 
 
 def ref_quantize(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """Independent block quantiser: one scale per 128x128 block (edge blocks partial), scale = amax / 448."""
+    """Independent block quantiser: one scale per 128x128 block (edge blocks partial), scale = amax / 448 (1 for an
+    all-zero block), q = w / scale in e4m3."""
     o, i = w.shape
     scales = torch.empty(math.ceil(o / block), math.ceil(i / block))
     q = torch.empty(o, i, dtype=F8)
     for a in range(scales.shape[0]):
         for b in range(scales.shape[1]):
             blk = w[a * block:(a + 1) * block, b * block:(b + 1) * block].float()
-            s = blk.abs().max().clamp(min=1e-12) / F8_MAX
+            amax = blk.abs().max().item()
+            s = amax / F8_MAX if amax > 0 else 1.0
             scales[a, b] = s
             q[a * block:(a + 1) * block, b * block:(b + 1) * block] = (blk / s).to(F8)
     return q, scales
@@ -193,8 +195,6 @@ FP8_TENSORS = {
 @pytest.fixture(scope="module")
 def fp8_checkpoint(tmp_path_factory):
     """A tiny-moe checkpoint (hidden 160, MTP) in which FP8_TENSORS are float8 + weight_scale_inv."""
-    from r1kit.model.config import preset
-
     model = Transformer(preset("tiny-moe", hidden_size=160)).init_weights(3)
     path = tmp_path_factory.mktemp("fp8")
     save_model(model, path)
@@ -280,6 +280,36 @@ def test_fp8_scale_of_the_wrong_shape_names_the_tensor(fp8_checkpoint, tmp_path)
         load_model(tmp_path)
 
 
+@torch.no_grad()
+def test_fp8_users_agree_with_the_hand_written_reference(tmp_path):
+    """Checkpoint saving and loading (DeepSeek's format, `r1kit convert --dtype fp8`), `r1kit quantize --to fp8` with
+    blocks and FP8 training all quantize a weight as `ref_quantize` does: same codes, scales and dequantized values."""
+    from r1kit.quant import Float8WeightLinear
+    from r1kit.train.fp8 import FP8Linear
+
+    model = Transformer(preset("tiny-moe", hidden_size=160))
+    linear = model.init_weights(1).layers[0].mlp.gate_proj  # (128, 160): one full and one partial block
+    linear.weight.mul_(torch.logspace(-3, 1, 160))  # blocks of different ranges
+    linear.weight[:, 128:] = 0  # and an all-zero one
+    ref_q, ref_s = ref_quantize(linear.weight)
+    ref_w = ref_dequantize(ref_q, ref_s)
+    assert ref_s[0, 1] == 1.0 and not torch.equal(ref_w, linear.weight)
+
+    save_model(model, tmp_path, fp8=True)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        stored_q = f.get_tensor("model.layers.0.mlp.gate_proj.weight")
+        stored_s = f.get_tensor("model.layers.0.mlp.gate_proj.weight_scale_inv")
+    assert torch.equal(stored_q.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(stored_s, ref_s)
+    assert torch.equal(load_model(tmp_path).layers[0].mlp.gate_proj.weight, ref_w)
+
+    quantized = Float8WeightLinear.from_linear(linear, block_size=(128, 128))
+    assert torch.equal(quantized.weight.view(torch.uint8), ref_q.view(torch.uint8))
+    assert torch.equal(quantized.weight_scale, ref_s) and torch.equal(quantized.dequantize(), ref_w)
+
+    eye = torch.eye(160)  # one-hot rows pass through FP8 exactly, so FP8 training's forward returns its weight
+    assert torch.equal(FP8Linear(linear)(eye).t(), ref_w)
+
+
 # ---------------------------------------------------------------------------------------------------- bad input
 
 
@@ -288,8 +318,6 @@ def good_checkpoints(tmp_path_factory):
     """Saved tiny-dense and tiny-moe checkpoints that the bad-input tests copy and break."""
     out = {}
     for name in ("tiny-dense", "tiny-moe"):
-        from r1kit.model.config import preset
-
         model = Transformer(preset(name)).init_weights(0)
         path = tmp_path_factory.mktemp(name)
         save_model(model, path)
