@@ -1,11 +1,17 @@
-"""Token-level generation: sampling parameters, the sampler, and the KV-cached decode loop.
+"""Token-level generation: sampling parameters, the request checks, the sampler, and the KV-cached decode loop.
 
 Token ids in, token ids out: nothing here knows about text. Stop strings, streaming text and chat
 templates live in `r1kit.api`, on top of `generate_tokens`.
+
+The request checks are the one validation layer every entry point calls (`generate_tokens`, `LLMEngine`,
+`EngineService`, the HTTP and gRPC servers): `SamplingParams.validate` for the sampling fields and stop
+strings, `check_prompt` for the token ids, `check_budget` for prompt + new tokens against the context, and
+`default_max_new_tokens` for the default completion budgets. The messages are the same everywhere.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -16,6 +22,13 @@ from r1kit.model.transformer import ContextLengthError, Transformer
 
 class GenerationError(ValueError):
     """Invalid generation request (sampling parameter out of range, empty prompt...)."""
+
+
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 256  # as OpenAI's API: each stop string is searched for on every token
+# Default new-token budgets when a request gives no length (Python API, CLI, HTTP and gRPC alike), as far as the
+# context allows. A completion gets 256 (OpenAI's /v1/completions default of 16 cuts most answers short); a chat
+# gets 1024: room for the <think> phase and the answer.
+DEFAULT_MAX_NEW_TOKENS = {"completion": 256, "chat": 1024}
 
 
 @dataclass
@@ -36,30 +49,46 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1 = off; > 1 discourages tokens already in the sequence
     stop: list[str] = field(default_factory=list)  # stop strings (handled by the text layer)
     seed: int | None = None
+    speculative: bool | None = None  # MTP speculative decoding in the engine; None: the engine's setting
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        elif isinstance(self.stop, tuple):
+            self.stop = list(self.stop)
         self.validate()
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> GenerationError:
             return GenerationError(f"{name} = {getattr(self, name)!r}: {why}")
 
-        if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
+        def is_int(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_number(v: object) -> bool:  # finite: NaN passes every comparison below, inf breaks the sampler
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if self.max_new_tokens is not None and (not is_int(self.max_new_tokens) or self.max_new_tokens < 1):
             raise bad("max_new_tokens", "must be an int >= 1")
-        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
+        if self.max_length is not None and (not is_int(self.max_length) or self.max_length < 1):
             raise bad("max_length", "must be an int >= 1")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise bad("temperature", "must be >= 0 (0 = greedy)")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not is_number(self.temperature) or self.temperature < 0:
+            raise bad("temperature", "must be a finite number >= 0 (0 = greedy)")
+        if not is_int(self.top_k) or self.top_k < 0:
             raise bad("top_k", "must be an int >= 0 (0 = off)")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise bad("top_p", "must be in (0, 1]")
-        if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", "must be > 0 (1 = off)")
-        if not all(isinstance(s, str) and s for s in self.stop):
+        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise bad("top_p", "must be a finite number in (0, 1]")
+        if not is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "must be a finite number > 0 (1 = off)")
+        if self.seed is not None and not is_int(self.seed):
+            raise bad("seed", "must be an int (or None)")
+        if self.speculative is not None and not isinstance(self.speculative, bool):
+            raise bad("speculative", "must be True, False or None (None: the engine's setting)")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", "must be a list of non-empty strings")
+        if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise bad("stop", f"at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters "
+                              "(each is searched for on every token)")
 
     def new_tokens_for(self, prompt_len: int) -> int:
         """Number of tokens to generate after a prompt of prompt_len tokens."""
@@ -71,7 +100,44 @@ class SamplingParams:
                 raise GenerationError(f"max_length = {self.max_length} leaves no room after a prompt of "
                                       f"{prompt_len} tokens; raise max_length or pass max_new_tokens")
             return n
-        return 256
+        return DEFAULT_MAX_NEW_TOKENS["completion"]
+
+
+# ---------------------------------------------------------------------------------------------------- request checks
+def check_prompt(prompt_ids: Sequence[int], vocab_size: int, request: str | None = None) -> list[int]:
+    """The prompt as a list of token ids, or GenerationError naming the first bad one (empty prompt, a
+    non-int, an id outside [0, vocab_size))."""
+    where = f"request {request!r}: " if request is not None else ""
+    prompt = list(prompt_ids)
+    if not prompt:
+        raise GenerationError(f"{where}the prompt must have at least one token")
+    for i, t in enumerate(prompt):
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise GenerationError(f"{where}prompt token {i} = {t!r} is not a token id in [0, {vocab_size})")
+    return prompt
+
+
+def check_budget(prompt_len: int, params: SamplingParams, context_length: int, request: str | None = None) -> int:
+    """New tokens a request may generate (``params.new_tokens_for``); ContextLengthError when the prompt plus
+    that budget exceed the model's context."""
+    where = f"request {request!r}: " if request is not None else ""
+    budget = params.new_tokens_for(prompt_len)
+    if prompt_len + budget > context_length:
+        raise ContextLengthError(f"{where}{prompt_len} prompt tokens + {budget} new tokens = {prompt_len + budget} "
+                                 f"exceeds the model's context of {context_length} tokens; shorten the prompt or "
+                                 "generate fewer tokens")
+    return budget
+
+
+def default_max_new_tokens(prompt_len: int, context_length: int, kind: str = "completion",
+                           limit: int | None = None) -> int:
+    """The budget of a request that names no length: DEFAULT_MAX_NEW_TOKENS[kind] (at most ``limit``), as far as
+    the context allows. ContextLengthError when the prompt leaves no room at all."""
+    room = context_length - prompt_len
+    if room < 1:
+        raise ContextLengthError(f"the prompt has {prompt_len} tokens: the model's context is {context_length} "
+                                 "tokens, with none left to generate; shorten the prompt")
+    return min(DEFAULT_MAX_NEW_TOKENS[kind], room, limit or room)
 
 
 def penalize(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None) -> torch.Tensor:
@@ -117,17 +183,17 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], params
     A row is done after emitting a stop id (the stop id is yielded) or its token budget. Rows are left-padded
     into one KV cache of exactly the size needed.
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise GenerationError("every prompt must have at least one token")
+    if not prompts:
+        raise GenerationError("generate_tokens: no prompts")
+    params.validate()
+    cfg = model.config
+    prompts = [check_prompt(p, cfg.vocab_size, f"prompt {i}" if len(prompts) > 1 else None)
+               for i, p in enumerate(prompts)]
     device = model.embed_tokens.weight.device
     lengths = [len(p) for p in prompts]
-    budgets = [params.new_tokens_for(n) for n in lengths]
+    budgets = [check_budget(n, params, cfg.max_position_embeddings, f"prompt {i}" if len(prompts) > 1 else None)
+               for i, n in enumerate(lengths)]
     longest = max(lengths)
-    ctx = model.config.max_position_embeddings
-    need, row = max((n + b, i) for i, (n, b) in enumerate(zip(lengths, budgets, strict=True)))
-    if need > ctx:
-        raise ContextLengthError(f"prompt {row}: {lengths[row]} tokens + {budgets[row]} new tokens = {need} exceeds "
-                                 f"the model's context of {ctx} tokens; shorten the prompt or generate fewer tokens")
     total = longest + max(budgets)  # cache slots, left padding included (positions skip the padding)
     B = len(prompts)
     ids = torch.zeros(B, longest, dtype=torch.long)
