@@ -44,15 +44,13 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Match, Router
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from r1kit.generate import GenerationError, SamplingParams
+from r1kit.generate import GenerationError, SamplingParams, default_max_new_tokens
 from r1kit.model.transformer import ContextLengthError
 from r1kit.serve.engine_service import EngineService, QueueFullError, RequestHandle, ServiceClosedError, TextDelta
 from r1kit.tokenizer import ReasoningStreamParser, TokenizerError
 
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
 MAX_BODY_BYTES = 1 << 20  # request bodies above this are refused with 413
-COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
-CHAT_MAX_TOKENS = 1024  # chat default (as R1Model.chat): room for the <think> phase, as far as the context allows
 MAX_N = 16
 MAX_SEED = 2**63 - 1
 HEADER_TIMEOUT = 10.0  # seconds a connection has to send its request head (slow-loris clients are closed)
@@ -253,7 +251,7 @@ def _add_generation_routes(app: FastAPI, service: EngineService, max_tokens_limi
         _refuse_unsupported(body)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         ids = [_encode(lambda p=p: service.encode_prompt(p), "prompt") for p in prompts]
-        handles = _submit(service, body, ids, COMPLETION_MAX_TOKENS, max_tokens_limit)
+        handles = _submit(service, body, ids, "completion", max_tokens_limit)
         meta = _Meta(f"cmpl-{uuid.uuid4().hex}", "text_completion", service.model_name, ids)
         if body.stream:
             return _sse(_completion_chunks(handles, meta, _include_usage(body)))
@@ -267,7 +265,7 @@ def _add_generation_routes(app: FastAPI, service: EngineService, max_tokens_limi
         ids = [_encode(lambda: service.encode_chat(messages, thinking=True), "messages")]
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
-        handles = _submit(service, body, ids, CHAT_MAX_TOKENS, max_tokens_limit)
+        handles = _submit(service, body, ids, "chat", max_tokens_limit)
         meta = _Meta(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", service.model_name, ids)
         if body.stream:
             return _sse(_chat_chunks(handles, meta, _include_usage(body)))
@@ -429,7 +427,7 @@ def _encode(encode: Callable[[], list[int]], param: str) -> list[int]:
         raise APIError(400, f"{param}: text the tokenizer cannot encode ({e})", param=param) from None
 
 
-def _submit(service: EngineService, body: _Request, prompts: list[list[int]], default_max: int,
+def _submit(service: EngineService, body: _Request, prompts: list[list[int]], kind: str,
             limit: int | None) -> list[RequestHandle]:
     """Submit n requests per prompt (all or none); the sampling fields map onto SamplingParams."""
     if limit is not None and body.max_tokens is not None and body.max_tokens > limit:
@@ -443,18 +441,14 @@ def _submit(service: EngineService, body: _Request, prompts: list[list[int]], de
     handles: list[RequestHandle] = []
     try:
         for ids in prompts:
-            room = service.context_length - len(ids)
-            if room < 1:
-                raise ContextLengthError(f"the prompt has {len(ids)} tokens: the model's context is "
-                                         f"{service.context_length} tokens, with none left to generate")
-            max_tokens = body.max_tokens if body.max_tokens is not None else min(default_max, room, limit or room)
+            max_tokens = body.max_tokens if body.max_tokens is not None else default_max_new_tokens(
+                len(ids), service.context_length, kind, limit)
             for i in range(body.n):
                 seed = None if body.seed is None else (body.seed + i) % (MAX_SEED + 1)
-                params = SamplingParams(
-                    max_new_tokens=max_tokens, stop=stop, seed=seed,
-                    temperature=0.6 if body.temperature is None else body.temperature,
-                    top_p=0.95 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
-                    repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty)
+                given = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
+                         "repetition_penalty": body.repetition_penalty}  # unset: SamplingParams' defaults
+                params = SamplingParams(max_new_tokens=max_tokens, stop=stop, seed=seed,
+                                        **{k: v for k, v in given.items() if v is not None})
                 handles.append(service.submit(ids, params))
     except BaseException as e:
         for h in handles:
