@@ -255,9 +255,13 @@ def cmd_serve(a: argparse.Namespace) -> None:
     from r1kit.api import R1Model
     from r1kit.serve.engine_service import EngineService
     from r1kit.serve.openai_api import build_server
+    from r1kit.serve.ports import check_free, listen_socket
 
-    if a.replicas > 1:
+    if a.replicas != 1:
         return _serve_replicas(a)
+    http_socket = listen_socket(a.host, a.port, "--port")  # before the model loads: a bad or busy port fails at once
+    if a.grpc_port is not None:
+        check_free(a.host, a.grpc_port, "--grpc-port")
     model = R1Model.from_pretrained(a.model, device=a.device, dtype=a.dtype, quantization=a.quantization,
                                     allow_pickle=a.allow_pickle)
     service = EngineService(model, max_queue=a.max_queue, max_num_seqs=a.max_num_seqs,
@@ -271,13 +275,14 @@ def cmd_serve(a: argparse.Namespace) -> None:
         grpc_server = serve_grpc(service, a.grpc_port, a.host, api_key=api_key)
     server = build_server(service, host=a.host, port=a.port, api_key=api_key, shutdown_timeout=a.shutdown_timeout,
                           on_exit=(lambda: grpc_server.stop(a.shutdown_timeout)) if grpc_server else None)
-    log.info("serving %s on http://%s:%d (OpenAI API at /v1, chat page at /)%s%s", service.model_name, a.host, a.port,
-             f", gRPC on port {a.grpc_port}" if grpc_server else "", ", API key required" if api_key else "")
+    log.info("serving %s on http://%s:%d (OpenAI API at /v1, chat page at /)%s%s", service.model_name, a.host,
+             http_socket.getsockname()[1], f", gRPC on port {grpc_server.port}" if grpc_server else "",
+             ", API key required" if api_key else "")
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully; handled here, the
     # process then exits 0 (a drained, clean stop) instead of dying by SIGTERM.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
-        server.run()
+        server.run(sockets=[http_socket])
     finally:
         if grpc_server is not None:
             grpc_server.stop(0).wait()
@@ -287,10 +292,15 @@ def cmd_serve(a: argparse.Namespace) -> None:
 def _serve_replicas(a: argparse.Namespace) -> None:
     """--replicas N: N `r1kit serve` processes on consecutive HTTP and gRPC ports, supervised (restarted when
     they die); clients spread requests over them with gRPC round_robin (r1kit.serve.client.R1Client)."""
-    from r1kit.serve.replicas import replica_commands, run_replicas
+    from r1kit.api import resolve_model_path
+    from r1kit.serve.replicas import ReplicaError, check_ports, replica_commands, run_replicas
 
+    if a.replicas < 1:
+        raise ValueError(f"--replicas {a.replicas}: need at least 1")
     if a.grpc_port is None:
         raise ValueError("--replicas needs --grpc-port: clients balance over the replicas with gRPC")
+    resolve_model_path(a.model)  # before any replica starts: a wrong name is one error, not one per replica
+    check_ports(a.host, a.replicas, grpc_port=a.grpc_port, http_port=a.port)
     extra = ["--device", a.device, "--max-queue", str(a.max_queue), "--max-num-seqs", str(a.max_num_seqs),
              "--kv-cache-gb", str(a.kv_cache_gb), "--shutdown-timeout", str(a.shutdown_timeout)]
     for flag, value in (("--dtype", a.dtype), ("--request-timeout", a.request_timeout),
@@ -305,7 +315,10 @@ def _serve_replicas(a: argparse.Namespace) -> None:
                                 extra_args=extra)
     log.info("starting %d replicas: HTTP ports %d-%d, gRPC ports %d-%d", a.replicas, a.port,
              a.port + a.replicas - 1, a.grpc_port, a.grpc_port + a.replicas - 1)
-    run_replicas(commands, [a.grpc_port + i for i in range(a.replicas)], host=a.host, grace=a.shutdown_timeout)
+    try:
+        run_replicas(commands, [a.grpc_port + i for i in range(a.replicas)], host=a.host, grace=a.shutdown_timeout)
+    except ReplicaError as e:  # a replica that cannot start (its own error is above): one line, exit 2
+        raise ValueError(f"--replicas {a.replicas}: {e}") from None
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:

@@ -39,22 +39,23 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 def resolve_model_path(name: str | os.PathLike) -> Path:
-    """Folder of a model: a local folder, a bundled model ("r1kit/nano"), or a local Hugging Face cache entry.
+    """Absolute folder of a model: a local folder, a bundled model ("r1kit/nano"), or a local Hugging Face cache
+    entry. Absolute, so that it means the same folder to a process started elsewhere (a replica, a client).
 
     Never touches the network; when the files are not here the error says how to fetch them.
     """
     path = Path(name).expanduser()
     if path.is_dir():
-        return path
+        return path.resolve()
     text = str(name)
     if text.startswith("r1kit/"):
-        bundled = BUNDLED_DIR / text.removeprefix("r1kit/")
+        bundled = BUNDLED_DIR.resolve() / text.removeprefix("r1kit/")
         if (bundled / "config.json").is_file():
             return bundled
         raise ModelNotFoundError(f"{text!r} is not bundled with this r1kit version (looked in {bundled})")
     if text.count("/") == 1:
         hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface"))
-                   / "hub").expanduser()
+                   / "hub").expanduser().resolve()
         repo = hub / f"models--{text.replace('/', '--')}"
         ref = repo / "refs" / "main"
         snapshots = repo / "snapshots"
