@@ -123,19 +123,29 @@ class ModelConfig:
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:
         """Raise ConfigError naming the first field of the wrong type, or else the first one out of range."""
+        self._check_types()
+        self._check_shapes()
+        self._check_moe()
+        self._check_sparse()
+        self._check_positions()
 
-        def need(ok: bool, name: str, why: str) -> None:
-            if not ok:
-                problem = f"= {getattr(self, name)!r}: {why}"
-                raise ConfigError(f"ModelConfig.{name} {problem}", name, problem)
+    def _need(self, ok: bool, name: str, why: str) -> None:
+        if not ok:
+            problem = f"= {getattr(self, name)!r}: {why}"
+            raise ConfigError(f"ModelConfig.{name} {problem}", name, problem)
 
+    def _check_types(self) -> None:
         for f in dataclasses.fields(self):
             value, expected = getattr(self, f.name), _FIELD_TYPES[f.name]
-            need(_has_type(value, expected), f.name, f"expected {_describe(expected)}, not {type(value).__name__}")
+            self._need(_has_type(value, expected), f.name,
+                       f"expected {_describe(expected)}, not {type(value).__name__}")
+
+    def _check_shapes(self) -> None:
+        need = self._need
         need(self.arch in ARCHITECTURES, "arch", f"must be one of {ARCHITECTURES}")
         need(self.attention in ("gqa", "mla"), "attention", "must be 'gqa' or 'mla'")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_position_embeddings"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "must be a positive int")
+            need(getattr(self, name) > 0, name, "must be a positive int")
         need(self.intermediate_size > 0 or self.n_routed_experts > 0, "intermediate_size", "must be > 0")
         if self.attention == "gqa":
             need(self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
@@ -149,6 +159,9 @@ class ModelConfig:
             need(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
                  "must be a positive even number")
             need(self.qk_nope_head_dim >= 0 and self.v_head_dim > 0, "v_head_dim", "must be > 0")
+
+    def _check_moe(self) -> None:
+        need = self._need
         if self.n_routed_experts:
             need(0 < self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
                  f"must be in 1..n_routed_experts ({self.n_routed_experts})")
@@ -170,20 +183,26 @@ class ModelConfig:
             need(self.moe_combiner_heads > 0 and self.hidden_size % self.moe_combiner_heads == 0,
                  "moe_combiner_heads", f"must be > 0 and divide hidden_size ({self.hidden_size})")
             need(self.moe_combiner_head_dim > 0, "moe_combiner_head_dim", "must be > 0")
+
+    def _check_sparse(self) -> None:
+        need = self._need
         need(self.sparse_attention in (None, "local_global", "topk"), "sparse_attention",
              "must be null, 'local_global' or 'topk'")
-        if self.sparse_attention is not None:
-            need(self.sparse_layers is None or all(isinstance(i, int) and 0 <= i < self.num_layers
-                                                   for i in self.sparse_layers), "sparse_layers",
-                 f"must be null or a list of layer indices in 0..{self.num_layers - 1}")
-            for name in ("sparse_block_size", "sparse_topk_blocks"):
-                need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an int >= 1")
-            need(self.sparse_global_tokens >= 0, "sparse_global_tokens", "must be >= 0")
-            need(self.sparse_window_base >= 0, "sparse_window_base", "must be >= 0")
-            need(self.sparse_window_max >= self.sparse_window_base, "sparse_window_max",
-                 f"must be >= sparse_window_base ({self.sparse_window_base})")
-            need(self.sparse_importance in ("key", "query", "none"), "sparse_importance",
-                 "must be 'key', 'query' or 'none'")
+        if self.sparse_attention is None:
+            return
+        need(self.sparse_layers is None or all(0 <= i < self.num_layers for i in self.sparse_layers), "sparse_layers",
+             f"must be null or a list of layer indices in 0..{self.num_layers - 1}")
+        for name in ("sparse_block_size", "sparse_topk_blocks"):
+            need(getattr(self, name) >= 1, name, "must be an int >= 1")
+        need(self.sparse_global_tokens >= 0, "sparse_global_tokens", "must be >= 0")
+        need(self.sparse_window_base >= 0, "sparse_window_base", "must be >= 0")
+        need(self.sparse_window_max >= self.sparse_window_base, "sparse_window_max",
+             f"must be >= sparse_window_base ({self.sparse_window_base})")
+        need(self.sparse_importance in ("key", "query", "none"), "sparse_importance",
+             "must be 'key', 'query' or 'none'")
+
+    def _check_positions(self) -> None:
+        need = self._need
         need(self.num_mtp_layers >= 0, "num_mtp_layers", "must be >= 0")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
         if self.rope_scaling is not None:
