@@ -60,7 +60,9 @@ class SamplingParams:
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> GenerationError:
-            return GenerationError(f"{name} = {getattr(self, name)!r}: {why}")
+            value = repr(getattr(self, name))  # a hostile value may be huge: quote its start only
+            value = value if len(value) <= 80 else f"{value[:80]}... ({len(value)} characters)"
+            return GenerationError(f"{name} = {value}: {why}")
 
         def is_int(v: object) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)

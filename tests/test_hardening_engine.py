@@ -57,6 +57,9 @@ def test_sampling_params_refuse_bools_and_bad_stop_lists():
     with pytest.raises(GenerationError, match="stop = .*at most 4 strings"):
         SamplingParams(stop=["a", "b", "c", "d", "e"])
     assert SamplingParams(stop=("x", "y")).stop == ["x", "y"]
+    with pytest.raises(GenerationError) as e:  # a huge value is quoted by its start only
+        SamplingParams(stop=["x" * 10_000] * 5000)
+    assert len(str(e.value)) < 300 and "characters)" in str(e.value)
 
 
 def test_python_api_refuses_nan_with_the_same_message(nano, make_model):
