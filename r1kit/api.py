@@ -333,9 +333,9 @@ class R1Model:
         params = SamplingParams(**sampling)
         usage: dict[str, int] = {}
         text = "".join(piece for _, piece in self._stream_rows([ids], params, usage, speculative))
-        # the thinking template already opened <think>: text without a closing tag is all reasoning
-        opened = text if text.lstrip().startswith("<think>") else "<think>" + text
-        reasoning, content = split_reasoning(opened) if thinking else ("", text.strip())
+        # thinking: the template opened <think>, so text without a closing tag is all reasoning; without it the
+        # template closed the think block, yet text before a </think> is still reasoning, never content
+        reasoning, content = split_reasoning(text, starts_in_reasoning=thinking)
         return ChatReply(reasoning, content, text, usage["prompt_tokens"], usage["completion_tokens"])
 
 

@@ -2,15 +2,21 @@
 
 r1kit reads tokenizers in the Hugging Face "fast tokenizer" format (``tokenizer.json``, plus an optional
 ``tokenizer_config.json`` for the bos/eos/pad tokens) through the ``tokenizers`` library. The R1 chat template
-is implemented in Python rather than by executing the Jinja ``chat_template`` of the config.
+is implemented in Python rather than by executing the Jinja ``chat_template`` of the config, and
+:meth:`Tokenizer.encode_chat` reads message contents as plain text: only the template's own markers become
+control tokens, whatever a message says.
 
 Reasoning models emit ``<think>reasoning</think>answer``; :func:`split_reasoning` splits a whole completion
-and :class:`ReasoningStreamParser` does the same incrementally while it is generated.
+and :class:`ReasoningStreamParser` does the same incrementally while it is generated. :func:`fit_messages`
+drops the oldest turns of a conversation that no longer fits the context.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
 import json
+import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,7 +50,8 @@ END_OF_TURN_TOKENS = (
 CHAT_ROLES = ("system", "user", "assistant")
 
 # Jinja equivalent of Tokenizer.apply_chat_template, written into the tokenizer_config.json of trained
-# tokenizers so that transformers / vLLM render the same prompts. r1kit itself never executes it.
+# tokenizers so that transformers / vLLM render the same prompts (they tokenize the rendered text, so there a
+# control token written in a message is not escaped as encode_chat does). r1kit itself never executes it.
 _JINJA_ASSISTANT_TURN = (
     f"'{ASSISTANT_TAG}' + message['content'].split('{THINK_CLOSE}')[-1] + '{DEEPSEEK_EOS}'"
 )
@@ -60,13 +67,18 @@ DEEPSEEK_R1_CHAT_TEMPLATE = (
     "{%- elif message['role'] == 'assistant' -%}"
     "{{- " + _JINJA_ASSISTANT_TURN + " -}}"
     "{%- endif -%}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '" + ASSISTANT_TAG + "' -}}"
-    "{%- if thinking is not defined or thinking -%}{{- '" + THINK_OPEN + "\\n' -}}{%- endif -%}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{- '" + ASSISTANT_TAG + THINK_OPEN + "\\n' -}}"
+    "{%- if thinking is defined and not thinking -%}{{- '\\n" + THINK_CLOSE + "\\n\\n' -}}{%- endif -%}"
+    "{%- endif -%}"
 )
 
 
 class TokenizerError(ValueError):
     """Bad tokenizer files, tokenizer settings or chat messages."""
+
+
+class ContextFullError(TokenizerError):
+    """A conversation whose newest turn does not fit the context even with every older turn dropped."""
 
 
 class Tokenizer:
@@ -182,6 +194,18 @@ class Tokenizer:
         """Id of ``token`` (a vocabulary entry, not text to encode), or None if it is not in the vocab."""
         return self._backend.token_to_id(token)
 
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of ``text`` read as plain text: an added token written in it (``<think>``, ``<｜User｜>``,
+        ...) is tokenized as its characters, never as its own id."""
+        return self._plain_backend.encode(text, add_special_tokens=False).ids
+
+    @functools.cached_property
+    def _plain_backend(self) -> tokenizers.Tokenizer:
+        """The backend without its added tokens (the same normalizer, pre-tokenizer and model)."""
+        data = json.loads(self._backend.to_str())
+        data["added_tokens"] = []
+        return tokenizers.Tokenizer.from_str(json.dumps(data))
+
     def apply_chat_template(
         self,
         messages: Sequence[Mapping[str, Any]],
@@ -193,19 +217,10 @@ class Tokenizer:
         ``{bos}{system contents joined by "\\n\\n"}``, then ``<｜User｜>{content}`` per user message and
         ``<｜Assistant｜>{content}<｜end▁of▁sentence｜>`` per assistant message, where, as in R1's template,
         everything up to the last ``</think>`` of the content is dropped. With ``add_generation_prompt`` the
-        text ends with ``<｜Assistant｜><think>\\n`` (``<｜Assistant｜>`` when ``thinking`` is False).
+        text ends with ``<｜Assistant｜><think>\\n``; when ``thinking`` is False the think block is closed
+        there, empty, as DeepSeek does: ``<｜Assistant｜><think>\\n\\n</think>\\n\\n``.
         """
-        _validate_messages(messages)
-        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-        parts = [self.bos_token or "", system]
-        for message in messages:
-            if message["role"] == "user":
-                parts.append(USER_TAG + message["content"])
-            elif message["role"] == "assistant":
-                parts.append(ASSISTANT_TAG + message["content"].split(THINK_CLOSE)[-1] + DEEPSEEK_EOS)
-        if add_generation_prompt:
-            parts.append(ASSISTANT_TAG + (THINK_OPEN + "\n" if thinking else ""))
-        return "".join(parts)
+        return "".join(text for text, _ in self._chat_pieces(messages, add_generation_prompt, thinking))
 
     def encode_chat(
         self,
@@ -213,8 +228,31 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         thinking: bool = True,
     ) -> list[int]:
-        """Token ids of :meth:`apply_chat_template`; bos comes from the template text, once."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt, thinking))
+        """Token ids of :meth:`apply_chat_template`: its markers (bos, ``<｜User｜>``, ``<think>``, ...) as their
+        token ids, and the message contents as plain text (:meth:`encode_plain`), so that a control token
+        written in a message cannot end a turn, open a reasoning block or fake a role."""
+        ids: list[int] = []
+        for text, is_marker in self._chat_pieces(messages, add_generation_prompt, thinking):
+            ids += self.encode(text) if is_marker else self.encode_plain(text)
+        return ids
+
+    def _chat_pieces(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool, thinking: bool
+    ) -> list[tuple[str, bool]]:
+        """The chat prompt as ``(text, is_marker)`` pieces: the template's markers and the text between them."""
+        _validate_messages(messages)
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+        pieces = [(self.bos_token or "", True), (system, False)]
+        for message in messages:
+            if message["role"] == "user":
+                pieces += [(USER_TAG, True), (message["content"], False)]
+            elif message["role"] == "assistant":
+                answer = message["content"].split(THINK_CLOSE)[-1]
+                pieces += [(ASSISTANT_TAG, True), (answer, False), (DEEPSEEK_EOS, True)]
+        if add_generation_prompt:
+            pieces += [(ASSISTANT_TAG, True), (THINK_OPEN, True)]
+            pieces += [("\n", False)] if thinking else [("\n\n", False), (THINK_CLOSE, True), ("\n\n", False)]
+        return [(text, is_marker) for text, is_marker in pieces if text]
 
     def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
         """A new :class:`StreamDecoder` over this tokenizer."""
@@ -306,51 +344,92 @@ class TextStream:
         return self.decoder.flush() if self.decoder else ""
 
 
-def split_reasoning(text: str) -> tuple[str, str]:
-    """Split a reasoning model's completion into ``(reasoning, answer)``, both stripped of outer whitespace.
+def fit_messages(
+    tokenizer: Tokenizer,
+    messages: Sequence[Mapping[str, Any]],
+    context: int,
+    min_new_tokens: int,
+    thinking: bool = True,
+) -> tuple[list[Mapping[str, Any]], int]:
+    """The newest part of a conversation whose chat prompt leaves ``min_new_tokens`` of ``context`` to the answer.
 
-    A ``<think>`` counts as opening only at the very start (after whitespace), and is optional because R1's
-    chat template already ends the prompt with it. The first ``</think>`` ends the reasoning; later tags are
-    answer text. Without any ``</think>``, the text is all reasoning if it opened with ``<think>`` (a
-    truncated completion) and all answer otherwise.
+    Policy: the system messages always stay; the others form turns (a user message and the replies after it),
+    and the oldest turns are dropped, whole, until the prompt fits. Returns the messages kept (system messages
+    first, which renders the same: the template joins them at the top) and the number of turns dropped.
+    ContextFullError if the newest turn does not fit even alone.
     """
-    rest = text.lstrip()
-    opened = rest.startswith(THINK_OPEN)
-    if opened:
-        rest = rest[len(THINK_OPEN) :]
-    if THINK_CLOSE in rest:
-        reasoning, answer = rest.split(THINK_CLOSE, 1)
-        return reasoning.strip(), answer.strip()
-    if opened:
-        return rest.strip(), ""
-    return "", rest.strip()
+    _validate_messages(messages)
+    system = [m for m in messages if m["role"] == "system"]
+    turns = _turns([m for m in messages if m["role"] != "system"])
+
+    def prompt(first: int) -> list[Mapping[str, Any]]:
+        return system + [m for turn in turns[first:] for m in turn]
+
+    def fits(first: int) -> bool:
+        return len(tokenizer.encode_chat(prompt(first), thinking=thinking)) + min_new_tokens <= context
+
+    last = max(len(turns) - 1, 0)
+    if not fits(last):
+        size = len(tokenizer.encode_chat(prompt(last), thinking=thinking))
+        with_system = " with the system prompt" if system else ""
+        raise ContextFullError(
+            f"the newest message is too long: its chat prompt is {size} tokens{with_system}, but the context is "
+            f"{context} tokens and {min_new_tokens} of them are kept for the answer"
+        )
+    first = bisect.bisect_left(range(last), True, key=fits)  # dropping a turn only shortens the prompt
+    return prompt(first), first
 
 
-_START, _REASONING, _CONTENT = "start", "reasoning", "content"
+def _turns(messages: Sequence[Mapping[str, Any]]) -> list[list[Mapping[str, Any]]]:
+    """Messages grouped into turns, each starting at a user message (or at the very first message)."""
+    turns: list[list[Mapping[str, Any]]] = []
+    for message in messages:
+        if message["role"] == "user" or not turns:
+            turns.append([message])
+        else:
+            turns[-1].append(message)
+    return turns
+
+
+_THINK_TAG = re.compile(f"({re.escape(THINK_OPEN)}|{re.escape(THINK_CLOSE)})")
+_REASONING, _CONTENT = "reasoning", "content"
+
+
+def split_reasoning(text: str, starts_in_reasoning: bool = False) -> tuple[str, str]:
+    """Split a reasoning model's completion into ``(reasoning, answer)``, both stripped of outer whitespace;
+    neither ever holds a ``<think>`` or ``</think>`` tag.
+
+    After a ``<think>`` the text is reasoning, after a ``</think>`` it is answer; a tag that changes nothing (a
+    second ``<think>``, a stray ``</think>`` in the answer) is dropped. The text before the first tag is
+    reasoning with ``starts_in_reasoning`` (the prompt opened ``<think>``, as R1's template does, so text
+    without any tag is reasoning cut off by the budget); without it, it is reasoning only if the first tag is
+    a ``</think>`` (a model that reasons although the prompt closed the think block) and answer otherwise.
+    """
+    head, *rest = _THINK_TAG.split(text)  # text before the first tag, then tag, text, tag, text, ...
+    reasoning, answer = [], []
+    (reasoning if starts_in_reasoning or rest[:1] == [THINK_CLOSE] else answer).append(head)
+    for tag, part in zip(rest[::2], rest[1::2], strict=True):
+        (reasoning if tag == THINK_OPEN else answer).append(part)
+    return "".join(reasoning).strip(), "".join(answer).strip()
 
 
 class ReasoningStreamParser:
     """Streaming :func:`split_reasoning`: push text pieces, get ``(reasoning_delta, content_delta)``.
 
-    A piece that could be the start of a tag (``"</thi"``) is held back until it resolves, and so is
-    whitespace that may turn out to be at either end of a section: no delta ever carries leading or trailing
-    whitespace of the reasoning or of the content. Hence, for any split of ``text`` into pieces, joining the
-    deltas of all pushes and :meth:`flush` gives exactly
-
-    - ``starts_in_reasoning=True`` (the prompt ended with ``<think>``): ``split_reasoning(text)`` if ``text``
-      starts with ``<think>`` after whitespace (a repeated tag is skipped), else ``split_reasoning("<think>" +
-      text)``; i.e. the same as ``split_reasoning(text)`` except that text without any tag is reasoning.
-    - ``starts_in_reasoning=False``: ``split_reasoning(text)`` if ``text`` starts with ``<think>`` after
-      whitespace, else ``("", text.strip())``: content already emitted cannot be turned into reasoning by a
-      later ``</think>``.
+    For any split of ``text`` into pieces, joining the deltas of all pushes and :meth:`flush` gives exactly
+    ``split_reasoning(text, starts_in_reasoning)``. To that end a piece that could be the start of a tag
+    (``"</thi"``) is held back until it resolves, and so is whitespace that may turn out to be at either end of
+    the reasoning or of the content. Without ``starts_in_reasoning`` (the prompt closed the think block), the
+    text before the first tag is reasoning if that tag is ``</think>``: nothing is released until a tag comes
+    or the text ends, so content never holds reasoning that a late ``</think>`` would reveal.
     """
 
     def __init__(self, starts_in_reasoning: bool = True) -> None:
         """``starts_in_reasoning``: the prompt ended with ``<think>\\n`` (R1's template with thinking on)."""
-        self._default_mode = _REASONING if starts_in_reasoning else _CONTENT
-        self._mode = _START
-        self._buffer = ""  # text received but not yet resolved
-        self._section_started = False  # whether the current section has emitted text yet
+        self._mode: str | None = _REASONING if starts_in_reasoning else None  # None: decided by the first tag
+        self._buffer = ""  # text received but not yet released
+        self._started = {_REASONING: False, _CONTENT: False}  # whether the section has released text yet
+        self._space = {_REASONING: "", _CONTENT: ""}  # its trailing whitespace, held back
 
     def push(self, piece: str) -> tuple[str, str]:
         """Add the next piece of generated text; return the newly resolved ``(reasoning, content)`` text."""
@@ -362,38 +441,28 @@ class ReasoningStreamParser:
         return self._process(final=True)
 
     def _process(self, final: bool) -> tuple[str, str]:
-        reasoning = ""
-        if self._mode == _START:
-            self._buffer = self._buffer.lstrip()
-            if self._buffer.startswith(THINK_OPEN):
-                self._buffer = self._buffer[len(THINK_OPEN) :]
-                self._mode = _REASONING
-            elif final or not THINK_OPEN.startswith(self._buffer):
-                self._mode = self._default_mode
-            else:  # empty, or a possible start of "<think>"
-                return "", ""
-        if self._mode == _REASONING:
-            close = self._buffer.find(THINK_CLOSE)
-            if close < 0:
-                hold = 0 if final else _partial_tag_length(self._buffer, THINK_CLOSE)
-                return self._emit(len(self._buffer) - hold, final), ""
-            reasoning = self._emit(close, final=True)
-            self._buffer = self._buffer[len(THINK_CLOSE) :]
-            self._mode = _CONTENT
-            self._section_started = False
-        return reasoning, self._emit(len(self._buffer), final)
+        out = {_REASONING: "", _CONTENT: ""}
+        while (tag := _THINK_TAG.search(self._buffer)) is not None:  # release the text before each tag
+            mode = self._mode or (_REASONING if tag.group() == THINK_CLOSE else _CONTENT)
+            out[mode] += self._release(mode, self._buffer[: tag.start()])
+            self._buffer = self._buffer[tag.end() :]
+            self._mode = _REASONING if tag.group() == THINK_OPEN else _CONTENT
+        if self._mode is None and not final:  # undecided until a tag or the end
+            return "", ""
+        mode = self._mode or _CONTENT
+        keep = 0 if final else max(_partial_tag_length(self._buffer, t) for t in (THINK_OPEN, THINK_CLOSE))
+        out[mode] += self._release(mode, self._buffer[: len(self._buffer) - keep])
+        self._buffer = self._buffer[len(self._buffer) - keep :]
+        return out[_REASONING], out[_CONTENT]
 
-    def _emit(self, end: int, final: bool) -> str:
-        """Return ``buffer[:end]`` minus section-leading whitespace; trailing whitespace stays buffered.
-
-        With ``final`` the section ends at ``end``, so its trailing whitespace is dropped instead.
-        """
-        text = self._buffer[:end]
+    def _release(self, section: str, text: str) -> str:
+        """``text`` of ``section`` without the section's leading whitespace; its trailing whitespace is held
+        back until more text follows (and dropped if none does)."""
+        text = self._space[section] + text if self._started[section] else text.lstrip()
         kept = len(text.rstrip())
-        out = text[:kept] if self._section_started else text[:kept].lstrip()
-        self._buffer = self._buffer[end:] if final else self._buffer[kept:]
-        self._section_started = self._section_started or bool(out)
-        return out
+        self._space[section] = text[kept:]
+        self._started[section] = self._started[section] or kept > 0
+        return text[:kept]
 
 
 def _partial_tag_length(text: str, tag: str) -> int:

@@ -205,7 +205,8 @@ def test_chat_template_exact_string(tok: Tokenizer) -> None:
         "<｜User｜>And 3+3?"
     )
     assert tok.apply_chat_template(messages) == prefix + "<｜Assistant｜><think>\n"
-    assert tok.apply_chat_template(messages, thinking=False) == prefix + "<｜Assistant｜>"
+    # no-think as DeepSeek does it: an empty, closed think block
+    assert tok.apply_chat_template(messages, thinking=False) == prefix + "<｜Assistant｜><think>\n\n</think>\n\n"
     assert tok.apply_chat_template(messages, add_generation_prompt=False) == prefix
 
 
@@ -251,14 +252,33 @@ def test_bad_messages(tok: Tokenizer, messages: object, match: str) -> None:
         ("  plain answer \n", ("", "plain answer")),
         ("<think>\ntruncated reasoning", ("truncated reasoning", "")),
         ("<think>\n</think>\n\nonly answer", ("", "only answer")),
-        ("a</think>b</think>c", ("a", "b</think>c")),
+        ("a</think>b</think>c", ("a", "bc")),  # a stray </think> in the answer is dropped
         ("\n <think>x</think>", ("x", "")),
-        ("say <think> later", ("", "say <think> later")),
+        ("say <think> later", ("later", "say")),  # text after a <think> is reasoning wherever the tag is
+        ("<think>a<think>b</think>c", ("ab", "c")),  # a repeated <think> is dropped
+        ("x</think>y<think>z</think>w", ("xz", "yw")),  # a second think block is reasoning too
+        ("</think>", ("", "")),
+        ("<think>", ("", "")),
         ("", ("", "")),
     ],
 )
 def test_split_reasoning(text: str, expected: tuple[str, str]) -> None:
     assert split_reasoning(text) == expected
+    reasoning, answer = split_reasoning(text)
+    assert THINK_OPEN not in answer and THINK_CLOSE not in answer
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("abc", ("abc", "")),  # truncated reasoning
+        ("abc</think>\n\nxyz", ("abc", "xyz")),
+        ("<think>abc</think>xyz", ("abc", "xyz")),
+        ("a</think>b<think>c", ("ac", "b")),
+    ],
+)
+def test_split_reasoning_starts_in_reasoning(text: str, expected: tuple[str, str]) -> None:
+    assert split_reasoning(text, starts_in_reasoning=True) == expected
 
 
 STREAM_TEXTS = [
@@ -277,6 +297,17 @@ STREAM_TEXTS = [
     "思考 🤔 中</think>答案 🎉",
     "   ",
     "",
+    "</think>",
+    "<think>",
+    "<think></think>",
+    "</think>answer",
+    "reasoning</think>",
+    "x</think>y<think>z</think>w",
+    "a</think>b</think>c</think>",
+    "</think></think><think><think>",
+    "answer <think",
+    "answer </think",
+    "\n\n</think>\n\n  spaced  answer  \n\n",
 ]
 
 
@@ -288,9 +319,7 @@ def _parse(pieces: list[str], starts_in_reasoning: bool) -> tuple[str, str]:
 
 def _expected(text: str, starts_in_reasoning: bool) -> tuple[str, str]:
     """The documented relation between ReasoningStreamParser and split_reasoning."""
-    if text.lstrip().startswith(THINK_OPEN):
-        return split_reasoning(text)
-    return split_reasoning(THINK_OPEN + text) if starts_in_reasoning else ("", text.strip())
+    return split_reasoning(text, starts_in_reasoning=starts_in_reasoning)
 
 
 def _random_split(text: str, rng: random.Random) -> list[str]:
@@ -304,6 +333,7 @@ def _random_split(text: str, rng: random.Random) -> list[str]:
 @pytest.mark.parametrize("text", STREAM_TEXTS)
 def test_reasoning_stream_parser_matches_split_reasoning(text: str, starts_in_reasoning: bool) -> None:
     expected = _expected(text, starts_in_reasoning)
+    assert not any(tag in part for tag in (THINK_OPEN, THINK_CLOSE) for part in expected)
     assert _parse([text], starts_in_reasoning) == expected
     assert _parse(list(text), starts_in_reasoning) == expected
     for i in range(len(text) + 1):
@@ -326,9 +356,23 @@ def test_reasoning_stream_parser_holds_back_partial_tags() -> None:
 def test_reasoning_stream_parser_tagless_text() -> None:
     # With R1's template the prompt opened <think>, so untagged output is (possibly truncated) reasoning.
     assert _parse(["abc"], starts_in_reasoning=True) == ("abc", "")
-    # Without it, content is emitted at once and a later </think> cannot reclassify it.
-    assert _parse(["abc</think>xyz"], starts_in_reasoning=False) == ("", "abc</think>xyz")
+    # Without it (no-think), untagged output is the answer, but text before a late </think> is reasoning.
+    assert _parse(["abc"], starts_in_reasoning=False) == ("", "abc")
+    assert _parse(["abc</think>xyz"], starts_in_reasoning=False) == ("abc", "xyz")
     assert _parse(["<think>a</think>b"], starts_in_reasoning=False) == ("a", "b")
+
+
+def test_reasoning_stream_parser_no_think_holds_until_decided() -> None:
+    """No-think: nothing is released as content while a </think> may still turn it into reasoning."""
+    parser = ReasoningStreamParser(starts_in_reasoning=False)
+    assert parser.push("7+8=15, so") == ("", "")
+    assert parser.push(" 85.\n</th") == ("", "")
+    assert parser.push("ink>\n\n85") == ("7+8=15, so 85.", "85")
+    assert parser.push(" done") == ("", " done")
+    assert parser.flush() == ("", "")
+    parser = ReasoningStreamParser(starts_in_reasoning=False)
+    assert parser.push("plain answer") == ("", "")
+    assert parser.flush() == ("", "plain answer")
 
 
 def test_train_bpe_tokenizer_custom_special_tokens() -> None:
