@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("r1kit")
+CHAT_MIN_NEW_TOKENS = 256  # `r1kit chat` keeps this much of the context for each answer (see _chat_budget)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -49,8 +50,14 @@ def _sampling(a: argparse.Namespace) -> dict:
 
 
 def _load(a: argparse.Namespace):
-    from r1kit.api import R1Model
+    """The model of a text command (generate, chat, eval); one without tokenizer.json is refused before loading."""
+    from r1kit.api import R1Model, resolve_model_path
+    from r1kit.tokenizer import TOKENIZER_FILE
 
+    path = resolve_model_path(a.model)
+    if not (path / TOKENIZER_FILE).is_file():
+        raise ValueError(f"{path} has no {TOKENIZER_FILE}: `r1kit {a.command}` needs it to turn text into tokens; "
+                         f"copy the {TOKENIZER_FILE} (and tokenizer_config.json) of the model it comes from there")
     return R1Model.from_pretrained(a.model, device=a.device, dtype=a.dtype, allow_pickle=a.allow_pickle)
 
 
@@ -104,40 +111,81 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
 
 def cmd_chat(a: argparse.Namespace) -> None:
-    """Interactive chat. /reset clears the history, /exit (or Ctrl-D) leaves."""
-    from r1kit.tokenizer import ReasoningStreamParser
-
+    """Interactive chat. /reset clears the history, /exit (or Ctrl-D) leaves. When the conversation outgrows the
+    context, its oldest turns are dropped (the --system prompt stays) and a notice says so."""
     model = _load(a)
-    history: list[dict[str, str]] = [{"role": "system", "content": a.system}] if a.system else []
-    dim, reset = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
+    system = [{"role": "system", "content": a.system}] if a.system else []
+    history = list(system)
     print(f"r1kit chat: {model.path} ({model.info()['params_total_h']} params). /reset, /exit", flush=True)
-    while True:
-        try:
-            line = input("> ").strip()
-        except EOFError:
-            print()
-            return
+    while (line := _read_line("> ")) is not None:
         if line in ("/exit", "/quit"):
             return
         if line == "/reset":
-            history = history[:1] if a.system else []
-            continue
-        if not line:
-            continue
-        history.append({"role": "user", "content": line})
-        parser = ReasoningStreamParser(starts_in_reasoning=not a.no_think)
-        answer, in_reasoning = "", False
-        for piece in model.chat(history, thinking=not a.no_think, stream=True, **_sampling(a)):
-            think, content = parser.push(piece)
-            if think:
-                print(("" if in_reasoning else f"{dim}[thinking] ") + think, end="", flush=True)
-                in_reasoning = True
-            if content:
-                print((f"{reset}\n" if in_reasoning else "") + content, end="", flush=True)
-                in_reasoning, answer = False, answer + content
-        think, content = parser.flush()
-        print(f"{dim}{think}{reset}{content}" if think or content else reset, flush=True)
-        history.append({"role": "assistant", "content": answer + content})
+            history = list(system)
+        elif line:
+            history = _chat_turn(model, history, line, a)
+
+
+def _read_line(prompt: str) -> str | None:
+    """A stripped line from stdin, or None at its end (Ctrl-D)."""
+    try:
+        return input(prompt).strip()
+    except EOFError:
+        print()
+        return None
+
+
+def _chat_turn(model, history: list[dict[str, str]], line: str, a: argparse.Namespace) -> list[dict[str, str]]:
+    """Answer one user line. Returns the history with the turn added, minus the oldest turns that had to go to
+    make room (said in a notice); unchanged, after a notice, when the line cannot fit even alone."""
+    from r1kit.tokenizer import ContextFullError, fit_messages
+
+    context, answer_room = _chat_budget(model, a)
+    try:
+        messages, dropped = fit_messages(model.tokenizer, [*history, {"role": "user", "content": line}], context,
+                                         answer_room, thinking=not a.no_think)
+    except ContextFullError as e:
+        print(f"[not sent: {e}; shorten it]", flush=True)
+        return history
+    if dropped:
+        print(f"[context full: dropped the {dropped} oldest turn{'s' if dropped > 1 else ''}]", flush=True)
+    return [*messages, {"role": "assistant", "content": _stream_answer(model, messages, a)}]
+
+
+def _chat_budget(model, a: argparse.Namespace) -> tuple[int, int]:
+    """(tokens a chat prompt and its answer may take, tokens kept for the answer): --max-new-tokens if given,
+    else CHAT_MIN_NEW_TOKENS, at most a quarter of the model's context (or of --max-length)."""
+    context = model.config.max_position_embeddings
+    if a.max_new_tokens is not None:
+        return context, a.max_new_tokens
+    limit = min(context, a.max_length or context)
+    return limit, min(CHAT_MIN_NEW_TOKENS, limit // 4)
+
+
+def _stream_answer(model, messages: list[dict[str, str]], a: argparse.Namespace) -> str:
+    """Print the answer as it is generated, its reasoning dimmed after "[thinking]"; return the answer's content."""
+    from r1kit.tokenizer import ReasoningStreamParser
+
+    dim, reset = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
+    parser = ReasoningStreamParser(starts_in_reasoning=not a.no_think)
+    answer: list[str] = []
+    in_reasoning = False
+
+    def show(think: str, content: str) -> None:
+        nonlocal in_reasoning
+        if think:
+            print(("" if in_reasoning else f"{dim}[thinking] ") + think, end="", flush=True)
+            in_reasoning = True
+        if content:
+            print((f"{reset}\n" if in_reasoning else "") + content, end="", flush=True)
+            in_reasoning = False
+            answer.append(content)
+
+    for piece in model.chat(messages, thinking=not a.no_think, stream=True, **_sampling(a)):
+        show(*parser.push(piece))
+    show(*parser.flush())
+    print(reset if in_reasoning else "", flush=True)
+    return "".join(answer)
 
 
 def cmd_convert(a: argparse.Namespace) -> None:

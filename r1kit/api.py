@@ -179,10 +179,15 @@ class R1Model:
         }
 
     # ------------------------------------------------------------------------------------------ generation
-    def _tok(self) -> Tokenizer:
+    def _tok(self, chat: bool = False) -> Tokenizer:
+        """The tokenizer; without one, a GenerationError saying what generate() (or chat()) can do instead."""
         if self.tokenizer is None:
-            raise GenerationError(f"{self.path}: no tokenizer.json, so text prompts cannot be encoded; "
-                                  "pass input_ids instead")
+            where = f"{self.path} has no tokenizer.json" if self.path else "this R1Model has no tokenizer"
+            load = "set model.tokenizer = r1kit.tokenizer.Tokenizer.from_dir(a folder with tokenizer.json)"
+            if chat:
+                raise GenerationError(f"{where}, so chat() cannot encode messages; {load}")
+            raise GenerationError(f"{where}, so text prompts cannot be encoded; pass input_ids= (token ids), "
+                                  f"or {load}")
         return self.tokenizer
 
     def stop_ids(self) -> list[int]:
@@ -323,7 +328,7 @@ class R1Model:
         With stream=True, yields raw text pieces (use r1kit.tokenizer.ReasoningStreamParser to split them).
         Without a length, up to CHAT_MAX_NEW_TOKENS new tokens (reasoning is long), as far as the context allows.
         """
-        ids = self._tok().encode_chat(list(messages), add_generation_prompt=True, thinking=thinking)
+        ids = self._tok(chat=True).encode_chat(list(messages), add_generation_prompt=True, thinking=thinking)
         if sampling.get("max_new_tokens") is None and sampling.get("max_length") is None:  # as much as fits
             room = self.config.max_position_embeddings - len(ids)
             sampling["max_new_tokens"] = max(1, min(CHAT_MAX_NEW_TOKENS, room))
