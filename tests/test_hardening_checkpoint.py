@@ -103,18 +103,10 @@ def test_checkpoint_io_imports_no_training_and_no_module_imports_itself_back():
     assert cycles == [], f"import cycles through {cycles}"
 
 
-ISOLATED = """
-import sys, types
-root = types.ModuleType("r1kit")  # the package without its __init__, which imports the whole public API
-root.__path__ = [{package!r}]
-sys.modules["r1kit"] = root
-{body}
-"""
-
-
 def run_isolated(body: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    code = ISOLATED.format(package=str(PACKAGE), body=body)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    """Run body in a fresh interpreter (the real package, its __init__ included)."""
+    return subprocess.run([sys.executable, "-c", "import sys\n" + body], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
 
 
 def test_checkpoint_io_loads_no_training_module_when_it_runs(tmp_path):
