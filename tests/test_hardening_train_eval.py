@@ -57,6 +57,7 @@ RECIPES = {  # file content -> words the error must contain
     "model: {preset: tiny-moe, overrides: {hidden_size: '64'}}\n": ["hidden_size"],
     "threads: 0\n": ["threads"],
     "data: {tokenizer_vocab: 0}\n": ["data.tokenizer_vocab"],
+    "1: 2\nlerning_rate: 0.1\n": ["'1'", "lerning_rate"],
 }
 
 

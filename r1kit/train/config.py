@@ -172,7 +172,7 @@ def _build(cls: type, d: dict[str, Any], where: str) -> Any:
         raise TrainConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    unknown = sorted(set(d) - set(fields))
+    unknown = sorted(str(k) for k in set(d) - set(fields))  # YAML keys may be numbers
     if unknown:
         raise TrainConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
     kwargs = {}
