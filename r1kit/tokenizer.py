@@ -177,6 +177,12 @@ class Tokenizer:
         """Number of token ids (largest id + 1), added tokens included."""
         return self._vocab_size
 
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """UTF-8 bytes of the longest token decoded alone: a text of N characters (<= its bytes) has at least
+        N / max_token_bytes tokens, a bound servers check before tokenizing megabytes."""
+        return max(1, max(len(self.decode([i]).encode()) for i in range(self.vocab_size)))
+
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of ``text``; with ``add_bos`` the bos id is prepended."""
         ids = self._backend.encode(text, add_special_tokens=False).ids

@@ -291,3 +291,17 @@ def test_shutdown_timeout_mid_stream_ends_with_an_error_event():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_prompt_too_long_for_the_context_is_refused_before_tokenizing(base):
+    """~1 MB of prompt (under the body limit) is a 400 at once, as over gRPC: the shared size bound in
+    EngineService.encode_prompt / encode_chat refuses it without tokenizing (which would stall the server)."""
+    text = "ab " * 330_000
+    start = time.monotonic()
+    for path, body in (("/v1/completions", {"model": MODEL, "prompt": text, "max_tokens": 1}),
+                       ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": text}]})):
+        status, reply = request(base, "POST", path, json.dumps(body).encode(), {**AUTH, "Content-Type":
+                                                                                 "application/json"})
+        assert status == 400 and reply["error"]["code"] == "context_length_exceeded", reply
+        assert "characters, more than the model's context" in reply["error"]["message"]
+    assert time.monotonic() - start < 3.0

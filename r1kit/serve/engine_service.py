@@ -22,23 +22,24 @@ import asyncio
 import collections
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from r1kit.api import BUNDLED_DIR, R1Model
-from r1kit.engine import LLMEngine, ModelRunner, SchedulerError
-from r1kit.engine import Sequence as EngineSequence
-from r1kit.generate import GenerationError, SamplingParams
+from r1kit.engine import LLMEngine, SchedulerError
+from r1kit.engine.config import EngineConfig
+from r1kit.generate import GenerationError, SamplingParams, check_budget, check_prompt
 from r1kit.model.transformer import ContextLengthError
 from r1kit.tokenizer import TextStream, Tokenizer
 
 log = logging.getLogger("r1kit")
 
-MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 256  # stop strings are matched on every token, on the engine thread
+DEFAULT_MAX_QUEUE = 64  # requests waiting for a place in the engine before submit() refuses (HTTP 429)
 
 
 class QueueFullError(RuntimeError):
@@ -183,34 +184,27 @@ class EngineService:
     """Owns one LLMEngine on a background thread that loops engine.step() while work exists; thread-safe
     submit/abort.
 
-    Up to ``max_num_seqs`` requests run in the engine at once and up to ``max_queue`` more wait here; a
-    submit beyond that raises QueueFullError. ``num_blocks`` KV blocks of ``block_size`` tokens (None:
-    room for max_num_seqs requests of the model's full context, at most ``kv_cache_bytes`` of KV pool but
-    always one full-context request). ``request_timeout`` seconds (None: no limit) after submission a
-    request is aborted with finish_reason "timeout".
+    ``config`` holds the engine's settings (None: the model's ``engine_config``); keyword ``settings``
+    override its fields (``EngineService(model, max_num_seqs=4)``). The KV pool is sized up front for
+    ``max_num_seqs`` full-context requests within ``kv_cache_bytes`` (see `EngineConfig.kv_blocks`). Up to
+    ``max_num_seqs`` requests run in the engine at once and up to ``max_queue`` more wait here; a submit beyond
+    that raises QueueFullError. ``request_timeout`` seconds (None: no limit) after submission a request is
+    aborted with finish_reason "timeout".
     """
 
-    def __init__(self, model: R1Model, *, max_queue: int = 64, max_num_seqs: int = 32,
-                 num_blocks: int | None = None, block_size: int = 16, request_timeout: float | None = None,
-                 model_name: str | None = None, kv_cache_bytes: int = 4 << 30):
-        if max_queue < 0 or max_num_seqs < 1:
-            raise ValueError(f"max_queue = {max_queue}, max_num_seqs = {max_num_seqs}: need max_queue >= 0 "
-                             "and max_num_seqs >= 1")
-        if request_timeout is not None and request_timeout <= 0:
-            raise ValueError(f"request_timeout = {request_timeout}: must be > 0 seconds (or None: no limit)")
-        if model.config.sparse_attention is not None:
-            raise GenerationError(f"{model.config.sparse_attention!r} sparse attention: the serving engine (paged KV "
-                                  "cache) does not run sparse layers yet; use R1Model.generate / chat for this model")
+    def __init__(self, model: R1Model, config: EngineConfig | None = None, *, max_queue: int = DEFAULT_MAX_QUEUE,
+                 request_timeout: float | None = None, model_name: str | None = None, **settings: Any):
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+            raise ValueError(f"max_queue = {max_queue!r}: must be an int >= 0")
+        if request_timeout is not None and not (isinstance(request_timeout, (int, float)) and request_timeout > 0
+                                                and math.isfinite(request_timeout)):
+            raise ValueError(f"request_timeout = {request_timeout!r}: must be > 0 seconds (or None: no limit)")
+        self.config = (config or model.engine_config).replace(**settings)
         self.model = model
         self.model_name = model_name or _model_name(model)
         self.context_length = model.config.max_position_embeddings
-        self.max_queue, self.max_num_seqs, self.request_timeout = max_queue, max_num_seqs, request_timeout
-        if num_blocks is None:
-            per_request = -(-self.context_length // block_size)
-            affordable = kv_cache_bytes // ModelRunner.bytes_per_block(model.model, block_size)
-            num_blocks = max(per_request, min(max_num_seqs * per_request, affordable))
-        self.engine = LLMEngine(model.model, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
-                                stop_ids=model.stop_ids())
+        self.max_queue, self.max_num_seqs, self.request_timeout = max_queue, self.config.max_num_seqs, request_timeout
+        self.engine = LLMEngine(model.model, self.config, stop_ids=model.stop_ids())
         self._stop_ids = frozenset(model.stop_ids())
         self._lock = threading.Condition()  # guards everything below; the engine thread waits on it when idle
         self._waiting: collections.deque[RequestHandle] = collections.deque()  # submitted, not yet in the engine
@@ -266,14 +260,33 @@ class EngineService:
 
     # ------------------------------------------------------------------------------------------ requests
     def encode_prompt(self, text: str) -> list[int]:
-        """Token ids of a completion prompt (bos as tokenizer_config.json's add_bos_token says)."""
+        """Token ids of a completion prompt (bos as tokenizer_config.json's add_bos_token says). ContextLengthError,
+        before tokenizing, for a text longer than the context could hold."""
         tok = self._tokenizer()
+        self._check_size(len(text), 0, "the prompt")
         return tok.encode(text, add_bos=tok.add_bos_token and tok.bos_id is not None)
 
     def encode_chat(self, messages: Sequence[Mapping[str, str]], thinking: bool = True) -> list[int]:
         """Token ids of a conversation in the model's chat template, ending with the assistant's turn
-        (``<think>`` opened when ``thinking``). TokenizerError for a malformed message."""
-        return self._tokenizer().encode_chat(list(messages), add_generation_prompt=True, thinking=thinking)
+        (``<think>`` opened when ``thinking``). TokenizerError for a malformed message; ContextLengthError, before
+        tokenizing, for messages longer than the context could hold."""
+        tok = self._tokenizer()
+        chars = sum(len(m["content"]) for m in messages if isinstance(m, Mapping) and isinstance(m.get("content"), str))
+        self._check_size(chars, len(messages), "the messages")
+        return tok.encode_chat(list(messages), add_generation_prompt=True, thinking=thinking)
+
+    def _check_size(self, chars: int, messages: int, what: str) -> None:
+        """Refuse text that cannot fit the context, without tokenizing it: tokenizing megabytes holds the GIL for
+        seconds and stalls every other request. A prompt has at least one token per message and one per
+        ``max_token_bytes`` characters."""
+        context = self.context_length
+        if messages >= context:
+            raise ContextLengthError(f"{what}: {messages} messages, but the model's context is {context} tokens "
+                                     "(each message takes at least one)")
+        if chars > context and chars > context * self._tokenizer().max_token_bytes:
+            raise ContextLengthError(f"{what}: {chars} characters, more than the model's context of {context} tokens "
+                                     f"can hold (a token is at most {self._tokenizer().max_token_bytes} bytes); "
+                                     "shorten the prompt")
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, *, request_id: str | None = None,
                timeout: float | None = None) -> RequestHandle:
@@ -306,7 +319,8 @@ class EngineService:
     def stats(self) -> dict[str, float | int]:
         """Counters and gauges for /metrics: requests_total, requests_running, queue_depth, tokens_generated,
         prompt_tokens, finished_<reason>, rejected_queue_full, ttft_seconds_sum/count, request_seconds_sum/
-        count, decode_tokens_per_second_sum/count (per request, after its first token), kv_blocks_free/total."""
+        count, decode_tokens_per_second_sum/count (per request, after its first token), kv_blocks_free/total,
+        spec_draft_tokens / spec_accepted_tokens (speculative decoding: MTP drafts verified, and accepted)."""
         with self._lock:
             out: dict[str, float | int] = {
                 "requests_total": 0, "requests_running": len(self._running), "queue_depth": len(self._waiting),
@@ -314,7 +328,8 @@ class EngineService:
                 "ttft_seconds_sum": 0.0, "ttft_seconds_count": 0, "request_seconds_sum": 0.0,
                 "request_seconds_count": 0, "decode_tokens_per_second_sum": 0.0,
                 "decode_tokens_per_second_count": 0, "kv_blocks_free": self._kv_free,
-                "kv_blocks_total": self.kv_blocks_total}
+                "kv_blocks_total": self.kv_blocks_total, "spec_draft_tokens": self.engine.spec_stats.drafted,
+                "spec_accepted_tokens": self.engine.spec_stats.accepted}
             out.update(self._counters)
         return out
 
@@ -325,24 +340,13 @@ class EngineService:
         return self.model.tokenizer
 
     def _check(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
-        """The checks LLMEngine.add_request makes, done in the caller's thread so that submit raises them."""
+        """The checks LLMEngine.add_request makes (the shared request checks of r1kit.generate), done in the
+        caller's thread so that submit raises them; and that the request fits in the KV cache."""
         if not isinstance(params, SamplingParams):
             raise GenerationError(f"params must be a SamplingParams, not {type(params).__name__}")
         params.validate()
-        if len(params.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in params.stop):
-            raise GenerationError(f"stop: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters "
-                                  "(each is searched for on every token)")
-        prompt = list(prompt_ids)
-        vocab = self.model.config.vocab_size
-        for i, t in enumerate(prompt):
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise GenerationError(f"prompt token {i} = {t!r} is not a token id in [0, {vocab})")
-        max_tokens = EngineSequence("check", prompt, params).max_tokens  # empty prompt: GenerationError
-        need = len(prompt) + max_tokens
-        if need > self.context_length:
-            raise ContextLengthError(f"{len(prompt)} prompt tokens + {max_tokens} new tokens = {need} exceeds the "
-                                     f"model's context of {self.context_length} tokens; shorten the prompt or "
-                                     "generate fewer tokens")
+        prompt = check_prompt(prompt_ids, self.model.config.vocab_size)
+        need = len(prompt) + check_budget(len(prompt), params, self.context_length)
         bm = self.engine.block_manager
         if bm.blocks_needed(need - 1) > bm.num_blocks:
             raise GenerationError(f"{need} tokens need {bm.blocks_needed(need - 1)} KV blocks but the cache has "
@@ -420,6 +424,10 @@ class EngineService:
         waiters = []
         for handle, o in pairs:
             if handle is None or handle.finished:
+                continue
+            if o.error is not None:  # this request alone failed (its sampling); the engine freed its blocks
+                log.warning("request %s failed: %s", handle.request_id, o.error)
+                self._fail(handle, o.error)
                 continue
             delta = handle._on_token(o.token, o.finished, o.finish_reason.value if o.finish_reason else None)
             if delta.finished:

@@ -22,7 +22,6 @@ import collections
 import functools
 import hmac
 import logging
-import math
 import os
 import signal
 import sys
@@ -36,10 +35,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from r1kit.api import CHAT_MAX_NEW_TOKENS
-from r1kit.generate import SamplingParams
+from r1kit.generate import SamplingParams, default_max_new_tokens
 from r1kit.serve.client import SERVER_METADATA_KEY, SERVICE_NAME
-from r1kit.serve.engine_service import EngineService, QueueFullError, RequestHandle, ServiceClosedError, TextDelta
+from r1kit.serve.engine_service import (
+    DEFAULT_MAX_QUEUE,
+    EngineService,
+    QueueFullError,
+    RequestHandle,
+    ServiceClosedError,
+    TextDelta,
+)
 from r1kit.serve.ports import PortError, check_free, check_port
 from r1kit.serve.proto import r1kit_pb2 as pb
 from r1kit.serve.proto import r1kit_pb2_grpc as pb_grpc
@@ -47,7 +52,6 @@ from r1kit.tokenizer import ReasoningStreamParser
 
 log = logging.getLogger("r1kit.serve")
 
-COMPLETION_MAX_NEW_TOKENS = 256  # a completion's default budget (as SamplingParams), as far as the context allows
 # a chat message's role -> the chat template's (developer: OpenAI's newer name for system)
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 NO_DEADLINE = 1e8  # seconds: what grpc reports as the time remaining of a call without a deadline is beyond it
@@ -76,9 +80,6 @@ def _sampling_params(options: pb.SamplingOptions, default_max_new_tokens: int) -
     for name in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed"):
         if options.HasField(name):
             kwargs[name] = getattr(options, name)
-    for name in ("temperature", "top_p", "repetition_penalty"):
-        if name in kwargs and not math.isfinite(kwargs[name]):
-            raise InvalidRequest(f"sampling.{name} = {kwargs[name]}: must be a finite number")
     try:
         return SamplingParams(**kwargs)
     except ValueError as e:  # GenerationError names the field and its valid range
@@ -100,22 +101,21 @@ def _chat_messages(chat: pb.ChatPrompt) -> list[dict[str, str]]:
 
 
 def _prepare(service: EngineService, request: pb.GenerateRequest) -> _Prepared:
-    """Tokenize the prompt and build the sampling parameters, or raise InvalidRequest."""
-    context = service.context_length
+    """Tokenize the prompt and build the sampling parameters, or raise InvalidRequest (ContextLengthError when
+    the prompt leaves no room to generate)."""
     kind = request.WhichOneof("prompt")
     if kind is None:
         raise InvalidRequest("the request has no prompt: set `text` (a completion) or `chat` (messages)")
     if kind == "text":
         if not request.text:
             raise InvalidRequest("text is empty: give a prompt to continue")
-        ids, thinking, default = service.encode_prompt(request.text), False, COMPLETION_MAX_NEW_TOKENS
+        ids, thinking = service.encode_prompt(request.text), False
     else:
         messages = _chat_messages(request.chat)
         thinking = request.chat.thinking if request.chat.HasField("thinking") else True
-        ids, default = service.encode_chat(messages, thinking=thinking), CHAT_MAX_NEW_TOKENS
-    if len(ids) >= context:
-        raise InvalidRequest(f"the prompt is {len(ids)} tokens: the model's context is {context} tokens")
-    params = _sampling_params(request.sampling, min(default, context - len(ids)))
+        ids = service.encode_chat(messages, thinking=thinking)
+    default = default_max_new_tokens(len(ids), service.context_length, "chat" if kind == "chat" else "completion")
+    params = _sampling_params(request.sampling, default)
     return _Prepared(ids, params, kind == "chat", thinking)
 
 
@@ -152,12 +152,6 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
     def __init__(self, service: EngineService, server_name: str):
         self.service = service
         self.server_name = server_name
-
-    @functools.cached_property
-    def max_token_bytes(self) -> int:
-        """UTF-8 bytes of the model's longest token (as decoded alone): a prompt of N bytes is >= N / it tokens."""
-        tok = self.service.model.tokenizer
-        return sys.maxsize if tok is None else max(len(tok.decode([i]).encode()) for i in range(tok.vocab_size))
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
         prepared, handle = self._submit(request, context)
@@ -206,23 +200,11 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         return prepared, handle
 
     def _check_size(self, request: pb.GenerateRequest) -> None:
-        """InvalidRequest for a request too large to serve, found before tokenizing it: tokenizing megabytes holds
-        the GIL for seconds, stalling every other call and the health checks. A prompt has at least one token per
-        chat message and per ``max_token_bytes`` bytes (>= characters); request_id is echoed in every chunk."""
+        """InvalidRequest for a request_id unfit to echo in every chunk. (A prompt too large to tokenize is refused
+        by EngineService.encode_prompt / encode_chat, for HTTP alike.)"""
         if len(request.request_id) > MAX_REQUEST_ID_CHARS or not request.request_id.isprintable():
             raise InvalidRequest(f"request_id is {len(request.request_id)} characters: at most "
                                  f"{MAX_REQUEST_ID_CHARS} printable ones (no line breaks or control characters)")
-        context = self.service.context_length
-        if request.WhichOneof("prompt") == "chat":
-            if len(request.chat.messages) >= context:
-                raise InvalidRequest(f"chat.messages has {len(request.chat.messages)} messages: the model's context "
-                                     f"is {context} tokens (each message takes at least one)")
-            field, chars = "chat.messages", sum(len(m.content) for m in request.chat.messages)
-        else:
-            field, chars = "text", len(request.text)
-        if chars > context and chars > context * self.max_token_bytes:
-            raise InvalidRequest(f"{field} has {chars} characters: more than the model's context of {context} tokens "
-                                 f"can hold (a token is at most {self.max_token_bytes} bytes); shorten the prompt")
 
     @staticmethod
     def _deltas(handle: RequestHandle, context: grpc.ServicerContext) -> Iterator[TextDelta]:
@@ -433,6 +415,7 @@ def install_shutdown_handler(stop: Callable[[], None]) -> threading.Event:
 def main(argv: list[str] | None = None) -> None:
     """A standalone gRPC server: ``python -m r1kit.serve.grpc_service MODEL --port P``."""
     from r1kit.api import R1Model
+    from r1kit.engine.config import add_engine_args, engine_config_from_args
 
     p = argparse.ArgumentParser(prog="python -m r1kit.serve.grpc_service", description=__doc__.split("\n")[0])
     p.add_argument("model", help="checkpoint folder, r1kit/<bundled>, or org/name in the local HF cache")
@@ -440,17 +423,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None)
-    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before RESOURCE_EXHAUSTED")
-    p.add_argument("--max-num-seqs", type=int, default=32, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help="waiting requests before RESOURCE_EXHAUSTED")
     p.add_argument("--request-timeout", type=float, default=None, help="seconds per request (server side)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--api-key", default=None, help="require 'authorization: Bearer KEY' (or set R1KIT_API_KEY)")
+    add_engine_args(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     check_free(a.host, a.port, "--port")  # before the model loads: a bad or busy port fails at once
     model = R1Model.from_pretrained(a.model, device=a.device, dtype=a.dtype)
-    service = EngineService(model, max_queue=a.max_queue, max_num_seqs=a.max_num_seqs,
+    service = EngineService(model, engine_config_from_args(a), max_queue=a.max_queue,
                             request_timeout=a.request_timeout)
+    log.info("%s; max_queue=%d, request_timeout=%s", service.config.describe(), service.max_queue,
+             service.request_timeout)
     service.start()
     server = serve_grpc(service, a.port, a.host, api_key=a.api_key or os.environ.get("R1KIT_API_KEY") or None)
 
