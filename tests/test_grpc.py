@@ -147,7 +147,7 @@ def test_health_and_reflection(server, client):
     (lambda c: c.generate("x", temperature=float("inf")), "sampling.temperature"),
     (lambda c: c.generate("x", request_id="r" * 100_000), "request_id"),
     (lambda c: c.generate("x", request_id="a\nforged log line"), "request_id"),
-    (lambda c: c.chat([{"role": "user", "content": "x"}] * 5000), "5000 messages, but the model.s context"),
+    (lambda c: c.chat([{"role": "user", "content": "x"}] * 5000), "5000 messages, but the model's context"),
 ])
 def test_bad_params_are_invalid_argument(client, call, field):
     with pytest.raises(R1ClientError) as e:
