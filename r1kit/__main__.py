@@ -27,12 +27,14 @@ CHAT_MIN_NEW_TOKENS = 256  # `r1kit chat` keeps this much of the context for eac
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
+    from r1kit.generate import SamplingParams as D  # the defaults, shown in the help
+
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (wins over --max-length)")
     p.add_argument("--max-length", type=int, default=None, help="prompt + generated tokens")
-    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=None, help=f"0 = greedy (default {D.temperature})")
+    p.add_argument("--top-k", type=int, default=None, help=f"default {D.top_k}: off")
+    p.add_argument("--top-p", type=float, default=None, help=f"default {D.top_p}")
+    p.add_argument("--repetition-penalty", type=float, default=None, help=f"default {D.repetition_penalty}: off")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
 
@@ -45,8 +47,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling(a: argparse.Namespace) -> dict:
-    return dict(max_new_tokens=a.max_new_tokens, max_length=a.max_length, temperature=a.temperature,
-                top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty, stop=a.stop, seed=a.seed)
+    """The sampling flags that were given (the rest keep SamplingParams' defaults)."""
+    given = dict(max_new_tokens=a.max_new_tokens, max_length=a.max_length, temperature=a.temperature,
+                 top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty, stop=a.stop, seed=a.seed)
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _load(a: argparse.Namespace):
@@ -301,6 +305,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     import signal
 
     from r1kit.api import R1Model
+    from r1kit.engine.config import engine_config_from_args
     from r1kit.serve.engine_service import EngineService
     from r1kit.serve.openai_api import build_server
     from r1kit.serve.ports import check_free, listen_socket
@@ -312,8 +317,10 @@ def cmd_serve(a: argparse.Namespace) -> None:
         check_free(a.host, a.grpc_port, "--grpc-port")
     model = R1Model.from_pretrained(a.model, device=a.device, dtype=a.dtype, quantization=a.quantization,
                                     allow_pickle=a.allow_pickle)
-    service = EngineService(model, max_queue=a.max_queue, max_num_seqs=a.max_num_seqs,
-                            request_timeout=a.request_timeout, kv_cache_bytes=int(a.kv_cache_gb * 2**30))
+    service = EngineService(model, engine_config_from_args(a), max_queue=a.max_queue,
+                            request_timeout=a.request_timeout)
+    log.info("%s; max_queue=%d, request_timeout=%s", service.config.describe(), service.max_queue,
+             service.request_timeout)
     service.start()
     grpc_server = None
     api_key = a.api_key or os.environ.get("R1KIT_API_KEY") or None
@@ -341,6 +348,7 @@ def _serve_replicas(a: argparse.Namespace) -> None:
     """--replicas N: N `r1kit serve` processes on consecutive HTTP and gRPC ports, supervised (restarted when
     they die); clients spread requests over them with gRPC round_robin (r1kit.serve.client.R1Client)."""
     from r1kit.api import resolve_model_path
+    from r1kit.engine.config import engine_flags
     from r1kit.serve.replicas import ReplicaError, check_ports, replica_commands, run_replicas
 
     if a.replicas < 1:
@@ -349,8 +357,8 @@ def _serve_replicas(a: argparse.Namespace) -> None:
         raise ValueError("--replicas needs --grpc-port: clients balance over the replicas with gRPC")
     resolve_model_path(a.model)  # before any replica starts: a wrong name is one error, not one per replica
     check_ports(a.host, a.replicas, grpc_port=a.grpc_port, http_port=a.port)
-    extra = ["--device", a.device, "--max-queue", str(a.max_queue), "--max-num-seqs", str(a.max_num_seqs),
-             "--kv-cache-gb", str(a.kv_cache_gb), "--shutdown-timeout", str(a.shutdown_timeout)]
+    extra = ["--device", a.device, "--max-queue", str(a.max_queue), "--shutdown-timeout", str(a.shutdown_timeout),
+             *engine_flags(a)]
     for flag, value in (("--dtype", a.dtype), ("--request-timeout", a.request_timeout),
                         ("--quantization", a.quantization)):
         if value is not None:
@@ -370,19 +378,21 @@ def _serve_replicas(a: argparse.Namespace) -> None:
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
+    from r1kit.engine.config import add_engine_args
+    from r1kit.serve.engine_service import DEFAULT_MAX_QUEUE
+
     _model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--grpc-port", type=int, default=None, help="also serve gRPC on this port")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set R1KIT_API_KEY)")
-    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
-    p.add_argument("--max-num-seqs", type=int, default=32, help="requests generated together (batch)")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="waiting requests before answering 429")
     p.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is aborted")
-    p.add_argument("--kv-cache-gb", type=float, default=4.0, help="KV cache size cap (at least one full context)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--quantization", default=None, help="int8, int4, fp8 (weight-only, applied after loading)")
     p.add_argument("--replicas", type=int, default=1,
                    help="N supervised servers on consecutive ports from --port / --grpc-port (needs --grpc-port)")
+    add_engine_args(p)
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
