@@ -268,18 +268,20 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 def cmd_eval(a: argparse.Namespace) -> None:
     """Evaluate on held-out data: --task arithmetic (accuracy per kind) or perplexity (stdlib code)."""
-    from r1kit.eval import eval_arithmetic, eval_perplexity
+    from r1kit.eval import PERPLEXITY_TOKENS, eval_arithmetic, eval_perplexity
+    from r1kit.train.data import KINDS
 
     model = _load(a)
     if a.task == "arithmetic":
-        res = eval_arithmetic(model, a.kinds.split(","), n=a.n, seed=1234 if a.seed is None else a.seed)
+        kinds = list(KINDS) if a.kinds is None else a.kinds.split(",")
+        res = eval_arithmetic(model, kinds, n=a.n, seed=1234 if a.seed is None else a.seed)
         for ex in res["examples"][::3]:  # one worked example per kind
             print(f"Q: {ex['question']}\n<think>{ex['reasoning']}</think> {ex['answer']}  (expected {ex['expected']})")
         print("| kind | accuracy |\n|---|---:|")
         for kind, acc in res["accuracy"].items():
             print(f"| {kind} | {acc:.1%} |")
     else:
-        res = eval_perplexity(model, max_tokens=a.max_tokens)
+        res = eval_perplexity(model, max_tokens=PERPLEXITY_TOKENS if a.max_tokens is None else a.max_tokens)
         print(f"held-out stdlib perplexity {res['perplexity']:.3f} over {res['tokens']} of {res['of_tokens']} tokens "
               f"({res['windows']} windows of {res['window']}, stride {res['stride']})")
     if a.json:
@@ -287,15 +289,13 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    from r1kit.eval import PERPLEXITY_TOKENS
-    from r1kit.train.data import KINDS
-
     _model_args(p)
     p.add_argument("--task", choices=["arithmetic", "perplexity"], required=True)
-    p.add_argument("--kinds", default=",".join(KINDS), help="arithmetic kinds, comma-separated")
+    p.add_argument("--kinds", default=None, help="arithmetic kinds, comma-separated (default: all)")
     p.add_argument("--n", type=int, default=200, help="problems per kind (>= 1)")
-    p.add_argument("--max-tokens", type=int, default=PERPLEXITY_TOKENS,
-                   help="perplexity: tokens scored, in windows spread evenly over the held-out text (>= 1)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="perplexity: tokens scored, in windows spread evenly over the held-out text (>= 1; "
+                        "default: the model card's budget, r1kit.eval.PERPLEXITY_TOKENS)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", default=None, help="write the results here")
 
