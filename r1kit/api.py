@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -21,17 +22,15 @@ import torch
 from r1kit import hardware, kernels
 from r1kit.checkpoint import CheckpointError, load_model
 from r1kit.engine import LLMEngine
-from r1kit.engine.model_runner import ModelRunner
+from r1kit.engine.config import EngineConfig
 from r1kit.engine.speculative import SpeculativeStats, speculative_generate
-from r1kit.generate import GenerationError, SamplingParams, generate_tokens
+from r1kit.generate import GenerationError, SamplingParams, default_max_new_tokens, generate_tokens
 from r1kit.model.config import format_count
 from r1kit.model.transformer import Transformer
 from r1kit.tokenizer import TextStream, Tokenizer, split_reasoning
 
 log = logging.getLogger("r1kit")
 BUNDLED_DIR = Path(__file__).parent  # bundled models live in the package: r1kit/<name>
-CHAT_MAX_NEW_TOKENS = 1024  # chat's default budget: room for the <think> phase and the answer
-KV_CACHE_BYTES = 2 << 30  # the engine's default KV pool cap (it grows to what a call needs, up to this)
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -95,10 +94,10 @@ class R1Model:
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, path: Path | None = None,
-                 device_reason: str = "", kv_cache_bytes: int = KV_CACHE_BYTES):
+                 device_reason: str = "", engine_config: EngineConfig | None = None):
         self.model, self.tokenizer, self.path = model, tokenizer, path
         self.device_reason = device_reason
-        self.kv_cache_bytes = kv_cache_bytes  # cap on the engine's paged KV pool
+        self.engine_config = engine_config or EngineConfig()  # the engine's settings (KV pool cap, batch limits...)
         # False: the plain KV-cache decode loop (generate_tokens), the reference path
         self.use_engine = True
         self._engine: LLMEngine | None = None
@@ -120,7 +119,7 @@ class R1Model:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = "auto",
                         dtype: str | torch.dtype | None = None, quantization: str | None = None,
-                        allow_pickle: bool = False) -> R1Model:
+                        allow_pickle: bool = False, engine_config: EngineConfig | None = None) -> R1Model:
         """Load a Hugging Face-format folder (or bundled / cached model) onto a device.
 
         Args:
@@ -133,6 +132,7 @@ class R1Model:
                 A checkpoint written by ``r1kit quantize`` loads quantized without it; asking it for another
                 method is an error.
             allow_pickle: read .bin/.pt weights with torch.load(weights_only=True); refused otherwise.
+            engine_config: the inference engine's settings (`r1kit.engine.EngineConfig`; None: its defaults).
         """
         from r1kit.quant import METHODS, quantize_model
         from r1kit.quant.checkpoint import stored_method
@@ -158,7 +158,7 @@ class R1Model:
         tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
         if tokenizer is None:
             log.warning("%s has no tokenizer.json: text generation needs one (token ids still work)", path)
-        return cls(model, tokenizer, path, choice.reason)
+        return cls(model, tokenizer, path, choice.reason, engine_config)
 
     # ------------------------------------------------------------------------------------------ info
     def info(self) -> dict[str, Any]:
@@ -170,9 +170,9 @@ class R1Model:
             "layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
             "routed_experts": cfg.n_routed_experts, "experts_per_token": cfg.num_experts_per_tok,
             "mtp_layers": cfg.num_mtp_layers, "context": cfg.max_position_embeddings,
-            "params_total": cfg.num_params(include_mtp=True),
+            "params_total": cfg.num_params(), "params_mtp": cfg.num_mtp_params(),  # as DeepSeek: 671B + 14B MTP
             "params_active": cfg.num_params(active=True),
-            "params_total_h": format_count(cfg.num_params(include_mtp=True)),
+            "params_total_h": format_count(cfg.num_params()), "params_mtp_h": format_count(cfg.num_mtp_params()),
             "params_active_h": format_count(cfg.num_params(active=True)),
             "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
             "weights_MiB": round(weight_bytes / 2**20, 1), "device_reason": self.device_reason,
@@ -199,22 +199,27 @@ class R1Model:
 
     def generate(self, prompt: str | Sequence[str] | None = None, *, input_ids: Sequence[int] | None = None,
                  stream: bool = False, max_length: int | None = None, max_new_tokens: int | None = None,
-                 temperature: float = 0.6, top_k: int = 0, top_p: float = 0.95, repetition_penalty: float = 1.0,
-                 stop: str | Sequence[str] | None = None, seed: int | None = None, speculative: bool = False,
-                 ) -> str | list[str] | Iterator[str]:
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 repetition_penalty: float | None = None, stop: str | Sequence[str] | None = None,
+                 seed: int | None = None, speculative: bool = False) -> str | list[str] | Iterator[str]:
         """Continue a prompt (str -> str), a list of prompts (one batch -> list[str]), or stream the text.
 
         ``max_length`` counts prompt + new tokens, ``max_new_tokens`` only new ones; max_new_tokens wins when
-        both are given. ``temperature=0`` is greedy. Generation ends at the tokenizer's end-of-sequence / end-of-
-        turn tokens, at a stop string (not included in the output), or at the length limit.
+        both are given. ``temperature=0`` is greedy. Sampling arguments left as None take `SamplingParams`'
+        defaults (temperature 0.6, top_p 0.95: DeepSeek's recommendation for R1; top_k and repetition penalty
+        off). Generation ends at the tokenizer's end-of-sequence / end-of-turn tokens, at a stop string (not
+        included in the output), or at the length limit.
 
-        ``speculative=True`` drafts with the model's own MTP modules and verifies the drafts in one forward
-        (`r1kit.engine.speculative`; one prompt at a time): the output distribution is unchanged, and
-        ``self.speculative_stats`` holds the acceptance rate afterwards.
+        ``speculative=True`` drafts with the model's own MTP modules and verifies the drafts in one forward, on
+        the engine (`r1kit.engine.spec_decode`; ``engine_config.num_speculative_tokens`` drafts per step, the
+        model's MTP depths when 0) for a batch too, or with ``use_engine = False`` on the reference loop
+        (`r1kit.engine.speculative`, one prompt): the output distribution is unchanged (greedy: the same
+        tokens), and ``self.speculative_stats`` holds the acceptance rate afterwards.
         """
-        params = SamplingParams(max_new_tokens=max_new_tokens, max_length=max_length, temperature=temperature,
-                                top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                                stop=list([stop] if isinstance(stop, str) else stop or []), seed=seed)
+        given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "repetition_penalty": repetition_penalty}
+        params = SamplingParams(max_new_tokens=max_new_tokens, max_length=max_length, seed=seed,
+                                stop=list([stop] if isinstance(stop, str) else stop or []),
+                                **{k: v for k, v in given.items() if v is not None})
         if (prompt is None) == (input_ids is None):
             raise GenerationError("pass exactly one of prompt= (text) or input_ids= (token ids)")
         if input_ids is not None:
@@ -227,8 +232,9 @@ class R1Model:
             if not all(isinstance(p, str) for p in prompt):
                 raise GenerationError("prompt must be a string or a list of strings")
             prompts = [self._encode(p) for p in prompt]
-        if speculative and len(prompts) != 1:
-            raise GenerationError("speculative=True takes one prompt (batch 1), not a list")
+        if speculative and len(prompts) != 1 and not self.use_engine:
+            raise GenerationError("speculative=True on the reference loop (use_engine = False) takes one prompt "
+                                  "(batch 1), not a list")
         pieces = self._stream_rows(prompts, params, speculative=speculative)
         if stream:
             return (piece for _, piece in pieces)
@@ -249,10 +255,10 @@ class R1Model:
         finished = [False] * len(prompts)
         if usage is not None:
             usage.update(prompt_tokens=sum(map(len, prompts)), completion_tokens=0)
-        if speculative:
+        if speculative and not self.use_engine:
             steps = self._speculative_steps(prompts[0], params, sorted(stop_ids))
         elif self.use_engine:
-            steps = self._engine_steps(prompts, params, sorted(stop_ids))
+            steps = self._engine_steps(prompts, params, sorted(stop_ids), speculative)
         else:
             steps = generate_tokens(self.model, prompts, params, sorted(stop_ids))
         for step in steps:
@@ -271,29 +277,38 @@ class R1Model:
             if not finished[row] and (rest := streams[row].flush()):
                 yield row, rest
 
-    def engine(self, min_blocks: int = 1, block_size: int = 16) -> LLMEngine:
+    def engine(self, need_tokens: int = 1, speculative: bool = False) -> LLMEngine:
         """The model's inference engine (continuous batching over a paged KV cache; see r1kit.engine), made on
-        first use and remade larger when a call needs more KV blocks than it has, up to ``kv_cache_bytes``
-        (beyond that the engine queues and preempts requests instead)."""
-        cap = max(1, self.kv_cache_bytes // ModelRunner.bytes_per_block(self.model, block_size))
-        want = min(max(min_blocks, -(-self.config.max_position_embeddings // block_size)), cap)
-        if self._engine is None or self._engine.block_manager.num_blocks < min(min_blocks, cap):
+        first use with ``self.engine_config`` and remade larger when a call needs more KV than it holds, up to
+        the config's ``kv_cache_bytes`` (beyond that the engine queues and preempts requests instead), or when a
+        speculative call needs MTP drafts it has no pools for."""
+        cfg = self.engine_config
+        if speculative and not cfg.num_speculative_tokens:
+            cfg = cfg.replace(num_speculative_tokens=max(1, len(self.model.mtp)))
+        blocks = cfg.kv_blocks(self.model, need_tokens)
+        if (self._engine is None or self._engine.block_manager.num_blocks < blocks
+                or self._engine.config.num_speculative_tokens < cfg.num_speculative_tokens):
             if self._engine is not None and self._engine.has_unfinished():
                 raise GenerationError("another generation is still running on this model (an unfinished stream): "
                                       "finish or close it first")
-            self._engine = LLMEngine(self.model, num_blocks=want, block_size=block_size, stop_ids=self.stop_ids())
+            self._engine = LLMEngine(self.model, cfg, stop_ids=self.stop_ids(), num_blocks=blocks)
         return self._engine
 
-    def _engine_steps(self, prompts: list[list[int]], params: SamplingParams, stop_ids: list[int]
-                      ) -> Iterator[list[int | None]]:
+    def _engine_steps(self, prompts: list[list[int]], params: SamplingParams, stop_ids: list[int],
+                      speculative: bool = False) -> Iterator[list[int | None]]:
         """generate_tokens' contract on the engine: per step, the new token of each row (None: no token this
-        step). Closing the iterator early aborts the unfinished requests and frees their KV blocks."""
-        bs = 16
-        need = sum(-(-(len(p) + params.new_tokens_for(len(p))) // bs) for p in prompts)
-        engine = self.engine(need, bs)
+        step; a speculative engine step that gives a row several tokens is yielded as several steps). Closing
+        the iterator early aborts the unfinished requests and frees their KV blocks."""
+        bs = self.engine_config.block_size
+        need = sum(-(-(len(p) + params.new_tokens_for(len(p))) // bs) * bs for p in prompts)
+        engine = self.engine(need, speculative)
         if engine.has_unfinished():
             raise GenerationError("another generation is still running on this model (an unfinished stream): "
                                   "finish or close it first")
+        params = dataclasses.replace(params, speculative=speculative)
+        if speculative:  # this call's counters
+            engine.spec_stats = self.speculative_stats = SpeculativeStats()
+            engine.spec_stats.track_positions(engine.config.num_speculative_tokens)
         rows = {}
         try:
             for row, prompt in enumerate(prompts):
@@ -301,19 +316,24 @@ class R1Model:
                 engine.add_request(rid, prompt, params)
                 rows[rid] = row
             while engine.has_unfinished():
-                step: list[int | None] = [None] * len(prompts)
+                new: list[list[int]] = [[] for _ in prompts]
                 for out in engine.step():
-                    step[rows[out.request_id]] = out.token
+                    if out.error is not None:
+                        del rows[out.request_id]
+                        raise GenerationError(f"generation failed: {out.error}") from out.error
+                    new[rows[out.request_id]].append(out.token)
                     if out.finished:
                         del rows[out.request_id]
-                yield step
+                for i in range(max(map(len, new))):
+                    yield [tokens[i] if i < len(tokens) else None for tokens in new]
         finally:
             for rid in rows:  # closed early (stop string, consumer gone) or failed: free the KV blocks
                 engine.abort(rid)
 
     def _speculative_steps(self, prompt: list[int], params: SamplingParams, stop_ids: list[int]
                            ) -> Iterator[list[int | None]]:
-        """generate_tokens' contract (one row) on MTP speculative decoding; stats in self.speculative_stats."""
+        """generate_tokens' contract (one row) on the reference MTP speculative loop; stats in
+        self.speculative_stats."""
         self.speculative_stats = SpeculativeStats()
         for chunk in speculative_generate(self.model, prompt, params, stop_ids, stats=self.speculative_stats):
             for token in chunk:
@@ -326,12 +346,12 @@ class R1Model:
         messages: [{"role": "system"|"user"|"assistant", "content": str}, ...]. Sampling keywords (and
         ``speculative``) as generate().
         With stream=True, yields raw text pieces (use r1kit.tokenizer.ReasoningStreamParser to split them).
-        Without a length, up to CHAT_MAX_NEW_TOKENS new tokens (reasoning is long), as far as the context allows.
+        Without a length, up to DEFAULT_MAX_NEW_TOKENS["chat"] (1024) new tokens (reasoning is long), as far as the
+        context allows.
         """
         ids = self._tok(chat=True).encode_chat(list(messages), add_generation_prompt=True, thinking=thinking)
         if sampling.get("max_new_tokens") is None and sampling.get("max_length") is None:  # as much as fits
-            room = self.config.max_position_embeddings - len(ids)
-            sampling["max_new_tokens"] = max(1, min(CHAT_MAX_NEW_TOKENS, room))
+            sampling["max_new_tokens"] = default_max_new_tokens(len(ids), self.config.max_position_embeddings, "chat")
         if stream:
             return self.generate(input_ids=ids, stream=True, **sampling)
         speculative = sampling.pop("speculative", False)

@@ -110,18 +110,26 @@ def test_generate_runs_on_the_engine_like_the_reference_loop(tok, tmp_path):
 
 
 def test_speculative_generate_through_the_api():
-    """generate(speculative=True) drafts with nano's MTP head: greedy text equal to the engine's (fp32, where
-    the arithmetic is exact enough for ties not to flip), acceptance reported; batches are refused."""
+    """generate(speculative=True) drafts with nano's MTP head, on the engine (a batch too) and on the reference
+    loop: greedy text equal to the engine's (fp32, where the arithmetic is exact enough for ties not to flip),
+    acceptance reported; the reference loop refuses batches."""
     model = R1Model.from_pretrained("r1kit/nano", dtype="fp32")
     messages = [{"role": "user", "content": "What is 47+38?"}]
     plain = model.chat(messages, temperature=0, max_new_tokens=48)
-    fast = model.chat(messages, temperature=0, max_new_tokens=48, speculative=True)
-    assert fast == plain
-    stats = model.speculative_stats
-    assert stats.accepted > 0 and 0.5 < stats.acceptance_rate <= 1  # arithmetic traces are easy to draft
-    assert stats.accepted + stats.rounds >= plain.completion_tokens > stats.rounds  # fewer forwards than tokens
+    for use_engine in (True, False):
+        model.use_engine = use_engine
+        fast = model.chat(messages, temperature=0, max_new_tokens=48, speculative=True)
+        assert fast == plain
+        stats = model.speculative_stats
+        assert stats.accepted > 0 and 0.5 < stats.acceptance_rate <= 1  # arithmetic traces are easy to draft
+        # fewer forwards than tokens (the engine samples the first token in the prefill, before any round)
+        assert stats.accepted + stats.rounds + use_engine >= plain.completion_tokens > stats.rounds
     with pytest.raises(GenerationError, match="batch 1"):
         model.generate(prompt=["a", "b"], speculative=True)
+    model.use_engine = True
+    prompts = ["def add(a, b):", "import os"]
+    assert model.generate(prompt=prompts, max_new_tokens=16, temperature=0, speculative=True) == model.generate(
+        prompt=prompts, max_new_tokens=16, temperature=0)
 
 
 def test_real_checkpoint_round_trip_through_api(tok, tmp_path):

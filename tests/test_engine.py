@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r1kit.engine import FinishReason, LLMEngine, ModelRunner, SchedulerError
+from r1kit.engine import FinishReason, LLMEngine, SchedulerError
+from r1kit.engine.config import EngineConfig, bytes_per_block
 from r1kit.generate import GenerationError, SamplingParams, generate_tokens
 from r1kit.model.attention import PagedBatch, attention_mask
 from r1kit.model.transformer import ContextLengthError
@@ -227,12 +228,19 @@ def test_invalid_requests_have_clear_errors(make_model):
     assert not engine.has_unfinished() and engine.block_manager.num_free_blocks == 8
 
 
-def test_pool_sizes_and_num_blocks_for(make_model):
+def test_pool_sizes_follow_engine_config(make_model):
+    per_request = 1024 // 16  # blocks of one full-context request (the presets' context is 1024)
     for name, per_slot in (("tiny-moe", 3 * (32 + 8)), ("tiny-dense", 2 * 2 * 2 * 16)):
         model = make_model(name)
-        assert ModelRunner.bytes_per_block(model, 16) == per_slot * 4 * 16  # fp32
-        engine = LLMEngine(model, memory_bytes=10 * per_slot * 4 * 16 + 5, block_size=16)
-        assert engine.block_manager.num_blocks == 10
+        block = per_slot * 4 * 16  # fp32
+        assert bytes_per_block(model, 16) == block
+        capped = EngineConfig(max_num_seqs=4, kv_cache_bytes=(2 * per_request + 3) * block + 5)
+        engine = LLMEngine(model, capped)
+        assert engine.block_manager.num_blocks == 2 * per_request + 3  # within kv_cache_bytes
         pool_bytes = sum(t.numel() * t.element_size() for layer in engine.runner.kv_pool for t in layer)
-        assert pool_bytes == 10 * per_slot * 4 * 16
-    assert LLMEngine(model, block_size=16).block_manager.num_blocks == 1024 // 16  # one full context
+        assert pool_bytes == (2 * per_request + 3) * block
+    assert LLMEngine(model, max_num_seqs=2).block_manager.num_blocks == 2 * per_request  # max_num_seqs full contexts
+    assert LLMEngine(model, kv_cache_bytes=1).block_manager.num_blocks == per_request  # never below one context
+    assert LLMEngine(model, num_blocks=7).block_manager.num_blocks == 7  # an exact size wins
+    assert EngineConfig().kv_blocks(model, need_tokens=16 * 100) == 100  # one call's need, beyond a context
+    assert EngineConfig().kv_blocks(model, need_tokens=16) == per_request  # grown to a full context

@@ -3,7 +3,9 @@
 The scheduler is driven by `FakeRunner`, a stand-in for the model runner that keeps a simulated paged KV
 cache (slot -> token id): it writes every scheduled token through the block table and samples the next
 token from the context it reads back. A wrong block table, a bad prefix-cache hit or a missed recompute
-therefore changes the output, which is compared with a plain one-request-at-a-time loop.
+therefore changes the output, which is compared with a plain one-request-at-a-time loop. For speculative
+sequences it also drafts (right most of the time), writes the drafts' KV, and verifies them as the model
+runner does: a rejected draft left in a shared or hashed block would change a later request's output.
 """
 
 from __future__ import annotations
@@ -47,8 +49,14 @@ def reference(prompt: list[int], max_new: int, stop_ids: frozenset[int] = frozen
     return out
 
 
-def make_seq(rid: str, prompt, max_new: int = 4) -> Sequence:
-    return Sequence(rid, list(prompt), SamplingParams(max_new_tokens=max_new, temperature=0))
+def make_seq(rid: str, prompt, max_new: int = 4, drafts: int = 0) -> Sequence:
+    return Sequence(rid, list(prompt), SamplingParams(max_new_tokens=max_new, temperature=0),
+                    num_speculative_tokens=drafts)
+
+
+def guess(context: list[int]) -> int:
+    """The fake draft model: the next token, wrong for about a third of the contexts."""
+    return (next_token(context) + (sum(context) % 3 == 0)) % VOCAB
 
 
 def mark_computed(bm: BlockManager, seq: Sequence) -> None:
@@ -60,24 +68,40 @@ def mark_computed(bm: BlockManager, seq: Sequence) -> None:
 class FakeRunner:
     """Writes each step's tokens into a simulated paged KV cache and samples from what it reads back."""
 
-    def __init__(self, bm: BlockManager):
+    def __init__(self, bm: BlockManager, draft=guess):
         self.bm = bm
+        self.draft = draft
         self.kv: dict[int, int] = {}  # slot -> token id
         self.cached_tokens = 0  # prompt tokens served by the prefix cache
+        self.drafted = self.accepted = 0
 
-    def run(self, out: SchedulerOutput) -> list[int]:
+    def run(self, out: SchedulerOutput) -> list[list[int]]:
         for chunk in out.prefills:
             if chunk.start == chunk.seq.num_cached_tokens:  # the first chunk after an admission
                 self.cached_tokens += chunk.start
             self._write(chunk.seq, chunk.start, chunk.token_ids)
-        for seq in out.decodes:
-            self._write(seq, seq.num_tokens - 1, [seq.last_token])
-        tokens = []
-        for seq in out.sample_seqs:
-            context = [self.kv.get(slot) for slot in self.bm.slots(seq, 0, seq.num_tokens)]
-            assert context == seq.all_token_ids, f"{seq.request_id}: the KV cache holds {context}"
-            tokens.append(next_token(context))
-        return tokens
+        drafts: dict[str, list[int]] = {}
+        for seq in out.decodes:  # the last token and the drafts after it
+            ids = seq.all_token_ids
+            for _ in range(seq.num_scheduled_drafts):
+                ids.append(self.draft(ids))
+            drafts[seq.request_id] = ids[seq.num_tokens:]
+            self._write(seq, seq.num_tokens - 1, ids[seq.num_tokens - 1:])
+        return [self._verify(seq, drafts.get(seq.request_id, [])) for seq in out.sample_seqs]
+
+    def _verify(self, seq: Sequence, drafts: list[int]) -> list[int]:
+        """The drafts that equal the next token, then the next token; every context read back from the cache."""
+        new: list[int] = []
+        for j in range(len(drafts) + 1):
+            want = seq.all_token_ids + drafts[:j]
+            context = [self.kv.get(slot) for slot in self.bm.slots(seq, 0, len(want))]
+            assert context == want, f"{seq.request_id}: the KV cache holds {context}"
+            new.append(next_token(context))
+            if j == len(drafts) or drafts[j] != new[-1]:
+                break
+        self.drafted += len(drafts)
+        self.accepted += len(new) - 1
+        return new
 
     def _write(self, seq: Sequence, start: int, token_ids: list[int]) -> None:
         for slot, token in zip(self.bm.slots(seq, start, start + len(token_ids)), token_ids, strict=True):
@@ -106,6 +130,11 @@ def step(sched: Scheduler, runner: FakeRunner) -> SchedulerOutput:
     out = sched.schedule()
     check_step(sched, out)
     sched.postprocess(out.sample_seqs, runner.run(out))
+    bm = sched.block_manager
+    for seq in sched.running:  # rejected drafts rolled back: no slot past the last token, no block beyond it
+        assert seq.num_computed_tokens < seq.num_tokens
+        assert len(seq.block_table) <= bm.blocks_needed(seq.num_tokens), seq.request_id
+        assert all(bm.blocks[b].hash is None for b in seq.block_table[seq.num_computed_tokens // bm.block_size:])
     return out
 
 
@@ -404,8 +433,93 @@ def test_scheduler_errors():
     out = sched.schedule()
     assert chunks(out) == [("a", 0, 4, False)]
     with pytest.raises(SchedulerError, match="'a' was not scheduled to sample"):
-        sched.postprocess([out.prefills[0].seq], [1])
+        sched.postprocess([out.prefills[0].seq], [[1]])
     with pytest.raises(SchedulerError, match="1 sequences but 0 tokens"):
         sched.postprocess([out.prefills[0].seq], [])
     with pytest.raises(SchedulerError, match="max_num_batched_tokens = 2"):
         Scheduler(sched.block_manager, max_num_seqs=4, max_num_batched_tokens=2)
+
+
+# ---------------------------------------------------------------------------------------------------- speculative
+
+
+def test_lookahead_slots_and_rollback_free_only_the_rejected_drafts_blocks():
+    bm = BlockManager(num_blocks=5, block_size=2)
+    seq = make_seq("s", [1, 2, 3], drafts=3)
+    bm.allocate(seq)
+    seq.append_token(4)  # 4 tokens in 2 blocks; a decode computes position 3 and drafts at 4, 5, 6
+    assert bm.can_append(seq, 3) and not bm.can_append(seq, 7)
+    bm.append_slot(seq, 3)
+    assert len(seq.block_table) == 4 and bm.num_free_blocks == 1
+    seq.append_token(9)  # every draft rejected: one new token at position 4
+    seq.num_computed_tokens = 4
+    bm.rollback(seq)
+    assert len(seq.block_table) == 3 and bm.num_free_blocks == 2
+    bm.cache_full_blocks(seq)
+    assert [bm.blocks[b].hash is not None for b in seq.block_table] == [True, True, False]
+    with pytest.raises(BlockManagerError, match="no free KV block for request 's' \\(3 needed, 2 free\\)"):
+        bm.append_slot(seq, 6)
+    bm.free(seq)
+    assert bm.num_free_blocks == 5
+
+
+def test_speculative_sequences_take_no_prefix_hits_but_leave_their_accepted_blocks():
+    bm = BlockManager(num_blocks=12, block_size=4)
+    plain = make_seq("plain", range(9))
+    bm.allocate(plain)
+    mark_computed(bm, plain)
+    spec = make_seq("spec", range(9), drafts=2)
+    bm.allocate(spec)  # its MTP drafter needs the hidden state of every position: no hit
+    assert spec.num_cached_tokens == 0 and not set(spec.block_table) & set(plain.block_table)
+    bm.free(plain)
+    mark_computed(bm, spec)
+    later = make_seq("later", range(9))
+    bm.allocate(later)
+    assert later.num_cached_tokens == 8  # what the speculative sequence wrote serves a plain one
+
+
+def test_drafts_fill_the_budget_and_blocks_left_after_every_decode():
+    sched, runner = make_scheduler(num_blocks=64, block_size=4, max_num_seqs=3, max_num_batched_tokens=6)
+    a, b, c = (make_seq(r, range(i * 10, i * 10 + 3), max_new=20, drafts=3) for i, r in enumerate("abc"))
+    drive(sched, runner, {0: [a], 1: [b], 2: [c]})
+    for seq in (a, b, c):
+        assert seq.output_token_ids == reference(seq.prompt_token_ids, 20)
+    assert 0 < runner.accepted < runner.drafted
+    # three decodes take 3 of the 6 tokens: 3 drafts are left, the oldest sequence's first
+    sched, runner = make_scheduler(num_blocks=64, block_size=4, max_num_seqs=3, max_num_batched_tokens=6)
+    for seq in (make_seq(r, [i + 1], max_new=20, drafts=3) for i, r in enumerate("abc")):
+        sched.add(seq)
+    step(sched, runner)  # three prefills of one token, then decodes with drafts
+    out = sched.schedule()
+    assert [s.num_scheduled_drafts for s in out.decodes] == [3, 0, 0] and out.num_batched_tokens == 6
+    sched.postprocess(out.sample_seqs, runner.run(out))
+    # near the end of its budget a sequence drafts only what it can still emit
+    seq = make_seq("end", [5, 6], max_new=3, drafts=3)
+    assert seq.num_drafts_wanted == 2
+    seq.append_token(1)
+    seq.append_token(2)
+    assert seq.num_drafts_wanted == 0
+
+
+def test_speculative_workload_with_preemption_and_prefix_sharing_matches_one_request_at_a_time():
+    """Speculative and plain requests, a pool so small that requests are preempted (drafts are shed first),
+    prompts that share prefixes with the outputs of speculative ones: rejected drafts never leak into what a
+    later request reads, and every block comes back."""
+    rng = random.Random(3)
+    stop_ids = frozenset({7, 42})
+    sched, runner = make_scheduler(num_blocks=10, block_size=4, max_num_seqs=4, max_num_batched_tokens=12,
+                                   chunk_size=6, stop_ids=stop_ids)
+    seqs, arrivals = [], {}
+    for i in range(14):
+        prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 9))]
+        if i >= 7 and rng.random() < 0.7:  # continue an earlier prompt with its reference output
+            base = rng.choice(seqs[:7])
+            prompt = base.prompt_token_ids + reference(base.prompt_token_ids, 6, stop_ids)[:rng.randint(1, 6)]
+        seqs.append(make_seq(f"r{i}", prompt, max_new=rng.randint(1, 14), drafts=rng.choice([0, 1, 2, 3])))
+        arrivals.setdefault(rng.randrange(10) if i >= 7 else 0, []).append(seqs[-1])
+    outs = drive(sched, runner, arrivals)
+    for s in seqs:
+        assert s.output_token_ids == reference(s.prompt_token_ids, s.max_tokens, stop_ids), s.request_id
+    assert sched.block_manager.num_free_blocks == 10
+    assert any(s.num_speculative_tokens for o in outs for s in o.preempted)
+    assert runner.cached_tokens > 0 and 0 < runner.accepted < runner.drafted

@@ -15,6 +15,11 @@ Freed blocks go back to the free pool but keep their hash and stay findable unti
 out again, like vLLM's evictor: a hit on such a block revives it. The pool hands out, first, blocks that
 cache nothing, then the least recently freed cached ones. A sequence's blocks are freed tail first, so a
 shared prefix outlives the suffixes that hang off it.
+
+Speculative decoding (`r1kit.engine.spec_decode`): a decode step may reserve lookahead slots for draft tokens
+after the last token; ``rollback`` frees the tail blocks that only rejected drafts used. A block is hashed
+only once all its tokens are accepted. A speculative sequence takes no prefix-cache hits: its MTP drafter
+needs the main model's hidden state at every position, so it computes its whole prompt.
 """
 
 from __future__ import annotations
@@ -53,15 +58,17 @@ class BlockManager:
 
     Life of a sequence: ``allocate`` when it is admitted (blocks for all its current tokens, cached
     prefix blocks reused), ``append_slot`` before each decode step (a new block when the token to compute
-    starts one), ``cache_full_blocks`` after each step (its full, written blocks become findable), ``free``
-    when it finishes or is preempted.
+    starts one, or its drafts need one), ``rollback`` and ``cache_full_blocks`` after each step (rejected
+    drafts' blocks freed; its full, written blocks become findable), ``free`` when it finishes or is
+    preempted.
     """
 
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         if num_blocks < 1 or block_size < 1:
             raise BlockManagerError(f"num_blocks = {num_blocks}, block_size = {block_size}: both must be >= 1")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching  # False: no block is ever found by its prefix
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # first out = first in line
         self._cached: dict[bytes, int] = {}  # hash -> block id holding that prefix's KV (in use or free)
@@ -107,19 +114,30 @@ class BlockManager:
         seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
         self._num_hashed[seq.request_id] = len(hits)
 
-    def can_append(self, seq: Sequence) -> bool:
-        """Whether append_slot(seq) would succeed now."""
+    def can_append(self, seq: Sequence, lookahead: int = 0) -> bool:
+        """Whether append_slot(seq, lookahead) would succeed now."""
         self._check_allocated(seq, "can_append")
-        return not self._needs_block(seq) or self.num_free_blocks > 0
+        return self._blocks_missing(seq, lookahead) <= self.num_free_blocks
 
-    def append_slot(self, seq: Sequence) -> None:
-        """Make room for seq's last token (the one the next decode step computes): a new block when it
-        starts one."""
+    def append_slot(self, seq: Sequence, lookahead: int = 0) -> None:
+        """Make room for seq's last token (the one the next decode step computes) and ``lookahead`` draft tokens
+        after it: new blocks where they start ones."""
         self._check_allocated(seq, "append_slot")
-        if self._needs_block(seq):
-            if not self._free:
-                raise BlockManagerError(f"append_slot: no free KV block for request {seq.request_id!r}")
-            seq.block_table.append(self._take_fresh())
+        missing = self._blocks_missing(seq, lookahead)
+        if missing > self.num_free_blocks:
+            raise BlockManagerError(f"append_slot: no free KV block for request {seq.request_id!r} ({missing} "
+                                    f"needed, {self.num_free_blocks} free)")
+        seq.block_table += [self._take_fresh() for _ in range(missing)]
+
+    def rollback(self, seq: Sequence) -> None:
+        """Free seq's tail blocks that hold none of its tokens: after a speculative step, the blocks only its
+        rejected drafts used (never hashed: they hold no accepted token). They are handed out first."""
+        self._check_allocated(seq, "rollback")
+        while len(seq.block_table) > self.blocks_needed(seq.num_tokens):
+            block_id = seq.block_table.pop()
+            self.blocks[block_id].ref_count -= 1
+            self._free[block_id] = None
+            self._free.move_to_end(block_id, last=False)
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Hash seq's full blocks whose KV is written (all their tokens below num_computed_tokens) and make
@@ -138,7 +156,8 @@ class BlockManager:
         for i in range(done, full):
             block = self.blocks[seq.block_table[i]]
             block.hash = hash_block(parent, tokens[i * bs:(i + 1) * bs])
-            self._cached.setdefault(block.hash, block.block_id)
+            if self.enable_prefix_caching:
+                self._cached.setdefault(block.hash, block.block_id)
             parent = block.hash
         self._num_hashed[seq.request_id] = full
 
@@ -157,9 +176,12 @@ class BlockManager:
 
     # ------------------------------------------------------------------------------------------ internals
     def _prefix_hits(self, seq: Sequence) -> list[int]:
-        """Cached block ids for seq's leading full blocks, up to the first miss, never the last token's block."""
+        """Cached block ids for seq's leading full blocks, up to the first miss, never the last token's block;
+        none for a speculative sequence (it computes every position, see the module doc)."""
         bs, tokens = self.block_size, seq.all_token_ids
         hits: list[int] = []
+        if seq.num_speculative_tokens:
+            return hits
         parent = None
         for i in range((len(tokens) - 1) // bs):
             parent = hash_block(parent, tokens[i * bs:(i + 1) * bs])
@@ -174,8 +196,9 @@ class BlockManager:
         revived = sum(1 for b in hits if self.blocks[b].ref_count == 0)  # cached but free: they leave the pool
         return self.blocks_needed(seq.num_tokens) - len(hits) + revived - self.num_free_blocks
 
-    def _needs_block(self, seq: Sequence) -> bool:
-        return seq.num_tokens > len(seq.block_table) * self.block_size
+    def _blocks_missing(self, seq: Sequence, lookahead: int) -> int:
+        """New blocks seq needs to hold its tokens and lookahead more."""
+        return max(0, self.blocks_needed(seq.num_tokens + lookahead) - len(seq.block_table))
 
     def _is_cached(self, block: Block) -> bool:
         return block.hash is not None and self._cached.get(block.hash) == block.block_id

@@ -1,6 +1,6 @@
 """The engine: requests in, tokens out, with continuous batching over a paged KV cache.
 
-    engine = LLMEngine(model, num_blocks=256, block_size=16, stop_ids=[eos])
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=8), stop_ids=[eos])   # or LLMEngine(model, num_blocks=256)
     engine.add_request("a", prompt_ids, SamplingParams(max_new_tokens=64, temperature=0))
     while engine.has_unfinished():
         for request_id, token, finished, reason in engine.step():
@@ -10,6 +10,13 @@
 Each `step()` is one scheduler step (see `r1kit.engine.scheduler`): a request added between two steps joins
 the next one, prompts are prefilled in chunks beside running decodes, full prompt blocks are shared through
 the prefix cache, and when blocks run out the newest request is preempted and later recomputed.
+
+One request's failure is its own: when sampling fails for a request (e.g. non-finite logits), that request
+ends with finish reason ``error`` and its ``StepOutput.error``; the others in the batch carry on.
+
+Speculative decoding (``EngineConfig.num_speculative_tokens`` > 0, per request ``SamplingParams.speculative``;
+see `r1kit.engine.spec_decode`): a step may give a request several tokens, one `StepOutput` each, in order.
+``engine.spec_stats`` counts drafted and accepted tokens over all speculative requests.
 """
 
 from __future__ import annotations
@@ -17,57 +24,61 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 from collections.abc import Sequence as Seq
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+from r1kit.engine.config import EngineConfig
 from r1kit.engine.model_runner import ModelRunner
-from r1kit.engine.scheduler import Scheduler
+from r1kit.engine.scheduler import Scheduler, SchedulerOutput
 from r1kit.engine.sequence import FinishReason, Sequence
-from r1kit.generate import GenerationError, SamplingParams
-from r1kit.model.transformer import ContextLengthError, Transformer
+from r1kit.engine.speculative import SpeculativeStats
+from r1kit.generate import GenerationError, SamplingParams, check_budget, check_prompt
+from r1kit.model.transformer import Transformer
 
 
 class StepOutput(NamedTuple):
-    """One new token of one request; finish_reason is set on the request's last token."""
+    """One new token of one request (a speculative step may give a request several, in order); finish_reason is
+    set on the request's last token. A request that failed this step has token None, finish_reason ERROR and
+    the exception in ``error``."""
 
     request_id: str
-    token: int
+    token: int | None
     finished: bool
     finish_reason: FinishReason | None
+    error: BaseException | None = None
 
 
 class LLMEngine:
     """Continuous-batching inference over a paged KV cache (see the module doc).
 
-    ``num_blocks`` KV blocks of ``block_size`` token slots per layer; None: ``memory_bytes`` worth of KV
-    pool when given, else enough blocks for one request of the model's full context. ``max_num_seqs``
-    caps the running batch, ``max_num_batched_tokens`` the tokens of one step, ``chunk_size`` one prompt's
-    tokens per step (None: only the step budget). ``stop_ids`` end a request (the stop id is output).
+    ``config`` holds every engine setting (see `EngineConfig`: block size, KV pool size, batch limits, chunked
+    prefill, prefix caching, speculative drafts); keyword ``settings`` override its fields
+    (``LLMEngine(model, num_blocks=64)``). ``stop_ids`` end a request (the stop id is output).
     """
 
-    def __init__(self, model: Transformer, num_blocks: int | None = None, block_size: int = 16,
-                 max_num_seqs: int = 32, max_num_batched_tokens: int = 2048, chunk_size: int | None = None,
-                 stop_ids: Iterable[int] = (), memory_bytes: int | None = None):
+    def __init__(self, model: Transformer, config: EngineConfig | None = None, *, stop_ids: Iterable[int] = (),
+                 **settings: Any):
+        self.config = (config or EngineConfig()).replace(**settings)
         self.model = model
         self.context_length = model.config.max_position_embeddings
-        if num_blocks is None:
-            if memory_bytes is not None:
-                num_blocks = ModelRunner.num_blocks_for(model, memory_bytes, block_size)
-            else:
-                num_blocks = -(-self.context_length // block_size)
-        self.runner = ModelRunner(model, num_blocks, block_size)
-        self.scheduler = Scheduler(self.runner.block_manager, max_num_seqs=max_num_seqs,
-                                   max_num_batched_tokens=max_num_batched_tokens, chunk_size=chunk_size,
+        cfg = self.config
+        self.runner = ModelRunner(model, cfg.kv_blocks(model), cfg.block_size, cfg.enable_prefix_caching,
+                                  cfg.num_speculative_tokens)
+        self.scheduler = Scheduler(self.runner.block_manager, max_num_seqs=cfg.max_num_seqs,
+                                   max_num_batched_tokens=cfg.max_num_batched_tokens, chunk_size=cfg.chunk_size,
                                    stop_ids=stop_ids)
         self.block_manager = self.runner.block_manager
         self.num_steps = 0
         self.num_preemptions = 0
+        self.spec_stats = SpeculativeStats()  # speculative requests: tokens, verify rounds, drafted, accepted
+        self.spec_stats.track_positions(cfg.num_speculative_tokens)
         self._ids = itertools.count()
 
     # ------------------------------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt_ids: Seq[int], params: SamplingParams | None = None) -> None:
         """Queue a request; it joins the next step. Raises GenerationError for a bad request,
         ContextLengthError when prompt + token budget exceed the model's context, SchedulerError for a
-        duplicate id or a request larger than the whole KV cache."""
+        duplicate id or a request larger than the whole KV cache; GenerationError for ``speculative=True`` on
+        an engine without speculative decoding."""
         if not isinstance(request_id, str) or not request_id:
             raise GenerationError(f"request id {request_id!r}: must be a non-empty str")
         params = SamplingParams() if params is None else params
@@ -75,19 +86,10 @@ class LLMEngine:
             raise GenerationError(f"request {request_id!r}: params must be a SamplingParams, "
                                   f"not {type(params).__name__}")
         params.validate()
-        prompt = list(prompt_ids)
-        vocab = self.model.config.vocab_size
-        for i, t in enumerate(prompt):
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise GenerationError(f"request {request_id!r}: prompt token {i} = {t!r} is not a token id "
-                                      f"in [0, {vocab})")
-        seq = Sequence(request_id, prompt, params)  # empty prompt, max_length too short: GenerationError
-        need = len(prompt) + seq.max_tokens
-        if need > self.context_length:
-            raise ContextLengthError(f"request {request_id!r}: {len(prompt)} prompt tokens + {seq.max_tokens} new "
-                                     f"tokens = {need} exceeds the model's context of {self.context_length} "
-                                     f"tokens; shorten the prompt or generate fewer tokens")
-        self.scheduler.add(seq)
+        prompt = check_prompt(prompt_ids, self.model.config.vocab_size, request_id)
+        check_budget(len(prompt), params, self.context_length, request_id)
+        drafts = self.config.drafts_for(params, request_id)
+        self.scheduler.add(Sequence(request_id, prompt, params, num_speculative_tokens=drafts))
 
     def abort(self, request_id: str) -> list[int]:
         """Stop a waiting or running request and free its KV blocks; returns the tokens it generated so far.
@@ -101,17 +103,48 @@ class LLMEngine:
 
     # ------------------------------------------------------------------------------------------ stepping
     def step(self) -> list[StepOutput]:
-        """Run one scheduler step on the model; returns the new token of every request that got one."""
+        """Run one scheduler step on the model; returns the new tokens of every request that got some (and the
+        requests whose sampling failed, finished with reason ERROR)."""
         out = self.scheduler.schedule()
         self.num_steps += 1
         self.num_preemptions += len(out.preempted)
         seqs = out.sample_seqs
-        tokens = self.runner.run(out)
-        self.scheduler.postprocess(seqs, tokens)
-        results = [StepOutput(seq.request_id, token, seq.is_finished, seq.finish_reason)
-                   for seq, token in zip(seqs, tokens, strict=True)]
+        tokens, errors = self.runner.run(out)
+        failed = [self._fail(seq, errors[i]) for i, seq in enumerate(seqs) if i in errors]
+        ok = [(seq, new) for i, (seq, new) in enumerate(zip(seqs, tokens, strict=True)) if i not in errors]
+        self._count_speculative(out, ok)
+        before = [seq.num_output_tokens for seq, _ in ok]
+        self.scheduler.postprocess([seq for seq, _ in ok], [new for _, new in ok])
+        results = [r for (seq, _), n in zip(ok, before, strict=True) for r in self._outputs(seq, n)]
         self.runner.release(r.request_id for r in results if r.finished)
-        return results
+        return results + failed
+
+    def _outputs(self, seq: Sequence, first: int) -> list[StepOutput]:
+        """One StepOutput per token seq got this step (its outputs from index ``first``); the last one carries
+        the finish."""
+        outs = [StepOutput(seq.request_id, token, False, None) for token in seq.output_token_ids[first:]]
+        if outs:
+            outs[-1] = outs[-1]._replace(finished=seq.is_finished, finish_reason=seq.finish_reason)
+        if seq.num_speculative_tokens:
+            self.spec_stats.tokens += len(outs)
+        return outs
+
+    def _count_speculative(self, out: SchedulerOutput, ok: list[tuple[Sequence, list[int]]]) -> None:
+        """Count the main-model forwards, drafted and accepted tokens of the step's speculative requests (before
+        postprocess, while a decode's computed tokens still count its drafts)."""
+        stats = self.spec_stats
+        stats.target_forwards += sum(1 for chunk in out.prefills if chunk.seq.num_speculative_tokens)
+        decoding = {id(seq) for seq in out.decodes}
+        for seq, new in ok:
+            if seq.num_speculative_tokens and id(seq) in decoding:
+                stats.record_round(seq.num_scheduled_drafts, len(new) - 1)
+
+    def _fail(self, seq: Sequence, error: BaseException) -> StepOutput:
+        """End a request whose sampling failed: free its KV blocks, report the error as its last output."""
+        self.scheduler.abort(seq.request_id)
+        self.runner.release([seq.request_id])
+        seq.finish(FinishReason.ERROR)
+        return StepOutput(seq.request_id, None, True, FinishReason.ERROR, error)
 
     def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None
                  ) -> list[list[int]]:
@@ -137,5 +170,10 @@ class LLMEngine:
         outputs: dict[str, list[int]] = {rid: [] for rid in rids}
         while self.has_unfinished():
             for r in self.step():
+                if r.error is not None:
+                    for rid in rids:
+                        if self.scheduler.is_unfinished(rid):
+                            self.abort(rid)
+                    raise GenerationError(f"generate: request {r.request_id!r} failed: {r.error}") from r.error
                 outputs[r.request_id].append(r.token)
         return [outputs[rid] for rid in rids]

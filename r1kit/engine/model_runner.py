@@ -1,15 +1,21 @@
 """The tensor side of the engine: the paged KV pools, one model step per `SchedulerOutput`, and sampling.
 
-``tokens = runner.run(scheduler.schedule())`` packs the step's prefill chunks and decodes into one flat batch
+``tokens, errors = runner.run(scheduler.schedule())`` packs the step's prefill chunks and decodes into one flat batch
 (prefills first, then decodes, the order of ``SchedulerOutput.sample_seqs``), runs
 `Transformer.forward_paged` over the paged KV pools, and samples one token per sampling sequence with
 `r1kit.generate.sample` and that request's own `SamplingParams`. A request with a seed has its own
 `torch.Generator`, kept across steps (and across preemption) until `release`: its draws do not depend on
-which other requests share the batch.
+which other requests share the batch. When sampling a group of rows fails, its rows are sampled one by one so
+that only the request at fault fails (`run` returns its error beside the tokens).
+
+With ``num_speculative_tokens`` > 0 the runner also owns the MTP drafter's paged pools (`r1kit.engine.spec_decode`):
+before the forward the speculative decodes draft, in the forward each verifies its drafts as extra rows, and
+after it each gets its accepted drafts and one more token, so `run` returns a list of tokens per sequence.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 
 import torch
@@ -17,6 +23,8 @@ import torch
 from r1kit.engine.block_manager import BlockManager
 from r1kit.engine.scheduler import SchedulerOutput
 from r1kit.engine.sequence import Sequence
+from r1kit.engine.spec_decode import PagedDrafter, accept, query_contexts
+from r1kit.engine.speculative import _DraftPicker
 from r1kit.generate import SamplingParams, sample
 from r1kit.model.attention import PagedBatch
 from r1kit.model.transformer import Transformer
@@ -31,37 +39,33 @@ def _sampler_key(params: SamplingParams) -> tuple:
 
 class ModelRunner:
     """Owns the model's paged KV pools (``num_blocks * block_size`` slots per layer, the model's dtype and
-    device) and the `BlockManager` that hands out their blocks; runs one scheduler step at a time."""
+    device) and the `BlockManager` that hands out their blocks; runs one scheduler step at a time.
+    ``num_speculative_tokens`` > 0: also the MTP drafter of speculative requests, with a pool per draft."""
 
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int):
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 num_speculative_tokens: int = 0):
         self.model = model
-        self.block_manager = BlockManager(num_blocks, block_size)  # validates the sizes
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)  # validates the sizes
         self.num_blocks, self.block_size = num_blocks, block_size
         self.device = model.embed_tokens.weight.device
         self.vocab_size = model.config.vocab_size
         self.kv_pool = model.new_paged_cache(num_blocks * block_size)
+        self.drafter = (PagedDrafter(model, num_speculative_tokens, num_blocks * block_size, block_size)
+                        if num_speculative_tokens else None)
         self._generators: dict[str, torch.Generator] = {}  # request id -> its seeded generator
 
-    @staticmethod
-    def bytes_per_block(model: Transformer, block_size: int) -> int:
-        """KV pool bytes one block takes over all layers."""
-        pools = model.new_paged_cache(block_size, device="meta")
-        return sum(t.numel() * t.element_size() for layer in pools for t in layer)
-
-    @classmethod
-    def num_blocks_for(cls, model: Transformer, memory_bytes: int, block_size: int = 16) -> int:
-        """How many blocks of block_size slots fit in memory_bytes of KV pool."""
-        return memory_bytes // cls.bytes_per_block(model, block_size)
-
     def release(self, request_ids: Iterable[str]) -> None:
-        """Forget the sampling state of finished or aborted requests."""
+        """Forget the sampling (and drafting) state of finished or aborted requests."""
         for rid in request_ids:
             self._generators.pop(rid, None)
+            if self.drafter is not None:
+                self.drafter.release(rid)
 
     # ------------------------------------------------------------------------------------------ one step
-    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, PagedBatch]:
+    def prepare(self, out: SchedulerOutput, drafts: list[list[int]] | None = None) -> tuple[torch.Tensor, PagedBatch]:
         """The step's flat token ids (N,) and its PagedBatch (logits rows: the last token of each sampling
-        sequence, in ``out.sample_seqs`` order)."""
+        sequence, in ``out.sample_seqs`` order; a decode that verifies drafts, ``drafts[i]`` for
+        ``out.decodes[i]``, has a row for its last token and one per draft)."""
         ids: list[int] = []
         contexts: list[tuple[list[int], int, int]] = []  # (block table, context length, new tokens)
         sample_rows: list[int] = []
@@ -70,43 +74,126 @@ class ModelRunner:
             contexts.append((chunk.seq.block_table, chunk.start + chunk.length, chunk.length))
             if chunk.sample:
                 sample_rows.append(len(ids) - 1)
-        for seq in out.decodes:  # computes position num_tokens - 1
-            ids.append(seq.last_token)
-            contexts.append((seq.block_table, seq.num_tokens, 1))
-            sample_rows.append(len(ids) - 1)
+        for i, seq in enumerate(out.decodes):  # computes position num_tokens - 1 (and the drafts after it)
+            extra = drafts[i] if drafts else []
+            ids += [seq.last_token, *extra]
+            contexts += query_contexts(seq.block_table, seq.num_tokens + len(extra), 1 + len(extra))
+            sample_rows += range(len(ids) - 1 - len(extra), len(ids))
         batch = PagedBatch.build(contexts, self.block_size, self.device, sample_rows)
         return torch.tensor(ids, dtype=torch.long, device=self.device), batch
 
     @torch.inference_mode()
-    def run(self, out: SchedulerOutput) -> list[int]:
-        """Compute the step's tokens (writing their KV) and return one sampled token per out.sample_seqs."""
+    def run(self, out: SchedulerOutput) -> tuple[list[list[int]], dict[int, Exception]]:
+        """Compute the step's tokens (writing their KV); returns the new tokens of each of out.sample_seqs (one
+        sampled token, or for a speculative decode its accepted drafts and one more) and {row: error} for the
+        sequences whose sampling or drafting failed (their tokens are meaningless)."""
         if out.is_empty:
-            return []
-        ids, batch = self.prepare(out)
-        logits = self.model.forward_paged(ids, batch, self.kv_pool)  # (M, V)
-        seqs = out.sample_seqs
-        if not seqs:
-            return []
-        return self.sample(logits, seqs)
+            return [], {}
+        drafts, pickers, errors = self._draft(out)
+        ids, batch = self.prepare(out, drafts)
+        logits, hidden = self.model.forward_paged(ids, batch, self.kv_pool, return_hidden=True)  # (M, V), (N, C)
+        tokens = self._sample_and_verify(logits, out, drafts, pickers, errors)
+        if self.drafter is not None:
+            self._carry_hidden(out, hidden, drafts, tokens, errors)
+        return tokens, errors
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    # ------------------------------------------------------------------------------------------ speculative
+    def _draft(self, out: SchedulerOutput) -> tuple[list[list[int]], dict[int, _DraftPicker], dict[int, Exception]]:
+        """MTP drafts for the speculative decodes that will decode again; returns per decode the drafts its step
+        verifies, {decode index: its draft picker} and {sample row: error} for the failed drafts."""
+        drafts: list[list[int]] = [[] for _ in out.decodes]
+        if self.drafter is None:
+            return drafts, {}, {}
+        index = [i for i, seq in enumerate(out.decodes) if seq.num_drafts_wanted]
+        pickers = {i: _DraftPicker(out.decodes[i].params, self._seen(out.decodes[i]), self._generator(out.decodes[i]))
+                   for i in index}
+        drafted, failed = self.drafter.propose([out.decodes[i] for i in index], [pickers[i] for i in index])
+        for i, d in zip(index, drafted, strict=True):
+            drafts[i] = d[:out.decodes[i].num_scheduled_drafts]
+        first_decode_row = len(out.sample_seqs) - len(out.decodes)
+        return drafts, pickers, {first_decode_row + index[b]: e for b, e in failed.items()}
+
+    def _sample_and_verify(self, logits: torch.Tensor, out: SchedulerOutput, drafts: list[list[int]],
+                           pickers: dict[int, _DraftPicker], errors: dict[int, Exception]) -> list[list[int]]:
+        """Each sample row's tokens from its logits rows: one sampled token, or a speculative decode's verified
+        drafts and one more. Errors are added to ``errors`` by sample row."""
+        seqs = out.sample_seqs
+        first_decode_row = len(seqs) - len(out.decodes)
+        counts = [1] * first_decode_row + [1 + len(d) for d in drafts]
+        firsts = [0, *itertools.accumulate(counts)][:-1]  # each sample row's first logits row
+        plain = [r for r in range(len(seqs)) if r - first_decode_row not in pickers]
+        tokens: list[list[int]] = [[] for _ in seqs]
+        if plain:
+            rows = torch.tensor([firsts[r] for r in plain], dtype=torch.long, device=logits.device)
+            sampled, failed = self.sample(logits.index_select(0, rows), [seqs[r] for r in plain])
+            errors.update({plain[i]: e for i, e in failed.items()})
+            for r, token in zip(plain, sampled, strict=True):
+                tokens[r] = [token]
+        for i, picker in pickers.items():
+            r = first_decode_row + i
+            if r in errors:
+                continue
+            try:
+                tokens[r] = accept(logits[firsts[r]:firsts[r] + counts[r]], drafts[i], picker, seqs[r],
+                                   self._generator(seqs[r]))
+            except Exception as e:  # noqa: BLE001 - the request at fault fails, the others go on
+                errors[r] = e
+        return tokens
+
+    def _carry_hidden(self, out: SchedulerOutput, hidden: torch.Tensor, drafts: list[list[int]],
+                      tokens: list[list[int]], errors: dict[int, Exception]) -> None:
+        """Hand the drafter the main model's hidden states of the speculative sequences' accepted positions:
+        every prefill chunk row, and a decode's rows up to its last accepted draft."""
+        row = 0
+        for chunk in out.prefills:
+            if chunk.seq.num_speculative_tokens:
+                self.drafter.add_hidden(chunk.seq, hidden[row:row + chunk.length], first=chunk.start == 0)
+            row += chunk.length
+        first_decode_row = len(out.sample_seqs) - len(out.decodes)
+        for i, seq in enumerate(out.decodes):
+            r = first_decode_row + i
+            if seq.num_drafts_wanted and r not in errors:
+                self.drafter.add_hidden(seq, hidden[row:row + len(tokens[r])], first=False)
+            row += 1 + len(drafts[i])
+
+    def _seen(self, seq: Sequence) -> torch.Tensor | None:
+        """(1, V) bool: the tokens of seq, for the repetition penalty (None without one)."""
+        if seq.params.repetition_penalty == 1.0:
+            return None
+        seen = torch.zeros(1, self.vocab_size, dtype=torch.bool, device=self.device)
+        seen[0, torch.tensor(seq.all_token_ids, device=self.device)] = True
+        return seen
+
+    # ------------------------------------------------------------------------------------------ sampling
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], dict[int, Exception]]:
         """One token per row of logits (M, V) for seqs[row], with each sequence's params; rows with equal
-        params and no seed are sampled together, seeded ones each with their own generator."""
-        tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+        params and no seed are sampled together, seeded ones each with their own generator. A group that fails
+        is sampled again row by row: only the rows that fail alone are reported, as {row: error}."""
+        tokens = torch.zeros(len(seqs), dtype=torch.long, device=logits.device)
         groups: dict[tuple, list[int]] = {}
         for row, seq in enumerate(seqs):
             key = ("seed", row) if seq.params.seed is not None and seq.params.temperature != 0 else None
             groups.setdefault(key or _sampler_key(seq.params), []).append(row)
+        errors: dict[int, Exception] = {}
         for rows in groups.values():
-            params = seqs[rows[0]].params
-            index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-            seen = None
-            if params.repetition_penalty != 1.0:
-                seen = torch.zeros(len(rows), self.vocab_size, dtype=torch.bool, device=logits.device)
-                for i, row in enumerate(rows):
-                    seen[i, torch.tensor(seqs[row].all_token_ids, device=logits.device)] = True
-            tokens[index] = sample(logits.index_select(0, index), params, seen, self._generator(seqs[rows[0]]))
-        return tokens.tolist()  # the one host transfer per step
+            try:
+                self._sample_rows(logits, seqs, rows, tokens)
+            except Exception:  # noqa: BLE001 - find the request at fault, the others go on
+                for row in rows:
+                    try:
+                        self._sample_rows(logits, seqs, [row], tokens)
+                    except Exception as e:  # noqa: BLE001
+                        errors[row] = e
+        return tokens.tolist(), errors  # the one host transfer per step
+
+    def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int], tokens: torch.Tensor
+                     ) -> None:
+        """Sample rows (sharing one SamplingParams) into tokens[rows]."""
+        params = seqs[rows[0]].params
+        index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+        seen = torch.cat([self._seen(seqs[row]) for row in rows]) if params.repetition_penalty != 1.0 else None
+        tokens[index] = sample(logits.index_select(0, index), params, seen, self._generator(seqs[rows[0]]))
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.seed is None or seq.params.temperature == 0:

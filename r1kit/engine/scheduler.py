@@ -3,7 +3,7 @@
 One engine step is::
 
     out = scheduler.schedule()                        # what to compute: prefill chunks and decodes
-    tokens = runner.run(out)                          # one sampled token per out.sample_seqs (model runner)
+    tokens, _ = runner.run(out)                       # the new tokens of each of out.sample_seqs (model runner)
     finished = scheduler.postprocess(out.sample_seqs, tokens)
 
 Each step spends at most ``max_num_batched_tokens`` tokens, in this order (stall-free batching, as in
@@ -12,13 +12,19 @@ Sarathi-Serve and vLLM): one token for every decoding sequence, then the next pr
 first come first served, while the running batch has fewer than ``max_num_seqs`` sequences and the
 block manager has room. A request added between two steps therefore joins the very next step.
 
+A speculative sequence's decode also computes its MTP drafts (`r1kit.engine.spec_decode`): once every decode
+has its own slot, each one, oldest first, gets slots for up to ``num_drafts_wanted`` drafts from the step
+budget and the free blocks left; a decode verifies fewer drafts rather than preempt anything.
+
 When a decoding sequence needs a new KV block and none is free, the most recently arrived running
 sequence is preempted: its blocks are freed and it goes back to the front of the waiting queue, to be
 recomputed (prompt and outputs so far, largely from the prefix cache when its blocks were not reused
 meanwhile) once there is room. No new request is admitted in a step that preempted.
 
 The scheduler advances ``num_computed_tokens`` when it schedules tokens; ``postprocess`` runs after the
-model has written their KV, so that is when the newly full blocks enter the prefix cache.
+model has written their KV: it appends the new tokens (several for a speculative decode: the accepted drafts
+and one more), rolls the rejected drafts back (``num_computed_tokens`` to ``num_tokens - 1``, their blocks
+freed) and only then lets the newly full blocks enter the prefix cache, so no unverified token is ever hashed.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from r1kit.engine.block_manager import BlockManager
+from r1kit.engine.config import EngineConfig, EngineConfigError
 from r1kit.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 
@@ -61,7 +68,9 @@ class SchedulerOutput:
 
     @property
     def num_batched_tokens(self) -> int:
-        return sum(chunk.length for chunk in self.prefills) + len(self.decodes)
+        """Tokens this step computes (until postprocess: the decodes' drafts are counted from their sequences)."""
+        return (sum(chunk.length for chunk in self.prefills) + len(self.decodes)
+                + sum(seq.num_scheduled_drafts for seq in self.decodes))
 
     @property
     def sample_seqs(self) -> list[Sequence]:
@@ -81,15 +90,14 @@ class Scheduler:
     unique among unfinished requests.
     """
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 256, max_num_batched_tokens: int = 4096,
-                 chunk_size: int | None = None, stop_ids: Iterable[int] = ()):
-        if max_num_seqs < 1:
-            raise SchedulerError(f"max_num_seqs = {max_num_seqs}: must be >= 1")
-        if max_num_batched_tokens < max_num_seqs:
-            raise SchedulerError(f"max_num_batched_tokens = {max_num_batched_tokens}: must be >= max_num_seqs "
-                                 f"({max_num_seqs}), so that every running sequence can decode each step")
-        if chunk_size is not None and chunk_size < 1:
-            raise SchedulerError(f"chunk_size = {chunk_size}: must be >= 1 (or None)")
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int = EngineConfig.max_num_seqs,
+                 max_num_batched_tokens: int = EngineConfig.max_num_batched_tokens, chunk_size: int | None = None,
+                 stop_ids: Iterable[int] = ()):
+        try:  # the limits' rules live in EngineConfig
+            EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                         chunk_size=chunk_size)
+        except EngineConfigError as e:
+            raise SchedulerError(str(e)) from None
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -130,11 +138,16 @@ class Scheduler:
         """Whether any request is waiting or running."""
         return bool(self.waiting or self.running)
 
+    def is_unfinished(self, request_id: str) -> bool:
+        """Whether this request is waiting or running."""
+        return request_id in self._requests
+
     def schedule(self) -> SchedulerOutput:
         """Pick this step's decodes and prefill chunks (and preempt when KV blocks run out)."""
         out = SchedulerOutput()
         self._schedule_decodes(out)
         budget = self.max_num_batched_tokens - len(out.decodes)
+        budget -= self._schedule_drafts(out, budget)
         for seq in self.running:
             if budget == 0:
                 break
@@ -151,33 +164,23 @@ class Scheduler:
             budget -= self._schedule_chunk(seq, budget, out)
         return out
 
-    def postprocess(self, seqs: list[Sequence], new_tokens: list[int]) -> list[Sequence]:
-        """Record the step's sampled tokens (new_tokens[i] for seqs[i]); returns the sequences that finished.
+    def postprocess(self, seqs: list[Sequence], new_tokens: list[list[int]]) -> list[Sequence]:
+        """Record the step's tokens (new_tokens[i]: the tokens seqs[i] got, one, or for a speculative decode its
+        accepted drafts and one more); returns the sequences that finished.
 
         Call after the model ran the step from ``schedule()``, with its ``sample_seqs``. A sequence finishes
-        on a stop id or when it has ``max_tokens`` outputs; its blocks are freed. Tokens of sequences
-        aborted while the step ran are dropped.
+        on a stop id (the tokens after it are dropped) or when it has ``max_tokens`` outputs; its blocks are
+        freed. Tokens of sequences aborted while the step ran are dropped.
         """
         if len(seqs) != len(new_tokens):
             raise SchedulerError(f"postprocess: {len(seqs)} sequences but {len(new_tokens)} tokens")
-        for seq in self.running:  # the step wrote their KV: full blocks can now be shared
+        finished = [seq for seq, tokens in zip(seqs, new_tokens, strict=True)
+                    if not seq.is_finished and self._append(seq, tokens)]
+        for seq in self.running:  # the step wrote their KV: full blocks of accepted tokens can now be shared
             self.block_manager.cache_full_blocks(seq)
-        finished = []
-        for seq, token in zip(seqs, new_tokens, strict=True):
-            if seq.is_finished:
-                continue
-            if seq.status is not SequenceStatus.RUNNING or seq.num_computed_tokens != seq.num_tokens:
-                raise SchedulerError(f"postprocess: request {seq.request_id!r} was not scheduled to sample a token")
-            seq.append_token(token)
-            if token in self.stop_ids:
-                seq.finish(FinishReason.STOP)
-            elif seq.num_output_tokens >= seq.max_tokens:
-                seq.finish(FinishReason.LENGTH)
-            else:
-                continue
+        for seq in finished:
             self.block_manager.free(seq)
             del self._requests[seq.request_id]
-            finished.append(seq)
         if finished:
             self.running = [seq for seq in self.running if not seq.is_finished]
         return finished
@@ -200,6 +203,40 @@ class Scheduler:
             self.block_manager.append_slot(seq)
             seq.num_computed_tokens += 1
             out.decodes.append(seq)
+
+    def _schedule_drafts(self, out: SchedulerOutput, budget: int) -> int:
+        """Slots for the speculative decodes' drafts, oldest first, within budget and the free blocks; returns
+        the tokens they add to the step."""
+        used = 0
+        for seq in out.decodes:
+            n = min(seq.num_drafts_wanted, budget - used)
+            while n and not self.block_manager.can_append(seq, n):
+                n -= 1
+            if n:
+                self.block_manager.append_slot(seq, n)
+                seq.num_computed_tokens += n
+                used += n
+        return used
+
+    def _append(self, seq: Sequence, tokens: list[int]) -> bool:
+        """Append seq's new tokens up to a stop id or its budget and roll back the rejected drafts (the slots
+        past its last token are freed); returns whether it finished."""
+        drafts = seq.num_computed_tokens - seq.num_tokens  # verified this step (0: a plain sample)
+        if seq.status is not SequenceStatus.RUNNING or drafts < 0 or not 1 <= len(tokens) <= 1 + drafts:
+            raise SchedulerError(f"postprocess: request {seq.request_id!r} was not scheduled to sample "
+                                 f"{len(tokens)} token(s)")
+        for token in tokens:
+            seq.append_token(token)
+            if token in self.stop_ids:
+                seq.finish(FinishReason.STOP)
+            elif seq.num_output_tokens >= seq.max_tokens:
+                seq.finish(FinishReason.LENGTH)
+            if seq.is_finished:
+                break
+        seq.num_computed_tokens = seq.num_tokens - 1  # the last token's KV is written by the next step
+        if not seq.is_finished:
+            self.block_manager.rollback(seq)
+        return seq.is_finished
 
     def _schedule_chunk(self, seq: Sequence, budget: int, out: SchedulerOutput) -> int:
         """Schedule seq's next prefill chunk within budget; returns its length."""

@@ -7,7 +7,9 @@ blocks run out); the block manager fills in ``block_table`` and ``num_cached_tok
 Progress is counted in tokens. ``num_computed_tokens`` of the ``num_tokens`` tokens have their KV written
 (or being written by the step in flight: the scheduler advances it when it schedules them). The token at
 ``num_tokens - 1`` is computed by the step that samples the next one, so a decoding sequence always has
-``num_computed_tokens == num_tokens - 1`` between steps.
+``num_computed_tokens == num_tokens - 1`` between steps. A speculative decode step also computes the draft
+tokens after it: while it runs, ``num_computed_tokens - num_tokens`` is the number of drafts it verifies, and
+the scheduler sets it back to ``num_tokens - 1`` once the accepted tokens are appended (`r1kit.engine.spec_decode`).
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ class SequenceStatus(enum.Enum):
 
 
 class FinishReason(str, enum.Enum):
-    """Why a sequence stopped: a stop token id, its token budget, or an abort."""
+    """Why a sequence stopped: a stop token id, its token budget, an abort, or a failure of its own (sampling)."""
 
     STOP = "stop"
     LENGTH = "length"
     ABORT = "abort"
+    ERROR = "error"
 
 
 @dataclass(eq=False)  # identity semantics: two requests with equal tokens are still two sequences
@@ -60,6 +63,7 @@ class Sequence:
     num_computed_tokens: int = 0  # leading tokens whose KV is written (or scheduled to be, this step)
     arrival_time: float = field(default_factory=time.monotonic)
     arrival_order: int = field(default_factory=lambda: next(_arrivals))
+    num_speculative_tokens: int = 0  # MTP drafts per decode step (0: not speculative; EngineConfig.drafts_for)
     max_tokens: int = field(init=False)
     num_prefill_tokens: int = field(init=False)
 
@@ -91,6 +95,17 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    @property
+    def num_drafts_wanted(self) -> int:
+        """Drafts the next decode step would verify: num_speculative_tokens, fewer at the end of the token budget
+        (a step that verifies n drafts may emit n + 1 tokens)."""
+        return max(0, min(self.num_speculative_tokens, self.max_tokens - self.num_output_tokens - 1))
+
+    @property
+    def num_scheduled_drafts(self) -> int:
+        """Draft tokens the step in flight computes after the last token (0 outside a speculative decode)."""
+        return max(0, self.num_computed_tokens - self.num_tokens)
 
     @property
     def remaining_prefill(self) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from r1kit.model.attention import RMSNorm
+from r1kit.model.attention import PagedBatch, RMSNorm
 
 
 class MTPLayer(nn.Module):
@@ -36,5 +36,13 @@ class MTPLayer(nn.Module):
         cache / pos: this depth's own KV buffers (from ``block.self_attn.new_cache``) and the number of
         positions already in them, for drafting one position at a time (`r1kit.engine.speculative`).
         """
-        x = self.eh_proj(torch.cat((self.enorm(next_embed), self.hnorm(hidden)), dim=-1))
-        return self.block(x, rope, mask, cache, pos)
+        return self.block(self._combine(hidden, next_embed), rope, mask, cache, pos)
+
+    def forward_paged(self, hidden: torch.Tensor, next_embed: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                      batch: PagedBatch, kv: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The same on a flat packed batch (1, N, C) of several sequences with this depth's paged KV pool (the
+        engine's speculative decoding, `r1kit.engine.spec_decode`)."""
+        return self.block.forward_paged(self._combine(hidden, next_embed), rope, batch, kv)
+
+    def _combine(self, hidden: torch.Tensor, next_embed: torch.Tensor) -> torch.Tensor:
+        return self.eh_proj(torch.cat((self.enorm(next_embed), self.hnorm(hidden)), dim=-1))

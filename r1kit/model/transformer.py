@@ -171,11 +171,12 @@ class Transformer(nn.Module):
         logits = self.lm_head(self.norm(x))
         return (logits, hidden) if return_hidden else logits
 
-    def forward_paged(self, ids: torch.Tensor, batch: PagedBatch, kv_pool: list[tuple[torch.Tensor, ...]]
-                      ) -> torch.Tensor:
+    def forward_paged(self, ids: torch.Tensor, batch: PagedBatch, kv_pool: list[tuple[torch.Tensor, ...]],
+                      return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """ids (N,) flat packed tokens of several sequences -> logits (M, V) of the rows batch.logits_rows
         (all N rows when None). Writes the tokens' KV into kv_pool (from new_paged_cache) at
-        batch.slot_mapping; RoPE per token position. No MTP, no cache object: the engine owns the slots."""
+        batch.slot_mapping; RoPE per token position. No MTP, no cache object: the engine owns the slots.
+        With return_hidden, also the final hidden states of all N rows before the norm (N, C), for the MTP."""
         if batch.max_ctx_len > self.config.max_position_embeddings:
             raise ContextLengthError(f"{batch.max_ctx_len} tokens exceed the model's context "
                                      f"(max_position_embeddings = {self.config.max_position_embeddings})")
@@ -183,8 +184,10 @@ class Transformer(nn.Module):
         rope = self.rotary(batch.positions[None], x.dtype)  # (1, N, D/2) each
         for layer, kv in zip(self.layers, kv_pool, strict=True):
             x = layer.forward_paged(x, rope, batch, kv)
-        x = x[0] if batch.logits_rows is None else x[0].index_select(0, batch.logits_rows)
-        return self.lm_head(self.norm(x))
+        hidden = x[0]
+        x = hidden if batch.logits_rows is None else hidden.index_select(0, batch.logits_rows)
+        logits = self.lm_head(self.norm(x))
+        return (logits, hidden) if return_hidden else logits
 
     def mtp_logits(self, hidden: torch.Tensor, ids: torch.Tensor) -> list[torch.Tensor]:
         """MTP predictions without a cache. hidden (B, T, C) from forward(return_hidden=True), ids (B, T).
