@@ -140,7 +140,8 @@ def test_real_checkpoint_round_trip_through_api(tok, tmp_path):
     assert a == model.generate(prompt="def forward", max_new_tokens=8, temperature=0)
     assert "".join(model.generate(prompt="def forward", max_new_tokens=8, temperature=0, stream=True)) == a
     info = model.info()
-    assert info["params_total"] == preset("tiny-moe").num_params(include_mtp=True)
+    cfg = preset("tiny-moe")  # counted as DeepSeek does: the main model, and the MTP module as stored
+    assert (info["params_total"], info["params_mtp"]) == (cfg.num_params(), cfg.num_mtp_params())
     with pytest.raises(ContextLengthError, match="context"):
         model.generate(prompt="x " * 600, max_new_tokens=600)
     with pytest.raises(GenerationError, match="temperature"):

@@ -172,6 +172,12 @@ def test_one_config_reaches_model_engine_and_service(nano):
     assert service.config == cfg and service.max_num_seqs == 3
     assert service.engine.block_manager.num_blocks == cfg.kv_blocks(nano.model)
     assert EngineService(model, max_num_seqs=2).engine.scheduler.max_num_seqs == 2
+    service.start()
+    try:  # a request asking for speculation the engine was not given is refused at submit, not on its thread
+        with pytest.raises(GenerationError, match="speculative=True, but this engine runs without"):
+            service.submit([1, 2, 3], SamplingParams(max_new_tokens=2, speculative=True))
+    finally:
+        service.shutdown(drain=False)
 
 
 def test_prefix_caching_can_be_turned_off(make_model):

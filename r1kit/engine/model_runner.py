@@ -24,7 +24,7 @@ from r1kit.engine.block_manager import BlockManager
 from r1kit.engine.scheduler import SchedulerOutput
 from r1kit.engine.sequence import Sequence
 from r1kit.engine.spec_decode import PagedDrafter, accept, query_contexts
-from r1kit.engine.speculative import _DraftPicker
+from r1kit.engine.speculative import DraftPicker
 from r1kit.generate import SamplingParams, sample
 from r1kit.model.attention import PagedBatch
 from r1kit.model.transformer import Transformer
@@ -98,14 +98,14 @@ class ModelRunner:
         return tokens, errors
 
     # ------------------------------------------------------------------------------------------ speculative
-    def _draft(self, out: SchedulerOutput) -> tuple[list[list[int]], dict[int, _DraftPicker], dict[int, Exception]]:
+    def _draft(self, out: SchedulerOutput) -> tuple[list[list[int]], dict[int, DraftPicker], dict[int, Exception]]:
         """MTP drafts for the speculative decodes that will decode again; returns per decode the drafts its step
         verifies, {decode index: its draft picker} and {sample row: error} for the failed drafts."""
         drafts: list[list[int]] = [[] for _ in out.decodes]
         if self.drafter is None:
             return drafts, {}, {}
         index = [i for i, seq in enumerate(out.decodes) if seq.num_drafts_wanted]
-        pickers = {i: _DraftPicker(out.decodes[i].params, self._seen(out.decodes[i]), self._generator(out.decodes[i]))
+        pickers = {i: DraftPicker(out.decodes[i].params, self._seen(out.decodes[i]), self._generator(out.decodes[i]))
                    for i in index}
         drafted, failed = self.drafter.propose([out.decodes[i] for i in index], [pickers[i] for i in index])
         for i, d in zip(index, drafted, strict=True):
@@ -114,7 +114,7 @@ class ModelRunner:
         return drafts, pickers, {first_decode_row + index[b]: e for b, e in failed.items()}
 
     def _sample_and_verify(self, logits: torch.Tensor, out: SchedulerOutput, drafts: list[list[int]],
-                           pickers: dict[int, _DraftPicker], errors: dict[int, Exception]) -> list[list[int]]:
+                           pickers: dict[int, DraftPicker], errors: dict[int, Exception]) -> list[list[int]]:
         """Each sample row's tokens from its logits rows: one sampled token, or a speculative decode's verified
         drafts and one more. Errors are added to ``errors`` by sample row."""
         seqs = out.sample_seqs

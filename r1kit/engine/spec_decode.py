@@ -19,7 +19,7 @@ running request of a step drafts and verifies together:
    positions an MTP depth computes per round) enter the batch as single-query rows of growing context
    (`query_contexts`): their KV is written before any row attends, so row i sees the rows before it, and every
    row joins the step's one batched decode attention instead of attending sequence by sequence;
-4. accept: `speculative._accept` (greedy: the drafts equal to the target's argmax, then the argmax; sampled:
+4. accept: `speculative.accept_drafts` (greedy: the drafts equal to the target's argmax, then the argmax; sampled:
    `verify_drafts`' rejection sampling against q) returns the accepted drafts and one more token;
 5. roll back: `Scheduler.postprocess` appends them, sets ``num_computed_tokens`` back to ``num_tokens - 1`` and
    frees the blocks that only rejected drafts used (`BlockManager.rollback`); a block enters the prefix cache
@@ -47,7 +47,7 @@ import torch
 
 from r1kit.engine.config import check_speculative_supported
 from r1kit.engine.sequence import Sequence
-from r1kit.engine.speculative import _accept, _DraftPicker
+from r1kit.engine.speculative import DraftPicker, accept_drafts
 from r1kit.model.attention import PagedBatch
 from r1kit.model.transformer import Transformer
 
@@ -100,7 +100,7 @@ class PagedDrafter:
     def propose(self, seqs: list[Sequence], pickers: list[Callable[[int, torch.Tensor], int]]
                 ) -> tuple[list[list[int]], dict[int, Exception]]:
         """num_draft drafts after each sequence's last token x[R] (R = num_tokens - 1 >= 1): pickers[i](j, logits
-        (1, V)) picks sequence i's draft j (a `_DraftPicker` keeps q and the repetition-penalty rows). Returns
+        (1, V)) picks sequence i's draft j (a `DraftPicker` keeps q and the repetition-penalty rows). Returns
         the drafts and {index: error} for the sequences whose pick failed (they draft no further)."""
         drafts: list[list[int]] = [[] for _ in seqs]
         errors: dict[int, Exception] = {}
@@ -151,13 +151,13 @@ class PagedDrafter:
         return list(out.split([h.shape[0] for h in h_in])), logits
 
 
-def accept(logits: torch.Tensor, drafts: list[int], picker: _DraftPicker, seq: Sequence,
+def accept(logits: torch.Tensor, drafts: list[int], picker: DraftPicker, seq: Sequence,
            generator: torch.Generator | None) -> list[int]:
     """The tokens a speculative decode emits: logits (n + 1, V) of [x[R], d_1 .. d_n] give the target
-    distributions; the first n of the drafts the picker drew are verified (`speculative._accept`)."""
+    distributions; the first n of the drafts the picker drew are verified (`speculative.accept_drafts`)."""
     n = logits.shape[0] - 1
     picker.seen_rows, picker.q_rows = picker.seen_rows[:n + 1], picker.q_rows[:n]
-    return _accept(logits[None], drafts[:n], picker, seq.params, generator)
+    return accept_drafts(logits[None], drafts[:n], picker, seq.params, generator)
 
 
 __all__ = ["MAX_SPLIT_QUERIES", "PagedDrafter", "accept", "query_contexts"]

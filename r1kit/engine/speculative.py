@@ -181,7 +181,7 @@ class SpeculativeStats:
                 "tokens_per_target_forward": self.tokens / max(self.target_forwards, 1)}
 
 
-class _DraftPicker:
+class DraftPicker:
     """Chooses each draft from the MTP logits as the target would choose (argmax, or a draw from the warped
     distribution, kept in q_rows); seen_rows[j] is the sequence seen before draft j (repetition penalty)."""
 
@@ -236,7 +236,7 @@ def _verify(model: Transformer, cache: KVCache, last: int, drafts: list[int]) ->
     return model(ids, cache, return_hidden=True)
 
 
-def _accept(logits: torch.Tensor, drafts: list[int], picker: _DraftPicker, params: SamplingParams,
+def accept_drafts(logits: torch.Tensor, drafts: list[int], picker: DraftPicker, params: SamplingParams,
             generator: torch.Generator | None) -> list[int]:
     """Step 3: the round's tokens: the accepted drafts, then the target's correction or bonus token.
 
@@ -302,10 +302,10 @@ def speculative_generate(model: Transformer, prompt_ids: Sequence[int] | torch.T
     while True:
         R = len(tokens) - 1
         num = min(k, budget - emitted - 1) if R > 0 else 0  # never draft past the budget
-        picker = _DraftPicker(params, seen, generator)
+        picker = DraftPicker(params, seen, generator)
         drafts = drafter.draft(tokens, num, picker)
         logits, hidden = _verify(model, cache, tokens[R], drafts)
-        new = _accept(logits, drafts, picker, params, generator)
+        new = accept_drafts(logits, drafts, picker, params, generator)
         _roll_back(cache, drafter, hidden, R, len(new) - 1)
         tokens += new
         stats.record_round(num, len(new) - 1)

@@ -345,6 +345,7 @@ class EngineService:
         if not isinstance(params, SamplingParams):
             raise GenerationError(f"params must be a SamplingParams, not {type(params).__name__}")
         params.validate()
+        self.config.drafts_for(params)  # speculative=True on an engine without drafts
         prompt = check_prompt(prompt_ids, self.model.config.vocab_size)
         need = len(prompt) + check_budget(len(prompt), params, self.context_length)
         bm = self.engine.block_manager
