@@ -4,7 +4,8 @@
 #   make dev     venv + test/lint tools ('.[dev]')
 #   make run     the main job: python -m r1kit demo
 #   make test    pytest + ruff (pass extra pytest args via PYTEST_ARGS="-k foo -x");
-#                also installs Debian's chromium for the chat page test (scripts/install_browser.sh)
+#                also installs Debian's chromium for the chat page test (scripts/install_browser.sh) and
+#                bubblewrap for the code sandbox (scripts/install_sandbox.sh)
 #   make bench   decode benchmark
 #   make lint    ruff only
 #   make clean   remove build/test caches (keeps .venv; 'make distclean' removes it too)
@@ -45,6 +46,7 @@ run: venv
 
 test: dev
 	sh scripts/install_browser.sh
+	sh scripts/install_sandbox.sh
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 	$(BIN)/ruff check $(LINT_PATHS)
 

