@@ -138,14 +138,17 @@ def test_cli_scores_a_sample_file(problems, tmp_path):
 
 def test_cli_refuses_bad_input_in_one_line(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"task_id": "HumanEval/0"}\n')
-    for args, words in [(["--completions", "bad.jsonl"], "bad.jsonl:1: needs string fields"),
-                        ([], "exactly one of MODEL, --base-url or --completions, got none"),
-                        (["--base-url", "http://127.0.0.1:9/v1"], "--base-url needs --model"),
-                        (["--completions", "missing.jsonl"], "missing.jsonl: no such samples file"),
-                        (["--completions", "bad.jsonl", "--k", "x"], "--k 'x': not an integer")]:
-        out = r1kit("eval", "--task", "humaneval", *args, cwd=tmp_path)
-        assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr, out.stderr
-        assert len(out.stderr.strip().splitlines()) == 1
+    cases = [(["--completions", "bad.jsonl"], "bad.jsonl:1: needs string fields"),
+             ([], "exactly one of MODEL, --base-url or --completions, got none"),
+             (["--base-url", "http://127.0.0.1:9/v1"], "--base-url needs --model"),
+             (["--completions", "missing.jsonl"], "missing.jsonl: no such samples file"),
+             (["--completions", "bad.jsonl", "--k", "x"], "--k 'x': not an integer")]
+    procs = [subprocess.Popen([sys.executable, "-m", "r1kit", "eval", "--task", "humaneval", *args], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args, _ in cases]
+    for proc, (_, words) in zip(procs, cases, strict=True):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2 and words in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1
 
 
 def test_cli_generates_with_an_r1kit_model(tmp_path):

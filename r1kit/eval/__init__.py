@@ -1,4 +1,5 @@
-"""Evaluation on held-out data: arithmetic accuracy (greedy chat answers) and perplexity on held-out text.
+"""Evaluation on held-out data: arithmetic accuracy (greedy chat answers) and perplexity on held-out text, here;
+HumanEval pass@k in `r1kit.eval.humaneval`, its code run by `r1kit.eval.sandbox`.
 
     r1kit eval r1kit/nano --task arithmetic [--kinds add2,sub2] [--n 200]
     r1kit eval r1kit/nano --task perplexity [--max-tokens 50000]
