@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from r1kit.eval import EvalError
+from r1kit.eval import EvalError, sandbox
 from r1kit.eval.humaneval import (
     chat_completion,
     eval_humaneval,
@@ -114,6 +114,16 @@ def test_sample_file_errors_name_the_line(problems, tmp_path):
         bad.write_text(text)
         with pytest.raises(EvalError, match=words):
             read_samples(bad, problems)
+
+
+def test_no_sandbox_is_refused_with_the_reason(monkeypatch, problems):
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    sandbox.isolation.cache_clear()
+    try:
+        with pytest.raises(SandboxError, match="bwrap: not installed; unshare: not installed.*install_sandbox.sh"):
+            eval_humaneval([{"task_id": "HumanEval/0", "completion": "    return True\n"}], problems)
+    finally:
+        sandbox.isolation.cache_clear()
 
 
 # ---------------------------------------------------------------------------------------------------- the CLI
