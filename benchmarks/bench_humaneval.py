@@ -39,7 +39,7 @@ def run_reference(samples: list[dict[str, str]], workers: int, timeout: float) -
         write_samples(samples, path)
         start = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress
-            evaluate_functional_correctness(path, k=[1], n_workers=workers, timeout=timeout)
+            evaluate_functional_correctness(path, k=[1], n_workers=workers, timeout=timeout, ignore_incomplete=True)
         seconds = time.perf_counter() - start
         rows = [json.loads(line) for line in Path(path + "_results.jsonl").read_text().splitlines()]
     return [r["passed"] for r in rows], seconds  # written in the samples' order
