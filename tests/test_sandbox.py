@@ -68,6 +68,15 @@ def test_the_canonical_solution_passes_unharmed(problems):  # the control: attac
     assert hostile(problems, "pass")["result"] == "passed"
 
 
+def test_ending_the_program_early_does_not_pass(problems):
+    """os._exit(0) before the tests exits with status 0 but never reaches the runner's end mark; exit() and
+    sys.exit(0) raise SystemExit, which the runner reports."""
+    res = hostile(problems, "import os; os._exit(0)")
+    assert not res["passed"] and res["result"] == "exited before the end (os._exit)"
+    res = hostile(problems, "import sys; sys.exit(0)")
+    assert not res["passed"] and res["result"].startswith("SystemExit")
+
+
 def test_infinite_loop_is_stopped(problems):
     res = hostile(problems, "while True: pass")
     assert not res["passed"] and res["result"] in ("killed: CPU time limit (2 s)", "timed out after 4 s")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import secrets
 import shutil
 import signal
 import subprocess
@@ -40,13 +41,17 @@ log = logging.getLogger("r1kit")
 SANDBOX_UID = 1_500_000  # + worker slot; an unused range: no user owns files or processes there
 SANDBOX_DIR = "/sandbox"  # where the run's directory appears under bwrap
 FAIL_MARK = "__r1kit_sandbox_failed__ "
+DONE_MARK = "__r1kit_sandbox_done__ "  # + a per-run nonce, written by the runner once the program has run to the end
 OUTPUT_TAIL = 2000  # characters of the program's output kept in the result
 
 # Runs in the sandbox before the program: drop to the sandbox uid (root only), set the limits, run program.py,
-# exit 0 only when it ran to the end. argv: uid (-1: keep), cpu s, memory MB, file MB, processes, open files.
+# exit 0 only when it ran to the end, writing DONE_MARK + the run's nonce last (so that a program ending itself
+# early with os._exit(0) does not pass). argv: uid (-1: keep), cpu s, memory MB, file MB, processes, open files,
+# nonce.
 RUNNER = f"""
 import os, resource, sys
 uid, cpu, mem, fsize, nproc, nofile = map(int, sys.argv[1:7])
+done = ("\\n{DONE_MARK}" + sys.argv[7]).encode()
 if uid >= 0:
     os.setgroups([]); os.setgid(uid); os.setuid(uid)
 for limit, soft, hard in ((resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_AS, mem << 20, mem << 20),
@@ -65,6 +70,10 @@ except BaseException as e:
         os.write(2, ("\\n{FAIL_MARK}" + type(e).__name__ + (": " + str(e)[:300] if str(e) else "")).encode())
     except (OSError, ValueError):  # the output is at its size limit (the parent says so), or stdout is closed
         pass
+    os._exit(1)
+try:
+    os.write(2, done)
+except OSError:  # the output is at its size limit: the parent reports that
     os._exit(1)
 os._exit(0)
 """
@@ -142,12 +151,12 @@ def _env(home: str) -> dict[str, str]:
     return {"PATH": "/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
 
 
-def _command(kind: str, workdir: str, limits: SandboxLimits, slot: int) -> list[str]:
+def _command(kind: str, workdir: str, limits: SandboxLimits, slot: int, nonce: str) -> list[str]:
     as_root = os.geteuid() == 0
     prefix = _bwrap_prefix(workdir, as_root) if kind == "bwrap" else _unshare_prefix(as_root)
     uid = SANDBOX_UID + slot if as_root else -1
     return prefix + [_python()[0], "-I", "-S", "-c", RUNNER, str(uid), str(limits.cpu_s), str(limits.memory_mb),
-                     str(limits.file_mb), str(limits.processes), str(limits.open_files)]
+                     str(limits.file_mb), str(limits.processes), str(limits.open_files), nonce]
 
 
 @cache
@@ -184,7 +193,8 @@ def _run(kind: str, source: str, limits: SandboxLimits, slot: int) -> RunResult:
         if os.geteuid() == 0:
             os.chown(workdir, SANDBOX_UID + slot, SANDBOX_UID + slot)
         with tempfile.TemporaryFile() as out:  # outside the sandbox's folder; the file-size limit caps it
-            proc = subprocess.Popen(_command(kind, workdir, limits, slot), stdin=subprocess.DEVNULL, stdout=out,
+            nonce = secrets.token_hex(8)
+            proc = subprocess.Popen(_command(kind, workdir, limits, slot, nonce), stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT, cwd=workdir, env=_env(workdir), start_new_session=True)
             timed_out = _wait(proc, limits.timeout_s)
             size = out.seek(0, os.SEEK_END)
@@ -192,7 +202,9 @@ def _run(kind: str, source: str, limits: SandboxLimits, slot: int) -> RunResult:
             output = out.read().decode("utf-8", "replace")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    verdict = _verdict(proc.returncode, timed_out, output, size >= limits.file_mb << 20, limits)
+    verdict = _verdict(proc.returncode, timed_out, output, size >= limits.file_mb << 20, limits,
+                       f"{DONE_MARK}{nonce}" in output[-(len(DONE_MARK) + 64):])
+    output = output.replace(f"\n{DONE_MARK}{nonce}", "")
     return RunResult(verdict == "passed", verdict, output[-OUTPUT_TAIL:])
 
 
@@ -225,12 +237,14 @@ def _kill(kill: Callable[[int, int], None], pid: int) -> None:
         pass
 
 
-def _verdict(rc: int, timed_out: bool, output: str, full_output: bool, limits: SandboxLimits) -> str:
-    """Why a run passed or failed, in a few words."""
+def _verdict(rc: int, timed_out: bool, output: str, full_output: bool, limits: SandboxLimits, done: bool) -> str:
+    """Why a run passed or failed, in a few words (``done``: the runner's end mark, with this run's nonce)."""
     if timed_out:
         return f"timed out after {limits.timeout_s:g} s"
-    if rc == 0:
+    if rc == 0 and done:
         return "passed"
+    if rc == 0:
+        return "exited before the end (os._exit)"
     if full_output:
         return f"output over the file size limit ({limits.file_mb} MB)"
     if FAIL_MARK in output:
