@@ -1,17 +1,20 @@
 """The HTTP server's event streams on the wire, read from a real loopback server with a raw socket: each HTTP
 chunk holds whole events, the usage chunk and [DONE] go out in the stream's last write (with the end of the
 body), failures end the same way, a client that leaves while its request still waits in the queue aborts it;
-the JSON fallback for text orjson refuses; and benchmarks/bench_serve.py with --profile, as a subprocess.
+handle.stream() against an engine thread putting deltas; the JSON fallback for text orjson refuses; and
+benchmarks/bench_serve.py with --profile, as a subprocess.
 Model: the bundled r1kit/nano in fp32."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from r1kit.api import R1Model
-from r1kit.serve.engine_service import EngineService
+from r1kit.generate import SamplingParams
+from r1kit.serve.engine_service import EngineService, RequestHandle, TextDelta
 from r1kit.serve.openai_api import _json, running_server
 
 MODEL = "r1kit/nano"
@@ -130,6 +134,41 @@ def test_a_client_leaving_while_its_stream_is_queued_aborts_it(model):
             time.sleep(0.02)
         assert service.stats()["queue_depth"] == 0 and service.stats()["requests_running"] == 1
         running.close()
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_stream_takes_every_delta_an_engine_thread_puts_in_order(model, merge):
+    """handle.stream() takes deltas without the handle's lock while the engine thread appends them: none is lost
+    or reordered, and no wake-up is missed (the stream would hang), however the two threads interleave."""
+    service = EngineService(model, max_num_seqs=1)
+    handle = RequestHandle(service, "r", [1], SamplingParams(max_new_tokens=1), frozenset(), None, None)
+    n = 5_000
+
+    def engine() -> None:
+        for i in range(n):
+            handle._put(TextDelta(f"{i},", [i], i == n - 1, "stop" if i == n - 1 else None))
+            if i % 500 == 0:
+                time.sleep(0.001)  # let the consumer catch up and wait again
+
+    async def consume() -> tuple[str, list[int], int]:
+        text, ids, pieces = "", [], 0
+        async for d in handle.stream(merge=merge):
+            text, ids, pieces = text + d.text, ids + d.token_ids, pieces + 1
+        return text, ids, pieces
+
+    async def run() -> tuple[str, list[int], int]:
+        consumer = asyncio.ensure_future(consume())
+        await asyncio.sleep(0)  # the stream registers its waiter before the engine starts
+        producer = threading.Thread(target=engine)
+        producer.start()
+        try:
+            return await asyncio.wait_for(consumer, 60)
+        finally:
+            producer.join()
+
+    text, ids, pieces = asyncio.run(run())
+    assert text == "".join(f"{i}," for i in range(n)) and ids == list(range(n))
+    assert pieces == n if not merge else pieces <= n
 
 
 def test_json_is_compact_utf8_and_escapes_what_orjson_refuses():

@@ -115,16 +115,16 @@ class RequestHandle:
         event = waiter[1]
         with self._cond:
             self._waiters.append(waiter)
-        done = False
+        deltas, done = self._deltas, False
         try:
             while not done:
-                event.clear()
-                with self._cond:
-                    taken = [self._deltas.popleft() for _ in range(len(self._deltas) if merge else
-                                                                   min(1, len(self._deltas)))]
-                if not taken:
+                if not deltas:
+                    # No lock: deque appends and pops are atomic, and the engine thread appends a delta before it has
+                    # the event set on this loop, so this clear never drops the wake-up of a delta not yet taken.
+                    event.clear()
                     await event.wait()
                     continue
+                taken = [deltas.popleft() for _ in range(len(deltas) if merge else 1)]
                 delta = taken[0] if len(taken) == 1 else TextDelta(
                     "".join(d.text for d in taken), [t for d in taken for t in d.token_ids], taken[-1].finished,
                     taken[-1].finish_reason)
