@@ -7,12 +7,14 @@ called in-process, on the same requests, at several concurrency levels.
 Each level sends the same ``--requests`` chat requests (distinct arithmetic questions, greedy, streamed) with
 at most C in flight, and measures generated tokens/s over the whole level, time to first token (first streamed
 text) and request latency (p50/p99), and errors. "overhead" is 1 - HTTP tokens/s / in-process tokens/s: what
-the HTTP layer (serialization, SSE, the event loop, the loopback client) costs. The two
-sides alternate ``--repeats`` times per level and the fastest run of each is shown (other load on a shared
-machine only ever slows a run down). CPU milliseconds per token (all processes involved: for HTTP the server
-and the client) do not depend on that load: their ratio is the overhead in work. The HTTP client is a minimal
-asyncio HTTP/1.1 reader on one keep-alive connection per worker (as client libraries pool them), so that the
-client's own cost stays small.
+the HTTP layer (serialization, SSE, the event loop, the loopback client) costs. The two sides alternate
+``--repeats`` times per level and the fastest run of each is shown (other load on a shared machine only ever
+slows a run down). CPU milliseconds per token (all processes involved: for HTTP the server and the client)
+depend far less on that load: their ratio is the overhead in work. Even so the engine's own CPU per token
+varies by ~10% from run to run on a small shared machine, which moves tokens/s on either side; the server
+loop's extra CPU per token over the engine's ("loop_overhead": the work that takes the GIL from the server's
+engine thread) moves much less. The HTTP client is a minimal asyncio HTTP/1.1 reader on one keep-alive
+connection per worker (as client libraries pool them), so that the client's own cost stays small.
 
 The CPU time is split by thread: in-process, the engine thread and the event loop streaming the deltas; over
 HTTP, the server's engine thread, the server's event loop (HTTP parsing, validation, JSON, SSE, socket writes)
@@ -350,9 +352,21 @@ def measure(args: argparse.Namespace, service: EngineService, server: subprocess
         a, b = (max(runs[k], key=lambda r: r["tokens_per_s"]) for k in ("in_process", "http"))
         rows.append({"concurrency": c, "in_process": a, "http": b, "runs": runs,
                      "overhead": round(1 - b["tokens_per_s"] / a["tokens_per_s"], 4),
-                     "cpu_overhead": round(b["cpu_ms_per_token"] / a["cpu_ms_per_token"] - 1, 4)})
+                     "cpu_overhead": round(b["cpu_ms_per_token"] / a["cpu_ms_per_token"] - 1, 4),
+                     "loop_overhead": loop_overhead(runs)})
         print(f"concurrency {c}: in-process {a['tokens_per_s']} tok/s, HTTP {b['tokens_per_s']} tok/s", flush=True)
     return rows
+
+
+def loop_overhead(runs: dict[str, list[dict]]) -> float:
+    """The server event loop's CPU per token beyond the in-process loop's, over the engine's (medians of the
+    runs): the work that holds the GIL the server's engine thread needs, so about the share of tokens/s it
+    costs when the client has a core of its own."""
+    def median(side: str, part: str) -> float:
+        return statistics.median(run["cpu_ms_per_token_by_part"][part] for run in runs[side])
+
+    extra = median("http", "server_loop") - median("in_process", "loop")
+    return round(extra / median("in_process", "engine"), 4)
 
 
 def print_table(args: argparse.Namespace, dtype: str, rows: list[dict]) -> None:
@@ -373,12 +387,12 @@ def print_table(args: argparse.Namespace, dtype: str, rows: list[dict]) -> None:
     print("\nCPU ms per token by part, and tokens per event with text (in-process: deltas; HTTP: SSE chunks, which "
           "merge the deltas that arrived while the event loop was busy), fastest runs:\n\n"
           "| concurrency | in-process: engine / loop "
-          "| HTTP: server engine / server loop / client | tokens per text event in-process / HTTP |"
-          "\n|---:|---:|---:|---:|")
+          "| HTTP: server engine / server loop / client | server loop's extra / engine (medians) "
+          "| tokens per text event in-process / HTTP |\n|---:|---:|---:|---:|---:|")
     for r in rows:
         a, b = r["in_process"]["cpu_ms_per_token_by_part"], r["http"]["cpu_ms_per_token_by_part"]
         print(f"| {r['concurrency']} | {a['engine']:.3f} / {a['loop']:.3f} "
-              f"| {b['server_engine']:.3f} / {b['server_loop']:.3f} / {b['client']:.3f} "
+              f"| {b['server_engine']:.3f} / {b['server_loop']:.3f} / {b['client']:.3f} | {r['loop_overhead']:.1%} "
               f"| {r['in_process']['tokens_per_text_event']:.2f} / {r['http']['tokens_per_text_event']:.2f} |")
 
 

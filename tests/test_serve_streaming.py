@@ -189,4 +189,5 @@ def test_bench_serve_profiles_the_servers_event_loop(tmp_path):
     assert http["errors"] == 0 and http["tokens"] == 8
     assert set(http["cpu_ms_per_token_by_part"]) == {"server_engine", "server_loop", "client"}
     assert set(level["in_process"]["cpu_ms_per_token_by_part"]) == {"engine", "loop"}
+    assert isinstance(level["loop_overhead"], float)
     assert "server event loop under cProfile" in run.stdout and "| r1kit SSE chunks (openai_api) |" in run.stdout
