@@ -422,6 +422,8 @@ def _message_text(message: ChatMessage, i: int) -> str:
 def _encode(encode: Callable[[], list[int]], param: str) -> list[int]:
     try:
         return encode()
+    except ContextLengthError as e:  # a text longer than the context could hold, refused before tokenizing
+        raise APIError(400, str(e), code="context_length_exceeded", param=param) from None
     except (TokenizerError, GenerationError) as e:
         raise APIError(400, str(e), param=param) from None
     except (UnicodeError, TypeError) as e:  # lone surrogates (valid JSON escapes, not text) and the like
