@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
 
 import pytest
@@ -62,3 +63,34 @@ def make_model() -> Callable[..., Transformer]:
         return model.eval()
 
     return build
+
+
+@pytest.fixture
+def aligned_model(make_model):
+    """aligned_model(name, **overrides): a model whose MTP drafts are good (speculative decoding tests): one
+    layer, its MTP module a copy of it reading only the next embedding."""
+
+    @torch.no_grad()
+    def build(name: str = "tiny-moe", **overrides):
+        model = make_model(name, num_layers=1, first_k_dense_replace=0, num_mtp_layers=1, **overrides)
+        layer, mtp = model.layers[0], model.mtp[0]
+        mtp.block.load_state_dict(layer.state_dict())
+        c = model.config.hidden_size
+        mtp.eh_proj.weight.copy_(torch.cat((torch.eye(c), torch.zeros(c, c)), dim=1))  # keep enorm(embed(x[t+1]))
+        mtp.enorm.weight.fill_(1.0)
+        mtp.shared_head_norm.weight.copy_(model.norm.weight)
+        emb = model.embed_tokens.weight
+        emb.mul_(emb.pow(2).mean(-1, keepdim=True).rsqrt())  # unit RMS: enorm leaves the embeddings as they are
+        return model
+
+    return build
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    """A CLI run that failed as r1kit's errors should: exit 2, one `error: ` line holding words, no traceback."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    for word in words:
+        assert word in errors[0], errors[0]

@@ -39,25 +39,6 @@ from r1kit.model.config import preset
 PROMPTS = [[5, 17, 42, 7], [9], list(range(200, 219)), [3, 3, 3, 3, 3, 3, 3, 3, 3], [33, 44, 55, 66, 77, 88]]
 
 
-@pytest.fixture
-def aligned_model(make_model):
-    """aligned_model(name, **overrides): one layer, its MTP module a copy of it reading only the next embedding."""
-
-    @torch.no_grad()
-    def build(name: str = "tiny-moe", **overrides):
-        model = make_model(name, num_layers=1, first_k_dense_replace=0, num_mtp_layers=1, **overrides)
-        layer, mtp = model.layers[0], model.mtp[0]
-        mtp.block.load_state_dict(layer.state_dict())
-        c = model.config.hidden_size
-        mtp.eh_proj.weight.copy_(torch.cat((torch.eye(c), torch.zeros(c, c)), dim=1))  # keep enorm(embed(x[t+1]))
-        mtp.enorm.weight.fill_(1.0)
-        mtp.shared_head_norm.weight.copy_(model.norm.weight)
-        emb = model.embed_tokens.weight
-        emb.mul_(emb.pow(2).mean(-1, keepdim=True).rsqrt())  # unit RMS: enorm leaves the embeddings as they are
-        return model
-
-    return build
-
 
 def run(engine: LLMEngine, prompts, params) -> tuple[list[list[int]], int]:
     """engine.generate, checking that every step's outputs come in order; returns the outputs and the steps."""

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import assert_one_line_error
 
 from r1kit.api import BUNDLED_DIR
 from r1kit.serve.replicas import ReplicaError, ReplicaSet
@@ -27,13 +28,6 @@ def serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           timeout=timeout, env=ENV, cwd=REPO)
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr[-3000:]
-    for word in words:
-        assert word in errors[0], errors[0]
 
 
 @pytest.fixture

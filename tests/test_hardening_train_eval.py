@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_one_line_error
 
 from r1kit.eval import EvalError, perplexity, perplexity_windows
 from r1kit.train.config import TrainConfig, TrainConfigError
@@ -33,13 +34,6 @@ def run_all(commands: list[list[str]]) -> list[subprocess.CompletedProcess]:
         return list(pool.map(lambda args: r1kit(*args), commands))
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr[-3000:]
-    for word in words:
-        assert word in errors[0], errors[0]
 
 
 # ---------------------------------------------------------------------------------------------------- recipes

@@ -35,25 +35,6 @@ def tv(a: torch.Tensor, b: torch.Tensor) -> float:
     return 0.5 * float((a - b).abs().sum())
 
 
-@pytest.fixture
-def aligned_model(make_model):
-    """aligned_model(name, **overrides): one layer, its MTP module a copy of it reading only the next embedding."""
-
-    @torch.no_grad()
-    def build(name: str = "tiny-moe", **overrides):
-        model = make_model(name, num_layers=1, first_k_dense_replace=0, num_mtp_layers=1, **overrides)
-        layer, mtp = model.layers[0], model.mtp[0]
-        mtp.block.load_state_dict(layer.state_dict())
-        c = model.config.hidden_size
-        mtp.eh_proj.weight.copy_(torch.cat((torch.eye(c), torch.zeros(c, c)), dim=1))  # keep enorm(embed(x[t+1]))
-        mtp.enorm.weight.fill_(1.0)
-        mtp.shared_head_norm.weight.copy_(model.norm.weight)
-        emb = model.embed_tokens.weight
-        emb.mul_(emb.pow(2).mean(-1, keepdim=True).rsqrt())  # unit RMS: enorm leaves the embeddings as they are
-        return model
-
-    return build
-
 
 # ---------------------------------------------------------------------------------------------------- the rule
 
