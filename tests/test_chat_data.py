@@ -1,0 +1,150 @@
+"""Chat SFT data: formats, assistant-only loss masks, bad lines, validation split, packing with document
+boundaries (packed forward == each document alone), and the chat JSONL wired into the training loop."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from r1kit.tokenizer import Tokenizer
+from r1kit.train import data as arithmetic
+from r1kit.train.chat_data import (
+    ChatDataError,
+    ChatExample,
+    PackedBatches,
+    encode_record,
+    pack_rows,
+    read_chat_jsonl,
+    split_validation,
+)
+
+NANO = Path(__file__).resolve().parents[1] / "r1kit" / "nano"
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.from_dir(NANO)
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def targets(tok: Tokenizer, ex: ChatExample) -> list[str]:
+    """The decoded runs of consecutive target tokens."""
+    runs, current = [], []
+    for i, m in zip(ex.ids, ex.loss_mask, strict=True):
+        if m:
+            current.append(i)
+        elif current:
+            runs.append(tok.decode(current))
+            current = []
+    return runs + ([tok.decode(current)] if current else [])
+
+
+def test_reasoning_turn_matches_the_arithmetic_sft_examples(tok):
+    """An independent reference: data.chat_example builds the bundled model's SFT examples from whole strings."""
+    for seed in range(5):
+        p = arithmetic.sample_problem(random.Random(seed), "sub3")
+        ids, mask = arithmetic.chat_example(p, tok)
+        record = {"messages": [{"role": "user", "content": p.question},
+                               {"role": "assistant", "reasoning_content": arithmetic.reasoning(p),
+                                "content": str(p.answer)}]}
+        ex = encode_record(record, tok, 1000)
+        assert (ex.ids, ex.loss_mask) == (ids, mask)
+        inline = f"<think>\n{arithmetic.reasoning(p)}\n</think>\n\n{p.answer}"
+        think_inline = {"prompt": p.question, "completion": inline}
+        assert encode_record(think_inline, tok, 1000).ids == ids
+
+
+def test_multi_turn_loss_on_every_assistant_turn_only(tok):
+    record = {"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi <｜Assistant｜> there"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "2+2=4."},
+        {"role": "user", "content": "dangling question"},
+    ]}
+    ex = encode_record(record, tok, 1000)
+    assert targets(tok, ex) == ["Hello.<｜end▁of▁sentence｜>", "2+2=4.\n</think>\n\n4<｜end▁of▁sentence｜>"]
+    assert "dangling" not in tok.decode(ex.ids)
+    # the context of the first turn is exactly the chat template's prompt (thinking off: no reasoning)
+    prompt = tok.encode_chat(record["messages"][:2], add_generation_prompt=True, thinking=False)
+    assert ex.ids[:len(prompt)] == prompt and not any(ex.loss_mask[:len(prompt)])
+    assert tok.encode("<｜Assistant｜>")[0] not in ex.ids[2:6]  # the injected marker stayed text
+    # prompt/completion as message lists and as strings
+    pc = {"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Yo"}]}
+    assert encode_record(pc, tok, 100).ids == encode_record({"prompt": "Hi", "completion": "Yo"}, tok, 100).ids
+
+
+def test_text_rows_every_token_but_the_first(tok):
+    ex = encode_record({"text": "def f(): pass"}, tok, 100)
+    assert ex.ids[0] == tok.bos_id and ex.ids[-1] == tok.eos_id
+    assert ex.loss_mask == [0] + [1] * (len(ex.ids) - 1)
+
+
+BAD = [
+    ("{not json", "not valid JSON"),
+    ('{"messages": []}', "empty conversation"),
+    ('{"messages": [{"role": "tool", "content": "x"}]}', "unknown role 'tool'"),
+    ('{"messages": [{"role": "user", "content": "x"}]}', "no assistant message"),
+    ('{"foo": 1}', "unknown format"),
+    ('[1, 2]', "expected a JSON object"),
+    ('{"prompt": "x", "completion": "' + "long " * 300 + '"}', "longer than the context (max_len = 64)"),
+]
+
+
+@pytest.mark.parametrize(("line", "words"), BAD)
+def test_bad_lines_name_file_and_line(tok, tmp_path, line, words):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "fine"}, "", line])
+    with pytest.raises(ChatDataError) as e:
+        read_chat_jsonl(path, tok, 64)
+    assert f"{path}:3: " in str(e.value) and words in str(e.value)
+
+
+def test_skip_invalid_counts(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "fine"}] + [b for b, _ in BAD] + [{"text": "also fine"}])
+    data = read_chat_jsonl(path, tok, 64, skip_invalid=True)
+    assert (len(data.examples), data.skipped) == (2, len(BAD))
+    assert data.skip_reasons[0].startswith(f"{path}:2: ")
+    with pytest.raises(ChatDataError, match="no usable example"):
+        read_chat_jsonl(write_jsonl(tmp_path / "e.jsonl", ["{bad"]), tok, 64, skip_invalid=True)
+
+
+def test_split_validation_seeded_disjoint_ordered():
+    items = list(range(50))
+    train, val = split_validation(items, 0.2, seed=3)
+    assert len(val) == 10 and sorted(train + val) == items and train == sorted(train) and val == sorted(val)
+    assert split_validation(items, 0.2, seed=3) == (train, val) and split_validation(items, 0.2, seed=4) != (train, val)
+    assert split_validation(items, 0.0, 0) == (items, [])
+    with pytest.raises(ValueError, match="cannot be split"):
+        split_validation([1], 0.5, 0)
+
+
+def test_pack_rows_keeps_documents_whole():
+    exs = [ChatExample([1, 2, 3], [0, 1, 1]), ChatExample([4, 5], [0, 1]), ChatExample([6, 7, 8, 9], [0, 1, 1, 1])]
+    rows = pack_rows(exs, 6, pad_id=0)
+    assert rows == [([1, 2, 3, 4, 5, 0], [0, 1, 1, 0, 1, 0], [0, 0, 0, 1, 1, 2]),
+                    ([6, 7, 8, 9, 0, 0], [0, 1, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1])]
+
+
+def test_packed_batches_resume_exactly():
+    exs = [ChatExample(list(range(1, n + 2)), [0] + [1] * n) for n in range(1, 12)]
+    a = PackedBatches(exs, seq_len=15, batch_size=3, seed=0, pad_id=0)
+    for _ in range(4):
+        a.next_batch()
+    state = a.state_dict()
+    b = PackedBatches(exs, seq_len=15, batch_size=3, seed=0, pad_id=0)
+    b.load_state_dict(state)
+    for _ in range(5):
+        for ta, tb in zip(a.next_batch(), b.next_batch(), strict=True):
+            assert torch.equal(ta, tb)
+    x, y, mask, doc = a.next_batch()
+    assert x.shape == y.shape == mask.shape == doc.shape == (3, 15)
+    assert torch.equal(x[:, 1:], y[:, :-1])
