@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -349,8 +350,12 @@ def progress_bar(progress: bool, total: int, step: int) -> Any:
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, device: str | torch.device = "cpu",
-          stop_after: int | None = None) -> dict[str, Any]:
-    """Run (or resume) a training recipe; returns a summary. `stop_after` ends early after that many steps."""
+          stop_after: int | None = None, prepare: Callable[[Transformer], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) a training recipe; returns a summary. `stop_after` ends early after that many steps.
+
+    `prepare(model)` runs once the weights are in place and before the optimizer is built: the hook through which
+    other recipes change the model the loop trains (QAT's fake quantization, pruning masks; see r1kit.compress).
+    """
     from r1kit.hardware import choose
     from r1kit.train.data import build_corpus, prepare_tokenizer
 
@@ -366,6 +371,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, device:
     model = build_model(cfg, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, device)
     if cfg.init_from and state is None:
         load_initial_weights(model, cfg.init_from, device)
+    if prepare is not None:
+        prepare(model)
     opt = make_optimizer(model, cfg)
     run = restore_run(state, out, model, opt, train_data)
 
