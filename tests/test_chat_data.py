@@ -148,3 +148,26 @@ def test_packed_batches_resume_exactly():
     x, y, mask, doc = a.next_batch()
     assert x.shape == y.shape == mask.shape == doc.shape == (3, 15)
     assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+@pytest.mark.parametrize("name", ["tiny-moe", "tiny-dense"])
+def test_packed_forward_equals_each_document_alone(make_model, name):
+    """Logits (and MTP logits) of three documents packed in one row == each document run alone."""
+    model = make_model(name)
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(2, 500, (n,), generator=g) for n in (7, 12, 5)]
+    ids = torch.cat(docs)[None]  # (1, 24)
+    doc_ids = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])[None]
+    with torch.no_grad():
+        packed, hidden = model(ids, return_hidden=True, doc_ids=doc_ids)
+        alone = torch.cat([model(d[None]) for d in docs], dim=1)
+        assert torch.allclose(packed, alone, atol=1e-5), (packed - alone).abs().max()
+        assert not torch.allclose(model(ids), alone, atol=1e-3)  # without doc_ids the documents do mix
+        if model.mtp:
+            mtp_packed = model.mtp_logits(hidden, ids, doc_ids)[0][0]  # (T - 1, V)
+            start = 0
+            for d in docs:
+                _, h = model(d[None], return_hidden=True)
+                mtp_alone = model.mtp_logits(h, d[None])[0][0]  # (len - 1, V), the last one has no next token
+                assert torch.allclose(mtp_packed[start:start + len(d) - 2], mtp_alone[:-1], atol=1e-5)
+                start += len(d)

@@ -165,6 +165,25 @@ def attention_mask(batch: int, t: int, pos: int, pad: torch.Tensor | None, devic
     return mask
 
 
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Bool mask (B, 1, T, T) for packed training rows: causal, and only within a token's own document.
+
+    doc_ids (B, T): the document of each token, documents contiguous (r1kit.train.chat_data.PackedBatches).
+    """
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()  # (T, T)
+    return (causal & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]  # (B, 1, T, T)
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Positions (B, T) that restart at 0 where each packed document starts. doc_ids (B, T), contiguous."""
+    T = doc_ids.shape[1]
+    index = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)  # (B, T)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return index - torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+
+
 @dataclass
 class PagedSeq:
     """One multi-token sequence of a `PagedBatch` (a prefill chunk): its queries are rows

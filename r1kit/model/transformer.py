@@ -23,6 +23,8 @@ from r1kit.model.attention import (
     RMSNorm,
     RotaryEmbedding,
     attention_mask,
+    document_mask,
+    document_positions,
 )
 from r1kit.model.config import ModelConfig
 from r1kit.model.moe import MLP, CrossExpertAttention, Experts, MoE, Router
@@ -136,13 +138,17 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
-                return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                return_hidden: bool = False, doc_ids: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only.
 
         With a cache the T tokens are placed after the cache.pos tokens already there, and cache.pos
         advances by T. With return_hidden, also returns the final hidden states before the norm (B, T, C),
-        which the MTP modules consume.
+        which the MTP modules consume. doc_ids (B, T), for packed training rows without a cache: each token
+        attends only within its own document and positions restart at each document (see document_mask).
         """
+        if doc_ids is not None:
+            return self._forward_packed(ids, doc_ids, return_hidden)
         B, T = ids.shape
         pos = cache.pos if cache is not None else 0
         pad = cache.pad if cache is not None else None
@@ -171,6 +177,25 @@ class Transformer(nn.Module):
         logits = self.lm_head(self.norm(x))
         return (logits, hidden) if return_hidden else logits
 
+    def _forward_packed(self, ids: torch.Tensor, doc_ids: torch.Tensor, return_hidden: bool
+                        ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """forward() of packed rows: ids, doc_ids (B, T) -> logits (B, T, V) as if each document ran alone."""
+        if doc_ids.shape != ids.shape:
+            raise ValueError(f"doc_ids {tuple(doc_ids.shape)} must have the shape of ids {tuple(ids.shape)}")
+        if ids.shape[1] > self.config.max_position_embeddings:
+            raise ContextLengthError(f"{ids.shape[1]} tokens exceed the model's context "
+                                     f"(max_position_embeddings = {self.config.max_position_embeddings})")
+        x = self.embed_tokens(ids)  # (B, T, C)
+        rope = self.rotary(document_positions(doc_ids), x.dtype)
+        mask = document_mask(doc_ids)  # (B, 1, T, T)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, mask, use_reentrant=False)
+            else:
+                x = layer(x, rope, mask, None, 0)
+        logits = self.lm_head(self.norm(x))
+        return (logits, x) if return_hidden else logits
+
     def forward_paged(self, ids: torch.Tensor, batch: PagedBatch, kv_pool: list[tuple[torch.Tensor, ...]],
                       return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """ids (N,) flat packed tokens of several sequences -> logits (M, V) of the rows batch.logits_rows
@@ -189,10 +214,13 @@ class Transformer(nn.Module):
         logits = self.lm_head(self.norm(x))
         return (logits, hidden) if return_hidden else logits
 
-    def mtp_logits(self, hidden: torch.Tensor, ids: torch.Tensor) -> list[torch.Tensor]:
+    def mtp_logits(self, hidden: torch.Tensor, ids: torch.Tensor, doc_ids: torch.Tensor | None = None
+                   ) -> list[torch.Tensor]:
         """MTP predictions without a cache. hidden (B, T, C) from forward(return_hidden=True), ids (B, T).
 
-        Returns one logits tensor per depth d (B, T - 1 - d, V): position t predicts token t + 2 + d.
+        Returns one logits tensor per depth d (B, T - 1 - d, V): position t predicts token t + 2 + d. With
+        doc_ids (B, T) of packed rows, attention and positions stay within each document (the caller masks
+        the predictions whose target lies in the next document).
         """
         B, T = ids.shape
         logits = []
@@ -202,8 +230,11 @@ class Transformer(nn.Module):
             if n <= 0:
                 break
             positions = torch.arange(n, device=ids.device)[None]
+            mask = None
+            if doc_ids is not None:
+                positions, mask = document_positions(doc_ids[:, :n]), document_mask(doc_ids[:, :n])
             rope = self.rotary(positions, h.dtype)
-            h = layer(h[:, :n], self.embed_tokens(ids[:, 1 + d:1 + d + n]), rope, None)
+            h = layer(h[:, :n], self.embed_tokens(ids[:, 1 + d:1 + d + n]), rope, mask)
             logits.append(self.lm_head(layer.shared_head_norm(h)))
         return logits
 
