@@ -24,6 +24,8 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
+from r1kit.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
+
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
@@ -97,12 +99,14 @@ class Tokenizer:
         pad_token: str | None = None,
         add_bos_token: bool = False,
         config: Mapping[str, Any] | None = None,
+        chat_template: ChatTemplate | None = None,
     ) -> None:
         """Wrap ``backend``; every given token must be in its vocabulary.
 
         ``add_bos_token`` is the config's hint that plain-text (non-chat) inputs should start with bos;
         ``config`` holds the other ``tokenizer_config.json`` fields, kept only to be written back by
-        :meth:`save`.
+        :meth:`save`. ``chat_template``: the checkpoint's own Jinja template (`r1kit.chat_template`); None: the
+        built-in DeepSeek-R1 format.
         """
         self._backend = backend
         self.bos_token = bos_token
@@ -110,6 +114,7 @@ class Tokenizer:
         self.pad_token = pad_token
         self.add_bos_token = add_bos_token
         self._config = dict(config or {})
+        self.chat_template = chat_template
         self.bos_id = self._require_id("bos_token", bos_token)
         self.eos_id = self._require_id("eos_token", eos_token)
         self.pad_id = self._require_id("pad_token", pad_token)
@@ -153,7 +158,13 @@ class Tokenizer:
         fields = ("bos_token", "eos_token", "pad_token")
         tokens = {field: _token_content(config, field, config_file) for field in fields}
         try:
-            return cls(backend, **tokens, add_bos_token=add_bos_token, config=config)
+            template = load_chat_template(path, config)
+        except ChatTemplateError as err:
+            raise TokenizerError(str(err)) from None
+        if template is not None and template.source == DEEPSEEK_R1_CHAT_TEMPLATE:
+            template = None  # r1kit's own template: the built-in renders the same text and escapes message text
+        try:
+            return cls(backend, **tokens, add_bos_token=add_bos_token, config=config, chat_template=template)
         except TokenizerError as err:
             raise TokenizerError(f"{config_file}: {err}") from err
 
@@ -217,8 +228,11 @@ class Tokenizer:
         messages: Sequence[Mapping[str, Any]],
         add_generation_prompt: bool = True,
         thinking: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
-        """Render ``messages`` in DeepSeek-R1's chat format.
+        """Render ``messages`` with the checkpoint's own template (:attr:`chat_template`, the text transformers'
+        ``apply_chat_template`` gives; ``thinking=False`` passes ``thinking`` and ``enable_thinking`` false to
+        it, ``tools`` as its ``tools``), or else in DeepSeek-R1's built-in chat format, described below.
 
         ``{bos}{system contents joined by "\\n\\n"}``, then ``<｜User｜>{content}`` per user message and
         ``<｜Assistant｜>{content}<｜end▁of▁sentence｜>`` per assistant message, where, as in R1's template,
@@ -226,6 +240,9 @@ class Tokenizer:
         text ends with ``<｜Assistant｜><think>\\n``; when ``thinking`` is False the think block is closed
         there, empty, as DeepSeek does: ``<｜Assistant｜><think>\\n\\n</think>\\n\\n``.
         """
+        if self.chat_template is not None:
+            return self._render(messages, add_generation_prompt, thinking, tools)
+        self._builtin_takes(tools)
         return "".join(text for text, _ in self._chat_pieces(messages, add_generation_prompt, thinking))
 
     def encode_chat(
@@ -233,14 +250,91 @@ class Tokenizer:
         messages: Sequence[Mapping[str, Any]],
         add_generation_prompt: bool = True,
         thinking: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
         """Token ids of :meth:`apply_chat_template`: its markers (bos, ``<｜User｜>``, ``<think>``, ...) as their
         token ids, and the message contents as plain text (:meth:`encode_plain`), so that a control token
-        written in a message cannot end a turn, open a reasoning block or fake a role."""
+        written in a message cannot end a turn, open a reasoning block or fake a role. With a Jinja template,
+        every added token written in the messages or tools is encoded as plain text (transformers'
+        ``sanitize_control_tokens``), the template's own as their ids."""
+        if self.chat_template is not None:
+            return self._encode_rendered(messages, add_generation_prompt, thinking, tools)
+        self._builtin_takes(tools)
         ids: list[int] = []
         for text, is_marker in self._chat_pieces(messages, add_generation_prompt, thinking):
             ids += self.encode(text) if is_marker else self.encode_plain(text)
         return ids
+
+    def _render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool, thinking: bool,
+                tools: Sequence[Mapping[str, Any]] | None) -> str:
+        """The Jinja template's text (the special tokens as its variables, as transformers passes them)."""
+        variables = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
+                                        ("pad_token", self.pad_token)) if v is not None}
+        if not thinking:
+            variables.update(thinking=False, enable_thinking=False)
+        try:
+            return self.chat_template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                             **variables)
+        except ChatTemplateError as err:
+            raise TokenizerError(str(err)) from None
+
+    def _encode_rendered(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool, thinking: bool,
+                         tools: Sequence[Mapping[str, Any]] | None) -> list[int]:
+        """encode_chat for a Jinja template: each added token in the inputs is swapped for a private-use mark
+        before rendering, and the marks are encoded as the token's text read plainly."""
+        controls = sorted(self._backend.get_added_tokens_decoder().values(), key=lambda t: -len(t.content))
+        names = [t.content for t in controls]
+        pattern = re.compile("|".join(re.escape(n) for n in names)) if names else None
+
+        def mark(value: Any) -> Any:
+            if isinstance(value, str) and pattern is not None:
+                return pattern.sub(lambda m: f"{_MARK_OPEN}{names.index(m.group())}{_MARK_CLOSE}", value)
+            if isinstance(value, Mapping):
+                return {k: mark(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [mark(v) for v in value]
+            return value
+
+        text = self._render(mark(list(messages)), add_generation_prompt, thinking, mark(tools))
+        ids: list[int] = []
+        for i, piece in enumerate(_MARKED.split(text)):  # text, token index, text, ...
+            ids += self.encode(piece) if i % 2 == 0 else self.encode_plain(names[int(piece)])
+        return ids
+
+    def _builtin_takes(self, tools: Sequence[Mapping[str, Any]] | None) -> None:
+        if tools:
+            raise TokenizerError("tools: the built-in DeepSeek-R1 chat format has no tool section; load a checkpoint "
+                                 "whose chat template renders tools, or pass one (--chat-template FILE)")
+
+    @property
+    def reasoning(self) -> str:
+        """The reasoning family of the chat format: "prompt" when the generation prompt opens ``<think>``
+        (DeepSeek-R1: a completion starts inside its reasoning), "model" when the template knows the think tags
+        but leaves opening them to the model (Qwen3), "none" when it has none (Llama-3, Qwen2: all content)."""
+        if self.chat_template is None:
+            return "prompt"
+        if self.chat_template.generation_prompt().rstrip().endswith(THINK_OPEN):
+            return "prompt"
+        return "model" if THINK_CLOSE in self.chat_template.source else "none"
+
+    def starts_in_reasoning(self, thinking: bool = True) -> bool:
+        """Whether a chat completion starts inside a think block (the generation prompt ended with ``<think>``)."""
+        if self.chat_template is None:
+            return thinking
+        variables = {} if thinking else {"thinking": False, "enable_thinking": False}
+        return self.chat_template.generation_prompt(**variables).rstrip().endswith(THINK_OPEN)
+
+    def reasoning_parser(self, thinking: bool = True) -> ReasoningStreamParser | PlainStreamParser:
+        """A new stream parser splitting this chat format's completions into (reasoning, content)."""
+        if self.reasoning == "none":
+            return PlainStreamParser()
+        return ReasoningStreamParser(starts_in_reasoning=self.starts_in_reasoning(thinking))
+
+    def split_reasoning(self, text: str, thinking: bool = True) -> tuple[str, str]:
+        """A whole chat completion as (reasoning, content), as :meth:`reasoning_parser` splits it."""
+        if self.reasoning == "none":
+            return "", text.strip()
+        return split_reasoning(text, starts_in_reasoning=self.starts_in_reasoning(thinking))
 
     def _chat_pieces(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool, thinking: bool
@@ -263,6 +357,10 @@ class Tokenizer:
     def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
         """A new :class:`StreamDecoder` over this tokenizer."""
         return StreamDecoder(self, skip_special_tokens)
+
+
+_MARK_OPEN, _MARK_CLOSE = "\U000f0000", "\U000f0001"  # private-use marks around an escaped token's index
+_MARKED = re.compile(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}")
 
 
 class StreamDecoder:
@@ -417,6 +515,19 @@ def split_reasoning(text: str, starts_in_reasoning: bool = False) -> tuple[str, 
     for tag, part in zip(rest[::2], rest[1::2], strict=True):
         (reasoning if tag == THINK_OPEN else answer).append(part)
     return "".join(reasoning).strip(), "".join(answer).strip()
+
+
+class PlainStreamParser:
+    """The stream parser of a chat format without reasoning: every piece is content (`ReasoningStreamParser`'s
+    interface)."""
+
+    def push(self, piece: str) -> tuple[str, str]:
+        """(reasoning, content) of the next piece: ("", piece)."""
+        return "", piece
+
+    def flush(self) -> tuple[str, str]:
+        """Nothing is held back."""
+        return "", ""
 
 
 class ReasoningStreamParser:
