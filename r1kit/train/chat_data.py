@@ -178,6 +178,57 @@ def encode_record(record: Any, tokenizer: Tokenizer, max_len: int) -> ChatExampl
     return example
 
 
+@dataclass
+class ChatRecord:
+    """One checked line of a chat JSONL file: its parsed object and where it came from (``file:line``)."""
+
+    where: str
+    record: dict[str, Any]
+
+
+def read_chat_records(path: str | Path, skip_invalid: bool = False) -> tuple[list[ChatRecord], ChatData]:
+    """The file's lines parsed and format-checked (not yet tokenized), and a ChatData counting the skipped ones.
+
+    A bad line raises :class:`ChatDataError` naming file and line, or with ``skip_invalid`` is counted.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ChatDataError(f"{path}: no such file")
+    records: list[ChatRecord] = []
+    data = ChatData([])
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, 1):
+            if line.strip():
+                try:
+                    record = _parse_line(line)
+                    record_messages(record)
+                    records.append(ChatRecord(f"{path}:{number}", record))
+                except ValueError as e:
+                    _refuse_or_count(data, f"{path}:{number}: {e}", skip_invalid)
+    return records, data
+
+
+def _refuse_or_count(data: ChatData, reason: str, skip_invalid: bool) -> None:
+    if not skip_invalid:
+        raise ChatDataError(f"{reason} (skip_invalid: true skips such lines)")
+    data.skipped += 1
+    if len(data.skip_reasons) < 10:
+        data.skip_reasons.append(reason)
+
+
+def encode_records(records: Sequence[ChatRecord], tokenizer: Tokenizer, max_len: int, skip_invalid: bool = False,
+                   data: ChatData | None = None) -> ChatData:
+    """Tokenize checked records into ``data`` (a new ChatData by default): an example longer than ``max_len``
+    raises :class:`ChatDataError` naming its line, or with ``skip_invalid`` is counted."""
+    data = ChatData([]) if data is None else data
+    for r in records:
+        try:
+            data.examples.append(encode_record(r.record, tokenizer, max_len))
+        except (ValueError, TokenizerError) as e:
+            _refuse_or_count(data, f"{r.where}: {e}", skip_invalid)
+    return data
+
+
 def read_chat_jsonl(path: str | Path, tokenizer: Tokenizer, max_len: int, skip_invalid: bool = False) -> ChatData:
     """Read a chat JSONL file (formats in the module docstring) into examples of at most ``max_len`` tokens.
 
@@ -186,23 +237,11 @@ def read_chat_jsonl(path: str | Path, tokenizer: Tokenizer, max_len: int, skip_i
     counted in ``skipped`` (the first reasons kept in ``skip_reasons`` and logged) instead. Blank lines are
     ignored. A file with no usable example is an error either way.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ChatDataError(f"{path}: no such file")
-    data = ChatData([])
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            try:
-                data.examples.append(encode_record(_parse_line(line), tokenizer, max_len))
-            except (ValueError, TokenizerError) as e:
-                reason = f"{path}:{number}: {e}"
-                if not skip_invalid:
-                    raise ChatDataError(f"{reason} (skip_invalid: true skips such lines)") from None
-                data.skipped += 1
-                if len(data.skip_reasons) < 10:
-                    data.skip_reasons.append(reason)
+    records, data = read_chat_records(path, skip_invalid)
+    return _require_examples(encode_records(records, tokenizer, max_len, skip_invalid, data), path)
+
+
+def _require_examples(data: ChatData, path: str | Path) -> ChatData:
     if data.skipped:
         log.warning("%s: skipped %d invalid line(s); first: %s", path, data.skipped, data.skip_reasons[0])
     if not data.examples:
@@ -312,3 +351,39 @@ class PackedBatches:
                              f"batches have seq_len={self.seq_len}, batch_size={self.batch_size}")
         self.epoch, self.row = int(state["epoch"]), int(state["row"])
         self._rows = self._epoch_rows(self.epoch)
+
+
+# ---------------------------------------------------------------------------------------------------- recipes
+
+
+def build_chat_batches(cfg: Any, tokenizer: Tokenizer) -> tuple[PackedBatches, PackedBatches]:
+    """Train and validation PackedBatches for a TrainConfig with ``data.chat_jsonl`` (what build_corpus returns).
+
+    Validation is ``data.validation_jsonl``, or a seeded ``data.validation_fraction`` of chat_jsonl's lines
+    (the training examples themselves when that is 0). The ``augment:`` section adds augmented copies of the
+    training side only; a copy that no longer fits ``seq_len`` is dropped and counted in the log.
+    """
+    d = cfg.data
+    records, train = read_chat_records(d.chat_jsonl, d.skip_invalid)
+    if d.validation_jsonl:
+        val_records, val = read_chat_records(d.validation_jsonl, d.skip_invalid)
+    else:
+        records, val_records = split_validation(records, d.validation_fraction, cfg.seed)
+        val = ChatData([])
+    train = _require_examples(encode_records(records, tokenizer, cfg.seq_len, d.skip_invalid, train), d.chat_jsonl)
+    if cfg.augment.ops or cfg.augment.translator:
+        from r1kit.train.augment import augment_records
+
+        copies = encode_records(augment_records(records, cfg.augment), tokenizer, cfg.seq_len, skip_invalid=True)
+        log.info("augment: %d augmented copies of %d training examples (%d too long, dropped)",
+                 len(copies.examples), len(train.examples), copies.skipped)
+        train.examples += copies.examples
+    if val_records:
+        val = _require_examples(encode_records(val_records, tokenizer, cfg.seq_len, d.skip_invalid, val),
+                                d.validation_jsonl or d.chat_jsonl)
+    else:
+        log.info("%s: no validation split (validation_fraction = 0): validating on training examples", d.chat_jsonl)
+        val = train
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    return (PackedBatches(train.examples, cfg.seq_len, cfg.batch_size, cfg.seed, pad_id),
+            PackedBatches(val.examples, cfg.seq_len, cfg.batch_size, cfg.seed + 1, pad_id, shuffle=False))

@@ -37,12 +37,43 @@ class DataSection:
     max_chars: int | None = None  # cap on standard-library characters read per side (None: all)
     tokenizer_vocab: int = 4096  # byte-level BPE trained on the training data (digits split)
     tokenizer_chars: int = 4_000_000  # characters of text the tokenizer is trained on
+    chat_jsonl: str | None = None  # fine-tune on this chat JSONL (r1kit.train.chat_data) instead of the mixture
+    validation_jsonl: str | None = None  # validation conversations; None: validation_fraction of chat_jsonl
+    validation_fraction: float = 0.05  # held out of chat_jsonl for validation (when no validation_jsonl)
+    skip_invalid: bool = False  # chat_jsonl: count and skip bad lines instead of stopping at the first
+
+
+@dataclass
+class AugmentSection:
+    """Augmentation of chat_jsonl's training side (r1kit.train.augment); off unless ops or translator is set."""
+
+    ops: dict[str, float] = field(default_factory=dict)  # EDA operation -> rate alpha, e.g. {synonym: 0.1}
+    n_aug: int | None = None  # augmented copies per example; None: Wei & Zou's choice for the data size
+    translator: str | None = None  # back-translation: an r1kit model folder or an OpenAI-compatible URL
+    translator_model: str | None = None  # the model name sent to an OpenAI-compatible translator
+    languages: tuple[str, str] = ("French", "German")  # back-translation's pivot languages, one copy each
+    wordnet: str | None = None  # WordNet dict folder; None: Debian's wordnet-base (scripts/install_wordnet.sh)
+    seed: int = 0
+
+
+@dataclass
+class LoRASection:
+    """LoRA / QLoRA fine-tuning (r1kit.lora): on when r >= 1; the frozen base is init_from (its own architecture)."""
+
+    r: int = 0  # adapter rank; 0: no adapters (the whole model trains)
+    alpha: float = 16.0  # scaling = alpha / r
+    dropout: float = 0.0
+    target_modules: Any = None  # a regex (str) or a list of module names; None: r1kit.lora.DEFAULT_TARGETS
+    qlora: str | None = None  # hold the frozen base as "int8" | "int4" | "nf4"; None: full precision
+    use_rslora: bool = False  # scaling = alpha / sqrt(r)
 
 
 @dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
+    augment: AugmentSection = field(default_factory=AugmentSection)
+    lora: LoRASection = field(default_factory=LoRASection)
     init_from: str | None = None  # start from this trained model folder (weights + tokenizer): a second stage
     seq_len: int = 256
     batch_size: int = 16
@@ -64,6 +95,8 @@ class TrainConfig:
     mtp_loss_weight: float = 0.3
     eval_interval: int = 200
     eval_batches: int = 8
+    early_stopping_patience: int | None = None  # stop after this many validations without improvement
+    early_stopping_min_delta: float = 0.0  # an improvement is a validation loss this much below the best
     checkpoint_interval: int = 200
     keep_checkpoints: int = 2
     log_interval: int = 10
@@ -101,7 +134,29 @@ class TrainConfig:
         if self.model.preset not in PRESETS:
             raise TrainConfigError(f"model.preset = {self.model.preset!r}: unknown; presets: {sorted(PRESETS)}")
         self.model_config()  # the overrides must form a valid ModelConfig
+        need(self.early_stopping_patience is None or self.early_stopping_patience >= 1, "early_stopping_patience",
+             "must be >= 1, or None for no early stopping")
+        need(self.early_stopping_min_delta >= 0, "early_stopping_min_delta", "must be >= 0")
         self._validate_data()
+        self._validate_augment()
+        self._validate_lora()
+
+    def _validate_lora(self) -> None:
+        lo = self.lora
+        if lo.r < 0:
+            raise TrainConfigError(f"lora.r = {lo.r!r}: must be >= 1 (0: no adapters)")
+        if not lo.r:
+            return
+        if not self.init_from:
+            raise TrainConfigError("lora.r is set but init_from is not: LoRA adapts a trained base (init_from: DIR)")
+        if not 0 <= lo.dropout < 1:
+            raise TrainConfigError(f"lora.dropout = {lo.dropout!r}: must be in [0, 1)")
+        if lo.qlora not in (None, "int8", "int4", "nf4"):
+            raise TrainConfigError(f"lora.qlora = {lo.qlora!r}: must be int8, int4, nf4 or None")
+        t = lo.target_modules
+        if not (t is None or (isinstance(t, str) and t) or (isinstance(t, list) and t
+                                                              and all(isinstance(x, str) for x in t))):
+            raise TrainConfigError(f"lora.target_modules = {t!r}: a regular expression or a list of module names")
 
     def _validate_data(self) -> None:
         d = self.data
@@ -123,6 +178,23 @@ class TrainConfig:
         bad = set(d.arithmetic_kinds) - set(KINDS)
         if bad or not d.arithmetic_kinds:
             raise TrainConfigError(f"data.arithmetic_kinds: unknown kind(s) {sorted(bad)}; kinds: {list(KINDS)}")
+        if not 0 <= d.validation_fraction < 1:
+            raise TrainConfigError(f"data.validation_fraction = {d.validation_fraction!r}: must be in [0, 1)")
+
+    def _validate_augment(self) -> None:
+        a = self.augment
+        from r1kit.train.augment import EDA_OPS
+
+        unknown = sorted(set(a.ops) - set(EDA_OPS))
+        if unknown:
+            raise TrainConfigError(f"augment.ops: unknown operation(s) {unknown}; operations: {list(EDA_OPS)}")
+        bad = {op: rate for op, rate in a.ops.items() if not isinstance(rate, (int, float)) or not 0 <= rate <= 1}
+        if bad:
+            raise TrainConfigError(f"augment.ops: rates must be numbers in [0, 1], got {bad}")
+        if a.n_aug is not None and a.n_aug < 1:
+            raise TrainConfigError(f"augment.n_aug = {a.n_aug!r}: must be >= 1, or None for Wei & Zou's choice")
+        if (a.ops or a.translator) and not self.data.chat_jsonl:
+            raise TrainConfigError("augment: applies to data.chat_jsonl, which is not set")
 
     def model_config(self) -> ModelConfig:
         try:
@@ -150,20 +222,26 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
         """Read a YAML recipe; keyword overrides (top-level keys) win over the file."""
-        path = Path(path)
-        if not path.is_file():
-            raise TrainConfigError(f"{path}: no such config file")
-        try:
-            d = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise TrainConfigError(f"{path}: not valid YAML ({e})") from None
-        except UnicodeDecodeError:
-            raise TrainConfigError(f"{path}: not a text file (not UTF-8)") from None
-        if d is None or d == {}:
-            raise TrainConfigError(f"{path}: the recipe is empty (no keys); see configs/*.yaml for a complete one")
-        if not isinstance(d, dict):
-            raise TrainConfigError(f"{path}: the top level must be a mapping of keys, got {type(d).__name__}")
-        return _build(cls, {**d, **overrides}, str(path))
+        return read_recipe(cls, path, overrides)
+
+
+def read_recipe(cls: type, path: str | Path, overrides: dict[str, Any]) -> Any:
+    """Dataclass `cls` (TrainConfig, GRPOConfig, ...) from a YAML recipe, every key checked; `overrides`
+    (top-level keys) win over the file. TrainConfigError naming the file for an unreadable or empty one."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainConfigError(f"{path}: no such config file")
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise TrainConfigError(f"{path}: not valid YAML ({e})") from None
+    except UnicodeDecodeError:
+        raise TrainConfigError(f"{path}: not a text file (not UTF-8)") from None
+    if d is None or d == {}:
+        raise TrainConfigError(f"{path}: the recipe is empty (no keys); see configs/*.yaml for a complete one")
+    if not isinstance(d, dict):
+        raise TrainConfigError(f"{path}: the top level must be a mapping of keys, got {type(d).__name__}")
+    return _build(cls, {**d, **overrides}, str(path))
 
 
 def _build(cls: type, d: dict[str, Any], where: str) -> Any:
@@ -203,6 +281,8 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         return value
     if origin is dict and isinstance(value, dict):
         return dict(value)
+    if origin is list and isinstance(value, list):
+        return [_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is tuple and isinstance(value, (list, tuple)) and len(value) == len(args):
         return tuple(_check_type(v, a, where) for v, a in zip(value, args, strict=True))
     if hint is Any:
