@@ -348,6 +348,18 @@ def _quantized_structure(model: Transformer, path: Path) -> tuple[dict[str, torc
     return quant_checkpoint.quantized_tensors(model), stats
 
 
+def _compressed_structure(model: Transformer, path: Path) -> dict[str, torch.dtype]:
+    """For a checkpoint whose config.json "compression" record lists low-rank or clustered layers (``r1kit
+    compress``): swap in those empty modules and return name -> dtype of the tensors kept as stored."""
+    record = model.config.extra["hf_config"].get("compression")
+    if not isinstance(record, dict) or not record.get("structure"):
+        return {}
+    from r1kit.compress.modules import swap_structure  # here: r1kit.compress's driver imports this module
+
+    swap_structure(model, record, str(path / "config.json"))
+    return quant_checkpoint.quantized_tensors(model)
+
+
 def _read_state(model: Transformer, reader: _Reader, quantized: dict[str, torch.dtype], block: tuple[int, int],
                 device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every tensor of `model` (built on the meta device) read from the checkpoint, in its target dtype on
@@ -414,6 +426,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     with torch.device("meta"):
         model = Transformer(cfg)
     quantized, stats = _quantized_structure(model, path)
+    quantized.update(_compressed_structure(model, path))
     _assign(model, _read_state(model, reader, quantized, block, device, dtype), path)
     _check_all_read(reader, cfg, path)
     how = f"; {stats['swapped']} modules {stats['method']}" if stats else ""
@@ -528,8 +541,9 @@ def save_model(model: Transformer, path: str | Path, dtype: torch.dtype | None =
                               f"model is already quantized ({qconfig['method']}); save it without fp8")
     kept = {h for n in quant_checkpoint.quantized_tensors(model) for h in _as_list(_hf_names(n, model.config))}
     path.mkdir(parents=True, exist_ok=True)
-    # no MTP copies of the embedding and head for a quantized model: its head has no single tensor to copy
-    plan = _plan_shards(model, kept, dtype, fp8, max_shard_bytes, mtp_copies=qconfig is None)
+    # no MTP copies of the embedding and head for a quantized (or low-rank, clustered) head: no single tensor to copy
+    plan = _plan_shards(model, kept, dtype, fp8, max_shard_bytes,
+                        mtp_copies=qconfig is None and type(model.lm_head) is torch.nn.Linear)
     _write_shards(plan, path, kept, dtype, fp8)
     hf = config_to_hf(model.config)
     hf["torch_dtype"] = str(dtype or model.embed_tokens.weight.dtype).removeprefix("torch.")

@@ -1,0 +1,319 @@
+"""`r1kit compress MODEL OUT --method M`: one table of methods, each with its options dataclass and its step.
+
+Every method loads MODEL, changes it, and writes OUT as a checkpoint ``R1Model.from_pretrained(OUT)`` loads (and
+the engine serves), with config.json's ``"compression"`` record: method, options, source model, what was done
+(stats), and, for low-rank and clustered layers, the module structure the loader rebuilds. Options are checked
+by TrainConfig's mechanism: a key a method does not take is an error naming it and listing the ones it takes.
+
+Methods that train (qat-*, and prune-* with max_steps > 0) fine-tune through r1kit.train.loop.train with its
+`prepare` hook (the recipe `data`, default configs/nano-sft.yaml, starting from MODEL's weights), then finish
+in the same call (QAT converts to the real int8/int4 modules; pruning keeps its zeros: masked gradients).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from r1kit.checkpoint import load_model, read_config, save_model
+from r1kit.compress import lowrank, prune, structured
+from r1kit.fileio import atomic_folder
+from r1kit.model.transformer import Transformer
+from r1kit.quant import quantize_model
+from r1kit.quant.qat import convert_qat, prepare_qat
+from r1kit.train.config import _build
+
+log = logging.getLogger("r1kit.compress")
+DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "nano-sft.yaml"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+class CompressError(ValueError):
+    """A compression method or option is unknown or out of range, or the source cannot be compressed so."""
+
+
+# ---------------------------------------------------------------------------------------------------- options
+
+
+@dataclass
+class NoOptions:
+    """int8 (per output row), fp8 (e4m3, per row): nothing to choose."""
+
+
+@dataclass
+class Int4Options:
+    group_size: int = 64  # inputs per scale/zero: 32, 64, 128, 256
+
+
+@dataclass
+class TrainOptions:
+    """A short fine-tune through r1kit.train.loop (recipe `data`, from MODEL's weights)."""
+
+    max_steps: int = 0
+    learning_rate: float = 1e-4
+    batch_size: int = 8
+    seq_len: int = 256
+    data: str | None = None  # a YAML recipe (default configs/nano-sft.yaml); its model must match MODEL
+    work_dir: str | None = None  # where the fine-tune's run goes (default runs/compress/<OUT name>)
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "seq_len"):
+            if getattr(self, name) < (0 if name == "max_steps" else 1):
+                raise CompressError(f"{name} must be {'>= 0' if name == 'max_steps' else '>= 1'}, "
+                                    f"got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise CompressError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+
+@dataclass
+class QATOptions(TrainOptions):
+    max_steps: int = 100
+    group_size: int = 64  # qat-int4 only
+
+
+@dataclass
+class PruneOptions(TrainOptions):
+    sparsity: float = 0.5
+    scope: str = "global"  # "global" (one magnitude cut over all the pruned weights) or "layer" (per tensor)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            prune.check_sparsity(self.sparsity)
+        except ValueError as e:
+            raise CompressError(str(e)) from None
+        if self.scope not in ("global", "layer"):
+            raise CompressError(f"scope must be 'global' or 'layer', got {self.scope!r}")
+
+
+@dataclass
+class TwoFourOptions(TrainOptions):
+    pass
+
+
+@dataclass
+class StructuredOptions:
+    heads: int | None = None  # attention heads kept per layer
+    mlp_keep: float | None = None  # fraction of MLP / expert channels kept
+    experts: int | None = None  # routed experts kept per MoE layer
+    expert_score: str = "frequency"  # "frequency" or "norm" (routing weight x output norm)
+    calibration_tokens: int = 8192  # training-side tokens the experts are ranked on
+
+    def __post_init__(self) -> None:
+        if self.heads is None and self.mlp_keep is None and self.experts is None:
+            raise CompressError("prune-structured needs at least one of heads, mlp_keep, experts")
+        if self.expert_score not in ("frequency", "norm"):
+            raise CompressError(f"expert_score must be 'frequency' or 'norm', got {self.expert_score!r}")
+
+
+@dataclass
+class LowRankOptions:
+    energy: float | None = None  # keep this fraction of sum s_i^2 (default 0.9 when neither rank nor target)
+    rank: int | None = None  # one rank for every layer
+    target: float | None = None  # factors take at most this fraction of each layer's numbers
+
+
+@dataclass
+class ClusterOptions:
+    clusters: int = 16  # centroids per codebook (2..16; indices are 4-bit)
+    group: int | None = None  # inputs per codebook (default: the whole row)
+    iters: int = 15  # Lloyd iterations
+
+
+# ---------------------------------------------------------------------------------------------------- methods
+
+
+@dataclass
+class Job:
+    """What a method step sees: the source folder, its options, and where a fine-tune may write."""
+
+    src: Path
+    out: Path
+    method: str
+    options: Any
+
+
+def _quantize(job: Job, model: Transformer) -> tuple[Transformer, dict]:
+    group = getattr(job.options, "group_size", 64)
+    stats = quantize_model(model, job.method, group_size=group)
+    return model, {"swapped": stats["swapped"], "weight_bytes_before": stats["weight_bytes_before"],
+                   "weight_bytes_after": stats["weight_bytes_after"]}
+
+
+def _qat(job: Job, _model: Transformer | None) -> tuple[Transformer, dict]:
+    method = job.method.removeprefix("qat-")
+    model, fit = finetune(job, lambda m: prepare_qat(m, method, job.options.group_size))
+    stats = convert_qat(model)
+    return model, {"swapped": stats["swapped"], "weight_bytes_after": stats["weight_bytes_after"], "finetune": fit}
+
+
+def _prune(job: Job, model: Transformer | None) -> tuple[Transformer, dict]:
+    def mask(m: Transformer) -> None:
+        weights = prune.prunable(m)
+        masks = (prune.two_four_masks(weights) if job.method == "prune-2:4"
+                 else prune.magnitude_masks(weights, job.options.sparsity, job.options.scope))
+        prune.apply_masks(weights, masks)
+        prune.keep_masked(weights, masks)
+
+    fit = None
+    if job.options.max_steps:
+        model, fit = finetune(job, mask)
+    else:
+        mask(model)
+    weights = prune.prunable(model)
+    stats: dict[str, Any] = {"sparsity": prune.sparsity_of(weights), "finetune": fit}
+    if job.method == "prune-2:4":
+        stats["two_four"] = all(prune.is_two_four(w) for w in weights.values())
+    return model, stats
+
+
+def _structured(job: Job, model: Transformer) -> tuple[Transformer, dict]:
+    o = job.options
+    ids = calibration_ids(job.src, o.calibration_tokens) if o.experts is not None else None
+    return structured.prune_structured(model, o.heads, o.mlp_keep, o.experts, o.expert_score, ids)
+
+
+def _low_rank(job: Job, model: Transformer) -> tuple[Transformer, dict]:
+    o = job.options
+    energy = 0.9 if o.energy is None and o.rank is None and o.target is None else o.energy
+    done = lowrank.low_rank(model, o.rank, energy, o.target)
+    return model, {"layers": done, "structure": {"low_rank": {n: d["rank"] for n, d in done.items()}}}
+
+
+def _cluster(job: Job, model: Transformer) -> tuple[Transformer, dict]:
+    o = job.options
+    done = lowrank.cluster(model, o.clusters, o.group, o.iters)
+    return model, {"layers": done, "structure": {"cluster": {n: d["group"] for n, d in done.items()}}}
+
+
+Step = Callable[[Job, Any], tuple[Transformer, dict]]
+# name -> (options dataclass, step, whether the step loads MODEL itself (fine-tunes do))
+METHODS: dict[str, tuple[type, Step, bool]] = {
+    "int8": (NoOptions, _quantize, False),
+    "int4": (Int4Options, _quantize, False),
+    "fp8": (NoOptions, _quantize, False),
+    "qat-int8": (QATOptions, _qat, True),
+    "qat-int4": (QATOptions, _qat, True),
+    "prune-unstructured": (PruneOptions, _prune, False),
+    "prune-2:4": (TwoFourOptions, _prune, False),
+    "prune-structured": (StructuredOptions, _structured, False),
+    "low-rank": (LowRankOptions, _low_rank, False),
+    "cluster": (ClusterOptions, _cluster, False),
+}
+QUANT_METHODS = ("int8", "int4", "fp8")
+# methods whose output is a plain checkpoint that another method may compress further (e.g. prune, then int4)
+CHAINABLE = ("prune-unstructured", "prune-2:4", "prune-structured")
+
+
+def parse_options(method: str, options: dict[str, Any]) -> Any:
+    """The method's options dataclass from a dict; unknown methods and keys are errors that list the known ones."""
+    if method not in METHODS:
+        raise CompressError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
+    cls = METHODS[method][0]
+    try:
+        return _build(cls, options, f"--method {method} options")
+    except CompressError as e:
+        raise CompressError(f"--method {method}: {e}") from None
+    except ValueError as e:
+        raise CompressError(str(e)) from None
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def calibration_ids(src: Path, tokens: int, seq_len: int = 256, seed: int = 0) -> torch.Tensor:
+    """(B, seq_len) token ids from the training side: standard-library code and arithmetic conversations."""
+    from r1kit.tokenizer import Tokenizer
+    from r1kit.train.data import KINDS, chat_example, read_texts, sample_problem, split_files, stdlib_files
+
+    tok = Tokenizer.from_dir(src)
+    train_files, _ = split_files(stdlib_files())
+    random.Random(seed).shuffle(train_files)
+    ids: list[int] = []
+    for text in read_texts(train_files[:40], tokens * 3):
+        ids += tok.encode(text)
+    rng = random.Random(seed)
+    while len(ids) < 2 * tokens:
+        ids += chat_example(sample_problem(rng, rng.choice(list(KINDS))), tok)[0]
+    half = tokens // 2 // seq_len * seq_len  # half code, half arithmetic
+    code, arith = ids[:half], ids[-half:]
+    return torch.tensor(code + arith).view(-1, seq_len)
+
+
+def finetune(job: Job, prepare: Callable[[Transformer], None]) -> tuple[Transformer, dict]:
+    """Fine-tune MODEL for options.max_steps through r1kit.train.loop.train, `prepare` applied to the model
+    before the optimizer is built; returns the trained model (eval mode) and the loop's summary."""
+    from r1kit.train.config import TrainConfig
+    from r1kit.train.loop import train
+
+    o = job.options
+    work = Path(o.work_dir or Path("runs") / "compress" / job.out.name)
+    if work.exists():
+        shutil.rmtree(work)
+    recipe = Path(o.data) if o.data else DEFAULT_RECIPE
+    cfg = TrainConfig.from_yaml(
+        recipe, init_from=str(job.src), out_dir=str(work), max_steps=o.max_steps, token_budget=None,
+        learning_rate=o.learning_rate, warmup_steps=min(10, o.max_steps), batch_size=o.batch_size,
+        seq_len=o.seq_len, eval_interval=o.max_steps, checkpoint_interval=o.max_steps,
+        log_interval=max(1, o.max_steps // 10), threads=torch.get_num_threads())
+    cfg.data.arithmetic_examples = min(cfg.data.arithmetic_examples, 20_000)  # a short run needs little data
+    cfg.data.max_chars = min(cfg.data.max_chars or 1_000_000, 1_000_000)
+    held: list[Transformer] = []
+
+    def hook(model: Transformer) -> None:
+        prepare(model)
+        held.append(model)
+
+    summary = train(cfg, progress=True, prepare=hook)
+    return held[0].eval(), {k: summary[k] for k in ("steps", "tokens", "elapsed_s")}
+
+
+def _check_source(src: Path, method: str) -> dict[str, Any]:
+    """The source's config.json; refuses sources this method cannot compress (already quantized, compressed)."""
+    hf = read_config(src).extra["hf_config"]
+    previous = hf.get("compression")
+    if (hf.get("quantization_config") or {}).get("quant_method") == "r1kit":
+        raise CompressError(f"{src} is already quantized ({hf['quantization_config'].get('method')}); "
+                            "compress the original model")
+    if previous is not None:
+        done = previous.get("method")
+        if done not in CHAINABLE or method not in QUANT_METHODS:
+            raise CompressError(f"{src} is already compressed ({done}); only {', '.join(QUANT_METHODS)} may follow "
+                                f"{', '.join(CHAINABLE)}: compress the original model")
+    return hf
+
+
+def compress(src: str | Path, out: str | Path, method: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Compress checkpoint `src` with `method` into the new folder `out`; returns the compression record."""
+    from r1kit.api import resolve_model_path
+
+    opts = parse_options(method, options or {})
+    src, out = resolve_model_path(src), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CompressError(f"{out} already exists and is not an empty folder; choose a new OUT")
+    hf = _check_source(src, method)
+    stored = getattr(torch, str(hf.get("torch_dtype", "float32")), torch.float32)
+    stored = stored if stored in (torch.float32, torch.bfloat16) else torch.float32
+    _, step, trains = METHODS[method]
+    job = Job(src, out, method, opts)
+    model = None if trains or getattr(opts, "max_steps", 0) else load_model(src, "cpu", torch.float32)
+    model, stats = step(job, model)
+    record = {"method": method, "options": dataclasses.asdict(opts), "source": str(src),
+              "structure": stats.pop("structure", None), "stats": stats}
+    if hf.get("compression") is not None:
+        record["previous"] = hf["compression"]
+    model.config.extra.setdefault("hf_config", {})["compression"] = record
+    with atomic_folder(out) as tmp:  # written whole, then renamed: never half a checkpoint
+        save_model(model, tmp, dtype=stored)
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+    return record
