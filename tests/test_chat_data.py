@@ -171,3 +171,49 @@ def test_packed_forward_equals_each_document_alone(make_model, name):
                 mtp_alone = model.mtp_logits(h, d[None])[0][0]  # (len - 1, V), the last one has no next token
                 assert torch.allclose(mtp_packed[start:start + len(d) - 2], mtp_alone[:-1], atol=1e-5)
                 start += len(d)
+
+
+def arithmetic_chat_file(path: Path, n: int, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        p = arithmetic.sample_problem(rng, "add2")
+        rows.append({"messages": [{"role": "user", "content": p.question},
+                                  {"role": "assistant", "reasoning_content": arithmetic.reasoning(p),
+                                   "content": str(p.answer)}]})
+    return write_jsonl(path, rows)
+
+
+def test_train_on_chat_jsonl_with_validation_and_early_stopping(tok, tmp_path):
+    """r1kit train with data.chat_jsonl: packed rows, a validation split, and early stopping ending the run."""
+    from r1kit.api import random_checkpoint
+    from r1kit.train.config import TrainConfig
+    from r1kit.train.loop import train
+
+    base = random_checkpoint(tmp_path / "base", "tiny-moe", tokenizer=tok)
+    cfg = TrainConfig.from_dict({
+        "model": {"preset": "tiny-moe"}, "init_from": str(base), "out_dir": str(tmp_path / "run"),
+        "data": {"chat_jsonl": str(arithmetic_chat_file(tmp_path / "d.jsonl", 24)), "validation_fraction": 0.25},
+        "seq_len": 96, "batch_size": 2, "max_steps": 50, "warmup_steps": 0, "learning_rate": 1e-3,
+        "eval_interval": 2, "eval_batches": 2, "checkpoint_interval": 50, "log_interval": 1, "precision": "fp32",
+        # nothing counts as an improvement after the first validation: the run stops at the second (step 4)
+        "early_stopping_patience": 1, "early_stopping_min_delta": 100.0, "threads": 1})
+    summary = train(cfg, progress=False)
+    assert summary["steps"] == 4 and summary["early_stopped"] and summary["best_val_step"] == 2
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
+
+
+def test_early_stopping_by_hand():
+    from r1kit.train.loop import EarlyStopping
+
+    s = EarlyStopping(patience=2, min_delta=0.1)
+    for step, loss in [(1, 3.0), (2, 2.5), (3, 2.45), (4, 2.6)]:
+        assert not s.stopped
+        s.update(step, loss)
+    assert s.stopped and (s.best, s.best_step) == (2.5, 2)
+    never = EarlyStopping(patience=None)
+    for step in range(10):
+        never.update(step, 1.0)
+    assert not never.stopped and never.summary() == {}

@@ -619,8 +619,13 @@ def _save_tokenizer(tokenizer: Tokenizer, folder: Path, recipe: dict[str, Any]) 
         (tmp / "recipe.json").write_text(json.dumps(recipe))
 
 
-def build_corpus(cfg: Any, tokenizer: Tokenizer) -> tuple[Mixture, Mixture]:
-    """Train and validation Mixtures for a TrainConfig (see build_nano_corpus)."""
+def build_corpus(cfg: Any, tokenizer: Tokenizer) -> tuple[Any, Any]:
+    """Train and validation batches for a TrainConfig: Mixtures (see build_nano_corpus), or with data.chat_jsonl
+    the user's chat data packed by r1kit.train.chat_data.build_chat_batches."""
+    if cfg.data.chat_jsonl:
+        from r1kit.train.chat_data import build_chat_batches
+
+        return build_chat_batches(cfg, tokenizer)
     d = cfg.data
     return build_nano_corpus(tokenizer, seed=cfg.seed, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                              arithmetic_examples=d.arithmetic_examples, weights=d.mixture,

@@ -66,14 +66,22 @@ def masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -
     return (ce * m).sum() / m.sum().clamp(min=1)
 
 
-def step_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Main next-token loss and the mean MTP loss (None without MTP). x, y, mask (B, T); y = x shifted."""
-    logits, hidden = model(x, return_hidden=True)
+def step_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+                doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Main next-token loss and the mean MTP loss (None without MTP). x, y, mask (B, T); y = x shifted.
+
+    doc_ids (B, T): packed rows (r1kit.train.chat_data), attention within each document; an MTP target in the
+    next document does not count."""
+    logits, hidden = model(x, return_hidden=True, doc_ids=doc_ids)
     loss = masked_ce(logits, y, mask)
     if not model.mtp:
         return loss, None
-    mtp = [masked_ce(lg, y[:, 1 + d:], mask[:, 1 + d:]) for d, lg in enumerate(model.mtp_logits(hidden, x))]
+    mtp = []
+    for d, lg in enumerate(model.mtp_logits(hidden, x, doc_ids)):  # position t predicts y[t + 1 + d]
+        m = mask[:, 1 + d:]
+        if doc_ids is not None:
+            m = m * (doc_ids[:, :-1 - d] == doc_ids[:, 1 + d:])
+        mtp.append(masked_ce(lg, y[:, 1 + d:], m))
     return loss, torch.stack(mtp).mean()
 
 
@@ -111,9 +119,10 @@ def evaluate(model: Transformer, batches: list[tuple[torch.Tensor, ...]], precis
     model.eval()
     device = model.embed_tokens.weight.device
     total = 0.0
-    for x, y, mask in batches:
+    for x, y, mask, *doc in batches:  # doc: the document ids of packed rows, when the data has them
+        doc_ids = doc[0].to(device) if doc else None
         with autocast(precision, device):
-            total += float(masked_ce(model(x.to(device)), y.to(device), mask.to(device)))
+            total += float(masked_ce(model(x.to(device), doc_ids=doc_ids), y.to(device), mask.to(device)))
     model.train(was_training)
     return total / max(1, len(batches))
 
@@ -180,6 +189,37 @@ def build_model(cfg: TrainConfig, vocab_size: int, bos: int | None, eos: int | N
     return model
 
 
+def build_lora_model(cfg: TrainConfig, device: torch.device) -> Transformer:
+    """LoRA / QLoRA (``lora.r >= 1``): the init_from checkpoint as the frozen base, in its own architecture (the
+    recipe's model section is not used), held int8/int4/nf4 with ``lora.qlora``, adapters injected (fp32); only
+    the adapters are trainable."""
+    from r1kit.checkpoint import load_model
+    from r1kit.lora import LoRAConfig, inject_lora, mark_only_lora_trainable, quantize_base
+
+    lo = cfg.lora
+    model = load_model(cfg.init_from, device, torch.float32)
+    if lo.qlora:
+        quantize_base(model, lo.qlora)
+    lcfg = LoRAConfig(r=lo.r, alpha=lo.alpha, dropout=lo.dropout, use_rslora=lo.use_rslora,
+                      **({"target_modules": lo.target_modules} if lo.target_modules is not None else {}))
+    adapted = inject_lora(model, lcfg)
+    params = mark_only_lora_trainable(model)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    for moe in moe_layers(model):
+        moe.aux_loss_alpha, moe.capacity_factor = cfg.moe_aux_loss_alpha, cfg.moe_capacity_factor
+    log.info("LoRA r=%d on %d modules of %s%s: %s trainable parameters", lo.r, len(adapted), cfg.init_from,
+             f" (base {lo.qlora})" if lo.qlora else "", f"{sum(p.numel() for p in params):,}")
+    return model.train()
+
+
+def model_state(model: Transformer, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """What a training checkpoint keeps of the model: everything, or with LoRA the trainable adapters only."""
+    if not cfg.lora.r:
+        return model.state_dict()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {n: t for n, t in model.state_dict().items() if n in trainable}
+
+
 def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices only (not on norms, biases or the routing bias)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
@@ -229,7 +269,7 @@ class RunState:
 
 
 def restore_run(state: dict[str, Any] | None, out: Path, model: Transformer, opt: torch.optim.Optimizer,
-                data: Any) -> RunState:
+                data: Any, cfg: TrainConfig | None = None) -> RunState:
     """Load a checkpoint's weights, optimizer, data position and RNG, and cut metrics.jsonl back to its step.
 
     Without a checkpoint (a new run) the run starts at step 0 with no metrics.jsonl.
@@ -239,7 +279,10 @@ def restore_run(state: dict[str, Any] | None, out: Path, model: Transformer, opt
         metrics_file.unlink(missing_ok=True)
         return RunState()
     try:
-        model.load_state_dict(state["model"])
+        lora = cfg is not None and cfg.lora.r
+        missing = set(model.load_state_dict(state["model"], strict=not lora).missing_keys)
+        if lora and missing & set(model_state(model, cfg)):  # with LoRA the checkpoint holds the adapters only
+            raise KeyError(f"missing {sorted(missing & set(model_state(model, cfg)))[:5]}")
         opt.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise TrainingError(f"{out / 'checkpoints'}: the checkpoint does not fit this model ({e})") from None
@@ -280,9 +323,9 @@ def run_step(model: Transformer, opt: torch.optim.Optimizer, data: Any, layers: 
     loss_sum, mtp_sum, aux_sum, tokens = 0.0, 0.0, 0.0, 0
     t0 = time.perf_counter()
     for _ in range(cfg.gradient_accumulation):
-        x, y, mask = (t.to(device) for t in data.next_batch())
+        x, y, mask, *doc = (t.to(device) for t in data.next_batch())
         with autocast(cfg.precision, device):
-            loss, mtp = step_losses(model, x, y, mask)
+            loss, mtp = step_losses(model, x, y, mask, doc[0] if doc else None)
             total_loss = loss if mtp is None else loss + cfg.mtp_loss_weight * mtp
             aux = [m.aux_loss for m in layers if m.aux_loss is not None]
             if aux:
@@ -299,7 +342,7 @@ def run_step(model: Transformer, opt: torch.optim.Optimizer, data: Any, layers: 
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
     opt.step()
     opt.zero_grad(set_to_none=True)
-    maxvio = balance_experts(layers, loads, cfg.moe_balance_rate)
+    maxvio = balance_experts(layers, loads, 0.0 if cfg.lora.r else cfg.moe_balance_rate)  # LoRA: the base is frozen
     n = cfg.gradient_accumulation
     return StepResult(lr, loss_sum / n, mtp_sum / n, aux_sum / n, grad_norm, tokens, time.perf_counter() - t0,
                       loads, dropped, maxvio)
@@ -340,6 +383,43 @@ class MetricsLog:
         self.file.flush()
 
 
+@dataclasses.dataclass
+class EarlyStopping:
+    """Early stopping on validation loss: stop once `patience` validations in a row did not go `min_delta` below
+    the best so far (never with patience None). The run then ends, and is finalized, at that step's weights."""
+
+    patience: int | None
+    min_delta: float = 0.0
+    best: float = math.inf
+    best_step: int = 0
+    bad: int = 0
+
+    @property
+    def stopped(self) -> bool:
+        return self.patience is not None and self.bad >= self.patience
+
+    def update(self, step: int, val_loss: float) -> None:
+        if val_loss < self.best - self.min_delta:
+            self.best, self.best_step, self.bad = val_loss, step, 0
+        else:
+            self.bad += 1
+
+    @classmethod
+    def replay(cls, cfg: TrainConfig, metrics_file: Path) -> EarlyStopping:
+        """The state after the validations already in metrics.jsonl (a resumed run's, cut to its checkpoint)."""
+        stopper = cls(cfg.early_stopping_patience, cfg.early_stopping_min_delta)
+        lines = metrics_file.read_text().splitlines() if metrics_file.exists() else []
+        for record in map(json.loads, lines):
+            if "val_loss" in record:
+                stopper.update(record["step"], record["val_loss"])
+        return stopper
+
+    def summary(self) -> dict[str, Any]:
+        if self.patience is None:
+            return {}
+        return {"early_stopped": self.stopped, "best_val_loss": self.best, "best_val_step": self.best_step}
+
+
 def progress_bar(progress: bool, total: int, step: int) -> Any:
     """A tqdm bar over the run's steps, starting at `step`; None without progress."""
     if not progress:
@@ -368,13 +448,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, device:
     tokenizer: Tokenizer = prepare_tokenizer(cfg, out / "tokenizer")
     train_data, val_data = build_corpus(cfg, tokenizer)
     val_batches = [val_data.next_batch() for _ in range(cfg.eval_batches)]
-    model = build_model(cfg, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, device)
-    if cfg.init_from and state is None:
+    if cfg.lora.r:
+        model = build_lora_model(cfg, device)
+    else:
+        model = build_model(cfg, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, device)
+    if cfg.init_from and state is None and not cfg.lora.r:
         load_initial_weights(model, cfg.init_from, device)
     if prepare is not None:
         prepare(model)
     opt = make_optimizer(model, cfg)
-    run = restore_run(state, out, model, opt, train_data)
+    run = restore_run(state, out, model, opt, train_data, cfg)
+    stopper = EarlyStopping.replay(cfg, out / "metrics.jsonl")
 
     layers, total = moe_layers(model), cfg.total_steps
     end = total if stop_after is None else min(total, run.step + stop_after)
@@ -382,7 +466,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, device:
     model.train()
     with open(out / "metrics.jsonl", "a") as file:
         metrics = MetricsLog(file, model, cfg)
-        while run.step < end:
+        while run.step < end and not stopper.stopped:
             r = run_step(model, opt, train_data, layers, cfg, lr_at(run.step, cfg), device)
             run.step, run.tokens, run.elapsed = run.step + 1, run.tokens + r.tokens, run.elapsed + r.seconds
             if bar is not None:
@@ -392,15 +476,16 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, device:
             if run.step % cfg.eval_interval == 0 or run.step == total:
                 val = evaluate(model, val_batches, cfg.precision)
                 metrics.validation(run, val)
+                stopper.update(run.step, val)
                 if bar is not None:
-                    bar.write(f"step {run.step}: val_loss {val:.4f}")
-            if run.step % cfg.checkpoint_interval == 0 or run.step == end:
+                    bar.write(f"step {run.step}: val_loss {val:.4f}" + (" (early stop)" if stopper.stopped else ""))
+            if run.step % cfg.checkpoint_interval == 0 or run.step == end or stopper.stopped:
                 save_training_checkpoint(out, cfg, model, opt, train_data, run.step, run.tokens, run.elapsed)
     if bar is not None:
         bar.close()
     summary = {"steps": run.step, "tokens": run.tokens, "elapsed_s": run.elapsed,
-               "tok_s": run.tokens / max(run.elapsed, 1e-9)}
-    if run.step == total:
+               "tok_s": run.tokens / max(run.elapsed, 1e-9), **stopper.summary()}
+    if run.step == total or stopper.stopped:
         summary.update(finalize(out, model, tokenizer, cfg))
     return summary
 
@@ -409,7 +494,7 @@ def save_training_checkpoint(out: Path, cfg: TrainConfig, model: Transformer, op
                              data: Any, step: int, tokens: int, elapsed: float) -> Path:
     """Write step_N.pt atomically, then drop the oldest beyond keep_checkpoints."""
     file = out / "checkpoints" / f"step_{step:08d}.pt"
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "tokens": tokens,
+    state = {"model": model_state(model, cfg), "optimizer": opt.state_dict(), "step": step, "tokens": tokens,
              "elapsed": elapsed, "data": data.state_dict(), "rng": torch.get_rng_state(), "config": cfg.to_dict()}
     atomic_write(file, lambda tmp: torch.save(state, tmp))
     for old in checkpoint_files(out)[:-cfg.keep_checkpoints]:
@@ -419,10 +504,17 @@ def save_training_checkpoint(out: Path, cfg: TrainConfig, model: Transformer, op
 
 def finalize(out: Path, model: Transformer, tokenizer: Tokenizer, cfg: TrainConfig) -> dict[str, Any]:
     """Save the trained model in Hugging Face format (bf16) with its tokenizer, the loss plot and, for a MoE,
-    one expert-load heatmap per MoE layer (final/expert_load/)."""
+    one expert-load heatmap per MoE layer (final/expert_load/). With LoRA: the adapter (PEFT's layout) at the top
+    of `out` instead of a model (the plots still in final/)."""
     final = out / "final"
-    save_model(model, final, dtype=torch.bfloat16)
-    tokenizer.save(final)
+    if cfg.lora.r:
+        from r1kit.lora import save_adapter
+
+        final.mkdir(parents=True, exist_ok=True)
+        save_adapter(model, out, base_model=cfg.init_from)
+    else:
+        save_model(model, final, dtype=torch.bfloat16)
+        tokenizer.save(final)
     plot = plot_metrics(out / "metrics.jsonl", final / "loss.png")
     names = [name for name, m in model.named_modules() if isinstance(m, MoE)]  # the order of moe_layers()
     load_plots = plot_expert_load(out / "metrics.jsonl", final / "expert_load", names) if names else []
