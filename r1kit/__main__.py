@@ -5,10 +5,12 @@
     r1kit chat MODEL                interactive chat; reasoning shown apart from the answer
     r1kit convert SRC OUT           rewrite a checkpoint (FP8 or pickle -> safetensors, change dtype, reshard)
     r1kit quantize MODEL --to M OUT write an int8 / int4 / fp8 weight-quantized checkpoint
+    r1kit compress MODEL OUT --method M   quantize, QAT, prune, low-rank or cluster into a checkpoint that serves
     r1kit train --config YAML       train (pretraining + SFT mixture), resumable with --resume
     r1kit eval MODEL --task T       arithmetic accuracy, held-out perplexity, or HumanEval pass@k
     r1kit demo                      the main job: a tour on a small model
     r1kit serve MODEL --port 8000   OpenAI-compatible HTTP server (+ gRPC with --grpc-port), chat page at /
+    r1kit audit verify|show DB      check a safety audit log's hash chain and signatures, or print its records
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def _model_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps, npu")
     p.add_argument("--dtype", default=None, help="bf16, fp32, fp16 (default: best for the device)")
     p.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt weights (weights-only)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="Jinja chat template replacing the checkpoint's own (or a tokenizer_config.json holding one)")
 
 
 def _sampling(a: argparse.Namespace) -> dict:
@@ -63,7 +67,8 @@ def _load(a: argparse.Namespace):
     if not (path / TOKENIZER_FILE).is_file():
         raise ValueError(f"{path} has no {TOKENIZER_FILE}: `r1kit {a.command}` needs it to turn text into tokens; "
                          f"copy the {TOKENIZER_FILE} (and tokenizer_config.json) of the model it comes from there")
-    return R1Model.from_pretrained(a.model, device=a.device, dtype=a.dtype, allow_pickle=a.allow_pickle)
+    return R1Model.from_pretrained(a.model, device=a.device, dtype=a.dtype, allow_pickle=a.allow_pickle,
+                                   chat_template=a.chat_template)
 
 
 # ---------------------------------------------------------------------------------------------------- commands
@@ -169,10 +174,8 @@ def _chat_budget(model, a: argparse.Namespace) -> tuple[int, int]:
 
 def _stream_answer(model, messages: list[dict[str, str]], a: argparse.Namespace) -> str:
     """Print the answer as it is generated, its reasoning dimmed after "[thinking]"; return the answer's content."""
-    from r1kit.tokenizer import ReasoningStreamParser
-
     dim, reset = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
-    parser = ReasoningStreamParser(starts_in_reasoning=not a.no_think)
+    parser = model.tokenizer.reasoning_parser(thinking=not a.no_think)
     answer: list[str] = []
     in_reasoning = False
 
@@ -254,6 +257,27 @@ def cmd_quantize(a: argparse.Namespace) -> None:
           f"in {stored})")
 
 
+def cmd_compress(a: argparse.Namespace) -> None:
+    """Compress a checkpoint (quantize, QAT, prune, low-rank, cluster) into a new folder that loads and serves."""
+    from r1kit.compress.driver import compress, option_types
+
+    options = {k: getattr(a, k) for k in option_types() if getattr(a, k) is not None}
+    record = compress(a.model, a.out, a.method, options)
+    stats = {k: v for k, v in record["stats"].items() if k not in ("layers", "expert_importance")}
+    disk = sum(f.stat().st_size for f in Path(a.out).glob("*.safetensors"))
+    print(f"wrote {a.out} ({a.method}, {disk / 2**20:.2f} MiB of safetensors): {json.dumps(stats)}")
+
+
+def _compress_args(p: argparse.ArgumentParser) -> None:
+    from r1kit.compress.driver import METHODS, option_types
+
+    p.add_argument("model", help="checkpoint folder or r1kit/<bundled>")
+    p.add_argument("out", help="new folder for the compressed checkpoint")
+    p.add_argument("--method", required=True, help=", ".join(METHODS))
+    for name, typ in option_types().items():  # each method takes some of these (see r1kit.compress.driver)
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     """Train from a YAML recipe (configs/*.yaml); --resume continues a killed run exactly."""
     from r1kit.train.config import TrainConfig
@@ -265,6 +289,45 @@ def cmd_train(a: argparse.Namespace) -> None:
     cfg = TrainConfig.from_yaml(a.config, **overrides)
     summary = train(cfg, resume=a.resume, device=a.device)
     print(json.dumps(summary, indent=2))
+
+
+def cmd_augment(a: argparse.Namespace) -> None:
+    """Augment a chat JSONL: each record followed by its EDA copies (WordNet synonyms, insertion, swap, deletion) and
+    back-translations (--translator); only the user's side changes."""
+    from r1kit.train.augment import augment_file
+    from r1kit.train.config import AugmentSection
+
+    ops = [op.strip() for op in a.ops.split(",") if op.strip() and op.strip() != "none"]
+    languages = tuple(x.strip() for x in a.languages.split(","))
+    if len(languages) != 2:
+        raise ValueError(f"--languages {a.languages!r}: give two languages, e.g. French,German")
+    section = AugmentSection(ops={op: a.alpha for op in ops}, n_aug=a.n_aug, translator=a.translator,
+                             translator_model=a.translator_model, languages=languages, wordnet=a.wordnet, seed=a.seed)
+    print(json.dumps(augment_file(a.input, a.output, section, skip_invalid=a.skip_invalid)))
+
+
+def _augment_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="chat JSONL (messages / prompt+completion / text)")
+    p.add_argument("output", help="the JSONL to write: originals and their augmented copies")
+    p.add_argument("--ops", default="synonym,insert,swap,delete", help="EDA operations, comma-separated ('none': "
+                   "back-translation only)")
+    p.add_argument("--alpha", type=float, default=0.1, help="EDA's rate for every operation (Wei & Zou: 0.1)")
+    p.add_argument("--n-aug", type=int, default=None, help="EDA copies per record (default: Wei & Zou's by size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--translator", default=None, help="back-translate with this r1kit model or OpenAI-compatible URL")
+    p.add_argument("--translator-model", default=None, help="model name sent to an OpenAI-compatible translator")
+    p.add_argument("--languages", default="French,German", help="the two pivot languages of back-translation")
+    p.add_argument("--wordnet", default=None, help="WordNet dict folder (default: Debian's /usr/share/wordnet)")
+    p.add_argument("--skip-invalid", action="store_true", help="skip bad lines (counted) instead of stopping")
+
+
+def cmd_distill(a: argparse.Namespace) -> None:
+    """Distil a teacher into a student from a YAML recipe (teacher traces, then KL/JSD to the teacher's logits,
+    on-policy as in GKD); --resume continues a killed run."""
+    from r1kit.train.distill import DistillConfig, distill
+
+    cfg = DistillConfig.from_yaml(a.config, out_dir=a.out_dir)
+    print(json.dumps(distill(cfg, resume=a.resume, device=a.device), indent=2))
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
@@ -377,9 +440,9 @@ def cmd_serve(a: argparse.Namespace) -> None:
     if a.grpc_port is not None:
         check_free(a.host, a.grpc_port, "--grpc-port")
     model = R1Model.from_pretrained(a.model, device=a.device, dtype=a.dtype, quantization=a.quantization,
-                                    allow_pickle=a.allow_pickle)
+                                    allow_pickle=a.allow_pickle, chat_template=a.chat_template)
     service = EngineService(model, engine_config_from_args(a), max_queue=a.max_queue,
-                            request_timeout=a.request_timeout)
+                            request_timeout=a.request_timeout, shield=_serve_shield(a))
     log.info("%s; max_queue=%d, request_timeout=%s", service.config.describe(), service.max_queue,
              service.request_timeout)
     service.start()
@@ -403,6 +466,41 @@ def cmd_serve(a: argparse.Namespace) -> None:
         if grpc_server is not None:
             grpc_server.stop(0).wait()
         service.shutdown(drain=False)
+        if service.shield is not None:
+            service.shield.close()  # the queued audit records, and a last signed checkpoint
+
+
+def _serve_shield(a: argparse.Namespace):
+    """The safety shield of `r1kit serve`: --safety YAML (input + output shields) and/or --audit-db (the audit
+    trail alone when given without --safety: both shields off); None when neither is given."""
+    from r1kit.safety import SafetyConfig, Shield
+
+    if a.safety is None and a.audit_db is None:
+        return None
+    config = SafetyConfig.from_yaml(a.safety) if a.safety else SafetyConfig.from_dict(
+        {"input": {"enabled": False}, "output": {"enabled": False}})
+    for name, value in (("db", a.audit_db), ("content", a.audit_content), ("key", a.audit_key)):
+        if value is not None:
+            setattr(config.audit, name, value)
+    config.validate()
+    return Shield(config)
+
+
+def cmd_audit(a: argparse.Namespace) -> None:
+    """Safety audit log: `verify DB` (exit 0 when intact, 1 naming the first bad record) or `show DB`."""
+    from r1kit.safety.audit import read_records, verify
+
+    if a.action == "verify":
+        problems = verify(a.db, key=a.key)
+        if problems:
+            print(f"{a.db}: TAMPERED: {problems[0]}", file=sys.stderr)
+            for p in problems[1:10]:
+                print(f"  also: {p}", file=sys.stderr)
+            sys.exit(1)
+        print(f"{a.db}: intact ({len(read_records(a.db))} records)")
+        return
+    for r in read_records(a.db, since=a.since, request_id=a.request_id):
+        print(json.dumps(r, ensure_ascii=False))
 
 
 def _serve_replicas(a: argparse.Namespace) -> None:
@@ -421,7 +519,7 @@ def _serve_replicas(a: argparse.Namespace) -> None:
     extra = ["--device", a.device, "--max-queue", str(a.max_queue), "--shutdown-timeout", str(a.shutdown_timeout),
              *engine_flags(a)]
     for flag, value in (("--dtype", a.dtype), ("--request-timeout", a.request_timeout),
-                        ("--quantization", a.quantization)):
+                        ("--quantization", a.quantization), ("--chat-template", a.chat_template)):
         if value is not None:
             extra += [flag, str(value)]
     if a.allow_pickle:
@@ -453,6 +551,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default=None, help="int8, int4, fp8 (weight-only, applied after loading)")
     p.add_argument("--replicas", type=int, default=1,
                    help="N supervised servers on consecutive ports from --port / --grpc-port (needs --grpc-port)")
+    p.add_argument("--safety", default=None, metavar="YAML", help="safety shield config (configs/safety.yaml)")
+    p.add_argument("--audit-db", default=None, metavar="PATH", help="append every request to this SQLite audit log")
+    p.add_argument("--audit-content", default=None, choices=["hash", "full"],
+                   help="store prompt/response text (full) or only SHA-256 hashes (hash, the default)")
+    p.add_argument("--audit-key", default=None, metavar="FILE", help="Ed25519 key file (default: PATH.key)")
     add_engine_args(p)
 
 
@@ -507,13 +610,23 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable[[argpar
                                                          help="regex of module names to keep (repeatable)"),
                                           p.add_argument("--shard-gb", type=float, default=5.0),
                                           p.add_argument("--allow-pickle", action="store_true"))),
+    "compress": (cmd_compress, _compress_args),
     "train": (cmd_train, lambda p: (p.add_argument("--config", required=True, help="YAML recipe"),
                                     p.add_argument("--resume", action="store_true"),
                                     p.add_argument("--out-dir", default=None), p.add_argument("--max-steps", type=int),
                                     p.add_argument("--device", default="cpu"))),
+    "augment": (cmd_augment, _augment_args),
+    "distill": (cmd_distill, lambda p: (p.add_argument("--config", required=True, help="YAML recipe"),
+                                        p.add_argument("--resume", action="store_true"),
+                                        p.add_argument("--out-dir", default=None),
+                                        p.add_argument("--device", default="cpu"))),
     "eval": (cmd_eval, _eval_args),
     "demo": (cmd_demo, lambda p: p.add_argument("--device", default="auto")),
     "serve": (cmd_serve, _serve_args),
+    "audit": (cmd_audit, lambda p: (p.add_argument("action", choices=["verify", "show"]), p.add_argument("db"),
+                                    p.add_argument("--key", default=None, help="the signing key file (verify)"),
+                                    p.add_argument("--since", type=float, default=None, help="unix time (show)"),
+                                    p.add_argument("--request-id", default=None, help="id prefix (show)"))),
 }
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from r1kit import hardware, kernels
+from r1kit.chat_template import load_chat_template
 from r1kit.checkpoint import CheckpointError, load_model
 from r1kit.engine import LLMEngine
 from r1kit.engine.config import EngineConfig
@@ -27,7 +28,8 @@ from r1kit.engine.speculative import SpeculativeStats, speculative_generate
 from r1kit.generate import GenerationError, SamplingParams, default_max_new_tokens, generate_tokens
 from r1kit.model.config import format_count
 from r1kit.model.transformer import Transformer
-from r1kit.tokenizer import TextStream, Tokenizer, split_reasoning
+from r1kit.safety.shield import Screening, Shield
+from r1kit.tokenizer import TextStream, Tokenizer
 
 log = logging.getLogger("r1kit")
 BUNDLED_DIR = Path(__file__).parent  # bundled models live in the package: r1kit/<name>
@@ -103,6 +105,7 @@ class R1Model:
         self._engine: LLMEngine | None = None
         self._ids = itertools.count()  # engine request ids
         self.speculative_stats: SpeculativeStats | None = None  # of the last speculative generate()
+        self.shield: Shield | None = None  # r1kit.safety: input screening, output redaction, audit (opt-in)
 
     @property
     def config(self):
@@ -119,7 +122,9 @@ class R1Model:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = "auto",
                         dtype: str | torch.dtype | None = None, quantization: str | None = None,
-                        allow_pickle: bool = False, engine_config: EngineConfig | None = None) -> R1Model:
+                        allow_pickle: bool = False, engine_config: EngineConfig | None = None,
+                        chat_template: str | os.PathLike | None = None,
+                        adapter: str | os.PathLike | None = None, safety: Any = None) -> R1Model:
         """Load a Hugging Face-format folder (or bundled / cached model) onto a device.
 
         Args:
@@ -133,6 +138,12 @@ class R1Model:
                 method is an error.
             allow_pickle: read .bin/.pt weights with torch.load(weights_only=True); refused otherwise.
             engine_config: the inference engine's settings (`r1kit.engine.EngineConfig`; None: its defaults).
+            chat_template: a Jinja chat template file that replaces the checkpoint's own (``--chat-template``).
+            safety: turn the safety shield on (`r1kit.safety`): a SafetyConfig, a dict or a YAML file (e.g.
+                configs/safety.yaml), or a Shield; generate() and chat() then screen their text input (InputBlocked,
+                or the configured refusal), redact their output and append to the audit log when one is configured.
+            adapter: a LoRA adapter folder (adapter_config.json + adapter_model.safetensors, PEFT's layout) applied
+                as adapter "default"; more with ``load_adapter(DIR, name)``, switched with ``set_adapter(name)``.
         """
         from r1kit.quant import METHODS, quantize_model
         from r1kit.quant.checkpoint import stored_method
@@ -158,7 +169,37 @@ class R1Model:
         tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
         if tokenizer is None:
             log.warning("%s has no tokenizer.json: text generation needs one (token ids still work)", path)
-        return cls(model, tokenizer, path, choice.reason, engine_config)
+        elif chat_template is not None:
+            tokenizer.chat_template = load_chat_template(None, None, override=chat_template)
+        loaded = cls(model, tokenizer, path, choice.reason, engine_config)
+        if adapter is not None:
+            loaded.load_adapter(adapter)
+        if safety is not None:
+            loaded.shield = Shield.from_spec(safety)
+        return loaded
+
+    # ------------------------------------------------------------------------------------------ adapters
+    def load_adapter(self, path: str | os.PathLike, name: str = "default", activate: bool = True) -> list[str]:
+        """Add a LoRA adapter folder as adapter `name` (the base is not reloaded); with `activate`, generate with
+        it from now on. Returns the adapted module names."""
+        from r1kit.lora import load_adapter
+
+        modules = load_adapter(self.model, path, name, activate=False)
+        if activate:
+            self.set_adapter(name)
+        log.info("adapter %r from %s on %d modules", name, path, len(modules))
+        return modules
+
+    def set_adapter(self, name: str | None) -> None:
+        """Generate with adapter `name` (None: the base model alone). The engine's cached prefixes were computed
+        with the previous adapter, so the engine is remade."""
+        from r1kit.lora import set_adapter
+
+        if self._engine is not None and self._engine.has_unfinished():
+            raise GenerationError("another generation is still running on this model (an unfinished stream): "
+                                  "finish or close it before switching adapters")
+        set_adapter(self.model, name)
+        self._engine = None
 
     # ------------------------------------------------------------------------------------------ info
     def info(self) -> dict[str, Any]:
@@ -235,13 +276,27 @@ class R1Model:
         if speculative and len(prompts) != 1 and not self.use_engine:
             raise GenerationError("speculative=True on the reference loop (use_engine = False) takes one prompt "
                                   "(batch 1), not a list")
+        screening = self._screen([prompt] if isinstance(prompt, str) else list(prompt or []))
+        if screening is not None and screening.refusal is not None:
+            refused = [screening.refusal] * len(prompts)
+            return iter(refused) if stream else refused if isinstance(prompt, (list, tuple)) else refused[0]
         pieces = self._stream_rows(prompts, params, speculative=speculative)
+        if screening is not None:
+            pieces = screening.shield_rows(pieces, len(prompts))
         if stream:
             return (piece for _, piece in pieces)
         texts = [""] * len(prompts)
         for row, piece in pieces:
             texts[row] += piece
         return texts if isinstance(prompt, (list, tuple)) else texts[0]
+
+    def _screen(self, texts: list[str]) -> Screening | None:
+        """The shield's verdict on a call's input texts (None without a shield); raises InputBlocked when it
+        blocks and its on_block is "error". Token ids alone are not screened (their output still is redacted)."""
+        if self.shield is None:
+            return None
+        model = self.path.name if self.path else None
+        return self.shield.screen(texts, model=model) if texts else self.shield.unscreened(model=model)
 
     def _encode(self, text: str) -> list[int]:
         tok = self._tok()  # bos as tokenizer_config.json's add_bos_token says (true for the R1-Distill models)
@@ -352,15 +407,25 @@ class R1Model:
         ids = self._tok(chat=True).encode_chat(list(messages), add_generation_prompt=True, thinking=thinking)
         if sampling.get("max_new_tokens") is None and sampling.get("max_length") is None:  # as much as fits
             sampling["max_new_tokens"] = default_max_new_tokens(len(ids), self.config.max_position_embeddings, "chat")
-        if stream:
+        screening = self._screen([m["content"] for m in messages if m.get("role") == "user"])
+        if screening is not None and screening.refusal is not None:
+            return iter([screening.refusal]) if stream else ChatReply("", screening.refusal, screening.refusal,
+                                                                       len(ids), 0)
+        if stream and screening is None:
             return self.generate(input_ids=ids, stream=True, **sampling)
         speculative = sampling.pop("speculative", False)
-        params = SamplingParams(**sampling)
+        params = SamplingParams(**{**sampling, "stop": [sampling["stop"]] if isinstance(sampling.get("stop"), str)
+                                   else sampling.get("stop") or []})
         usage: dict[str, int] = {}
-        text = "".join(piece for _, piece in self._stream_rows([ids], params, usage, speculative))
-        # thinking: the template opened <think>, so text without a closing tag is all reasoning; without it the
-        # template closed the think block, yet text before a </think> is still reasoning, never content
-        reasoning, content = split_reasoning(text, starts_in_reasoning=thinking)
+        pieces = self._stream_rows([ids], params, usage, speculative)
+        if screening is not None:
+            pieces = screening.shield_rows(pieces, 1)
+        if stream:
+            return (piece for _, piece in pieces)
+        text = "".join(piece for _, piece in pieces)
+        # R1's template opened <think>, so text without a closing tag is all reasoning; with thinking off it closed
+        # the think block, yet text before a </think> is still reasoning; a template without think tags: all content
+        reasoning, content = self.tokenizer.split_reasoning(text, thinking)
         return ChatReply(reasoning, content, text, usage["prompt_tokens"], usage["completion_tokens"])
 
 

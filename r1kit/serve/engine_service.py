@@ -33,9 +33,10 @@ import torch
 from r1kit.api import BUNDLED_DIR, R1Model
 from r1kit.engine import LLMEngine, SchedulerError
 from r1kit.engine.config import EngineConfig
-from r1kit.generate import GenerationError, SamplingParams, check_budget, check_prompt
+from r1kit.generate import GenerationError, SamplingParams, TokenLogprob, check_budget, check_prompt
 from r1kit.model.transformer import ContextLengthError
-from r1kit.tokenizer import TextStream, Tokenizer
+from r1kit.safety.shield import Screening, Shield
+from r1kit.tokenizer import PlainStreamParser, ReasoningStreamParser, TextStream, Tokenizer
 
 log = logging.getLogger("r1kit")
 
@@ -66,7 +67,8 @@ class RequestHandle:
     """
 
     def __init__(self, service: EngineService, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 stop_ids: frozenset[int], tokenizer: Tokenizer | None, deadline: float | None):
+                 stop_ids: frozenset[int], tokenizer: Tokenizer | None, deadline: float | None,
+                 screening: Screening | None = None):
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.prompt_tokens = len(prompt_ids)
@@ -80,7 +82,12 @@ class RequestHandle:
         self.finished_at: float | None = None
         self.deadline = deadline
         self._service = service
+        self.tokenizer = tokenizer
+        self.logprobs: list[TokenLogprob] = []  # of each generated token (params.logprobs)
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None  # of each prompt token (params.prompt_logprobs)
         self._text = TextStream(tokenizer, params.stop, stop_ids)
+        self._screening = screening  # the safety shield's view of the request: output redaction, audit record
+        self._redactor = screening.stream() if screening is not None else None
         self._deltas: collections.deque[TextDelta] = collections.deque()
         self._cond = threading.Condition()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []  # async consumers
@@ -157,6 +164,11 @@ class RequestHandle:
             self.first_token_at = now
         self.completion_tokens += 1
         text, ended = self._text.push(token, last=finished)
+        if self._redactor is not None:
+            text, blocked = self._redactor.push(text, final=ended or finished)
+            if blocked:  # the output shield withholds the rest of the response
+                self._mark_finished("content_filter")
+                return TextDelta(text, [token], True, self.finish_reason)
         if ended or finished:
             self._mark_finished("stop" if ended else reason or "stop")
             return TextDelta(text, [token], True, self.finish_reason)
@@ -172,6 +184,8 @@ class RequestHandle:
         the engine thread wakes a whole step's consumers with one call per event loop)."""
         with self._cond:
             self.text += delta.text
+            if delta.finished and self._screening is not None:  # queue the audit record
+                self._screening.finish(self.text, self._redactor.counts(), self.finish_reason, self.request_id)
             self._deltas.append(delta)
             self._cond.notify_all()
             waiters = list(self._waiters)
@@ -193,7 +207,8 @@ class EngineService:
     """
 
     def __init__(self, model: R1Model, config: EngineConfig | None = None, *, max_queue: int = DEFAULT_MAX_QUEUE,
-                 request_timeout: float | None = None, model_name: str | None = None, **settings: Any):
+                 request_timeout: float | None = None, model_name: str | None = None, shield: Shield | None = None,
+                 **settings: Any):
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise ValueError(f"max_queue = {max_queue!r}: must be an int >= 0")
         if request_timeout is not None and not (isinstance(request_timeout, (int, float)) and request_timeout > 0
@@ -202,6 +217,7 @@ class EngineService:
         self.config = (config or model.engine_config).replace(**settings)
         self.model = model
         self.model_name = model_name or _model_name(model)
+        self.shield = shield  # r1kit.safety: input screening (by the servers), output redaction, audit trail
         self.context_length = model.config.max_position_embeddings
         self.max_queue, self.max_num_seqs, self.request_timeout = max_queue, self.config.max_num_seqs, request_timeout
         self.engine = LLMEngine(model.model, self.config, stop_ids=model.stop_ids())
@@ -275,6 +291,11 @@ class EngineService:
         self._check_size(chars, len(messages), "the messages")
         return tok.encode_chat(list(messages), add_generation_prompt=True, thinking=thinking)
 
+    def reasoning_parser(self, thinking: bool = True) -> ReasoningStreamParser | PlainStreamParser:
+        """A new parser splitting a chat completion into (reasoning, content) as the model's chat template
+        says (`Tokenizer.reasoning_parser`)."""
+        return self._tokenizer().reasoning_parser(thinking)
+
     def _check_size(self, chars: int, messages: int, what: str) -> None:
         """Refuse text that cannot fit the context, without tokenizing it: tokenizing megabytes holds the GIL for
         seconds and stalls every other request. A prompt has at least one token per message and one per
@@ -289,14 +310,17 @@ class EngineService:
                                      "shorten the prompt")
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, *, request_id: str | None = None,
-               timeout: float | None = None) -> RequestHandle:
+               timeout: float | None = None, screening: Screening | None = None) -> RequestHandle:
         """Queue a request; returns its handle at once.
 
         Raises GenerationError (bad params or token ids, or more KV blocks than the cache holds),
         ContextLengthError (prompt + token budget beyond the context), QueueFullError, ServiceClosedError.
-        ``timeout`` overrides the service's request_timeout for this request.
+        ``timeout`` overrides the service's request_timeout for this request. ``screening``: the shield's
+        verdict on the request's text (``shield.screen``; None with a shield: redaction and audit only).
         """
         prompt = self._check(prompt_ids, params)
+        if screening is None and self.shield is not None:
+            screening = self.shield.unscreened(model=self.model_name)
         timeout = self.request_timeout if timeout is None else timeout
         tok = self.model.tokenizer
         with self._lock:
@@ -310,7 +334,7 @@ class EngineService:
             if rid in self._running or any(h.request_id == rid for h in self._waiting):
                 raise GenerationError(f"request id {rid!r} is already in use")
             handle = RequestHandle(self, rid, prompt, params, self._stop_ids, tok,
-                                   None if timeout is None else time.monotonic() + timeout)
+                                   None if timeout is None else time.monotonic() + timeout, screening)
             self._waiting.append(handle)
             self._counters["requests_total"] += 1
             self._lock.notify_all()
@@ -331,6 +355,8 @@ class EngineService:
                 "kv_blocks_total": self.kv_blocks_total, "spec_draft_tokens": self.engine.spec_stats.drafted,
                 "spec_accepted_tokens": self.engine.spec_stats.accepted}
             out.update(self._counters)
+        if self.shield is not None:
+            out.update({f"safety_{k}": v for k, v in self.shield.stats().items()})
         return out
 
     # ------------------------------------------------------------------------------------------ internals
@@ -430,6 +456,10 @@ class EngineService:
                 log.warning("request %s failed: %s", handle.request_id, o.error)
                 self._fail(handle, o.error)
                 continue
+            if o.logprobs is not None:  # before the delta: a consumer reads them by its token count
+                handle.logprobs.append(o.logprobs)
+            if o.prompt_logprobs is not None:
+                handle.prompt_logprobs = o.prompt_logprobs
             delta = handle._on_token(o.token, o.finished, o.finish_reason.value if o.finish_reason else None)
             if delta.finished:
                 with self._lock:

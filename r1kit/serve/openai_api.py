@@ -25,6 +25,7 @@ import collections
 import contextlib
 import hmac
 import inspect
+import itertools
 import json
 import socket
 import threading
@@ -45,10 +46,20 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Match, Router
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from r1kit.generate import GenerationError, SamplingParams, default_max_new_tokens
+from r1kit.generate import (
+    MAX_LOGPROBS,
+    GenerationError,
+    SamplingParams,
+    TokenLogprob,
+    check_prompt,
+    default_max_new_tokens,
+)
 from r1kit.model.transformer import ContextLengthError
+from r1kit.safety.shield import InputBlocked, Screening
 from r1kit.serve.engine_service import EngineService, QueueFullError, RequestHandle, ServiceClosedError, TextDelta
-from r1kit.tokenizer import ReasoningStreamParser, TokenizerError
+from r1kit.tokenizer import PlainStreamParser, ReasoningStreamParser, TokenizerError
+
+ReasoningParser = ReasoningStreamParser | PlainStreamParser
 
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
 MAX_BODY_BYTES = 1 << 20  # request bodies above this are refused with 413
@@ -101,11 +112,17 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
 
 
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
 class CompletionRequest(_Request):
     """POST /v1/completions."""
 
     prompt: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
-                                                            Field(min_length=1, max_length=MAX_N)]
+                                                            Field(min_length=1, max_length=MAX_N)] | \
+        TokenIds | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_N)]  # token ids, as lm-eval sends
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None  # the k most likely tokens beside each
+    echo: bool = False  # the prompt before the completion (with logprobs: the prompt tokens' too)
 
 
 class ContentPart(BaseModel):
@@ -129,15 +146,14 @@ class ChatCompletionRequest(_Request):
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # the newer name of max_tokens; wins
+    logprobs: bool = False  # each content token's log-probability
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None  # and its k most likely alternatives
 
 
 # OpenAI parameters this server does not implement (yet). A request that turns one on gets 400 naming it rather
 # than a reply that silently ignores it; the values that mean "off" are accepted, since clients send them:
 # null, false, 0, "", [] and {}, plus the ones each row's function accepts. Implementing one: delete its row.
 UNSUPPORTED_PARAMS: dict[str, Callable[[Any, _Request], bool] | None] = {
-    "logprobs": None,
-    "top_logprobs": None,
-    "echo": None,
     "suffix": None,
     "best_of": lambda value, body: value == body.n,
     "logit_bias": None,
@@ -250,13 +266,17 @@ def _add_generation_routes(app: FastAPI, service: EngineService, max_tokens_limi
     async def completions(body: CompletionRequest, request: Request):
         _check_model(service, body.model)
         _refuse_unsupported(body)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        ids = [_encode(lambda p=p: service.encode_prompt(p), "prompt") for p in prompts]
-        handles = _submit(service, body, ids, "completion", max_tokens_limit)
+        prompts = [body.prompt] if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else body.prompt
+        ids = [_encode(lambda p=p: service.encode_prompt(p) if isinstance(p, str) else
+                       check_prompt(p, service.model.config.vocab_size), "prompt") for p in prompts]
+        prompts = [p if isinstance(p, str) else service.model.tokenizer.decode(p) for p in prompts]
         meta = _Meta(f"cmpl-{uuid.uuid4().hex}", "text_completion", service.model_name, ids)
+        if (screening := _screen(service, request, body, prompts, meta)) and screening.refusal is not None:
+            return _refusal(body, meta, screening.refusal)
+        handles = _submit(service, body, ids, "completion", max_tokens_limit, screening)
         if body.stream:
-            return _sse(_completion_chunks(handles, meta, _include_usage(body)))
-        return await _until_done(request, handles, lambda: _completion_body(handles, meta))
+            return _sse(_completion_chunks(handles, meta, _include_usage(body), body.echo))
+        return await _until_done(request, handles, lambda: _completion_body(handles, meta, body.echo))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -266,11 +286,14 @@ def _add_generation_routes(app: FastAPI, service: EngineService, max_tokens_limi
         ids = [_encode(lambda: service.encode_chat(messages, thinking=True), "messages")]
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
-        handles = _submit(service, body, ids, "chat", max_tokens_limit)
         meta = _Meta(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", service.model_name, ids)
+        users = [m["content"] for m in messages if m["role"] == "user"]  # the operator's system prompt is trusted
+        if (screening := _screen(service, request, body, users, meta)) and screening.refusal is not None:
+            return _refusal(body, meta, screening.refusal)
+        handles = _submit(service, body, ids, "chat", max_tokens_limit, screening)
         if body.stream:
-            return _sse(_chat_chunks(handles, meta, _include_usage(body)))
-        return await _until_done(request, handles, lambda: _chat_body(handles, meta))
+            return _sse(_chat_chunks(handles, meta, _include_usage(body), service.reasoning_parser))
+        return await _until_done(request, handles, lambda: _chat_body(handles, meta, service.reasoning_parser))
 
 
 class _GuardMiddleware:
@@ -431,7 +454,7 @@ def _encode(encode: Callable[[], list[int]], param: str) -> list[int]:
 
 
 def _submit(service: EngineService, body: _Request, prompts: list[list[int]], kind: str,
-            limit: int | None) -> list[RequestHandle]:
+            limit: int | None, screening: Screening | None = None) -> list[RequestHandle]:
     """Submit n requests per prompt (all or none); the sampling fields map onto SamplingParams."""
     if limit is not None and body.max_tokens is not None and body.max_tokens > limit:
         raise APIError(400, f"max_tokens = {body.max_tokens} exceeds this server's limit of {limit}",
@@ -450,9 +473,9 @@ def _submit(service: EngineService, body: _Request, prompts: list[list[int]], ki
                 seed = None if body.seed is None else (body.seed + i) % (MAX_SEED + 1)
                 given = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
                          "repetition_penalty": body.repetition_penalty}  # unset: SamplingParams' defaults
-                params = SamplingParams(max_new_tokens=max_tokens, stop=stop, seed=seed,
+                params = SamplingParams(max_new_tokens=max_tokens, stop=stop, seed=seed, **_logprob_params(body),
                                         **{k: v for k, v in given.items() if v is not None})
-                handles.append(service.submit(ids, params))
+                handles.append(service.submit(ids, params, screening=screening))
     except BaseException as e:
         for h in handles:
             h.abort()
@@ -466,6 +489,43 @@ def _submit(service: EngineService, body: _Request, prompts: list[list[int]], ki
             raise APIError(503, str(e), "service_unavailable", code="shutting_down") from None
         raise
     return handles
+
+
+def _screen(service: EngineService, request: Request, body: _Request, texts: list[str], meta: _Meta
+            ) -> Screening | None:
+    """The safety shield's input check (None without a shield): 400 with code content_filter naming the category
+    when it blocks (the shield audits the request either way)."""
+    if service.shield is None:
+        return None
+    auth = request.headers.get("authorization", "")
+    try:
+        return service.shield.screen(
+            texts, request_id=meta.id, api_key=auth[7:].strip() if auth[:7].lower() == "bearer " else None,
+            client=request.client.host if request.client else None, model=service.model_name,
+            params=body.model_dump(exclude={"messages", "prompt"}, exclude_none=True))
+    except InputBlocked as e:
+        v = e.verdict
+        raise APIError(400, f"the request was blocked by the safety shield: {v.category} (score {v.score:.2f}, "
+                       f"matched {v.evidence[:80]!r})", code="content_filter",
+                       param="messages" if meta.object == "chat.completion" else "prompt") from None
+
+
+def _refusal(body: _Request, meta: _Meta, text: str) -> Response:
+    """The shield's refusal as the answer, finish_reason content_filter, streamed or not (nothing generated)."""
+    chat = meta.object == "chat.completion"
+    obj = "chat.completion.chunk" if chat and body.stream else meta.object
+    choice = ({"index": 0, "message" if not body.stream else "delta": {"role": "assistant", "content": text}}
+              if chat else {"index": 0, "text": text})
+    choice.update(finish_reason="content_filter", logprobs=None)
+    usage = {"prompt_tokens": sum(len(p) for p in meta.prompts), "completion_tokens": 0,
+             "total_tokens": sum(len(p) for p in meta.prompts)}
+    if not body.stream:
+        return JSONResponse({**meta.envelope(obj, [choice]), "usage": usage})
+
+    async def events() -> AsyncIterator[list[bytes]]:
+        yield [meta.chunk(obj, choice), *_usage_event(meta, obj, [], _include_usage(body)), DONE_EVENT]
+
+    return _sse(events())
 
 
 def _include_usage(body: _Request) -> bool:
@@ -534,25 +594,107 @@ async def _until_done(request: Request, handles: list[RequestHandle], build: Cal
     return JSONResponse(build())
 
 
-def _completion_body(handles: list[RequestHandle], meta: _Meta) -> dict[str, Any]:
-    choices = [{"index": i, "text": h.text, "finish_reason": _reason(h), "logprobs": None}
-               for i, h in enumerate(handles)]
+def _completion_body(handles: list[RequestHandle], meta: _Meta, echo: bool = False) -> dict[str, Any]:
+    choices = [{"index": i, "text": (_prompt_text(h) if echo else "") + h.text, "finish_reason": _reason(h),
+                "logprobs": _completion_logprobs(h, _logprob_entries(h, echo=echo))} for i, h in enumerate(handles)]
     return {**meta.envelope("text_completion", choices), "usage": meta.usage(handles)}
 
 
-def _chat_body(handles: list[RequestHandle], meta: _Meta) -> dict[str, Any]:
+def _chat_body(handles: list[RequestHandle], meta: _Meta, new_parser: Callable[[], ReasoningParser]
+               ) -> dict[str, Any]:
     choices = []
     for i, h in enumerate(handles):
-        parser = ReasoningStreamParser(starts_in_reasoning=True)  # the template opened <think>
+        parser = new_parser()  # the chat template's reasoning family: R1's opened <think>
         r1, c1 = parser.push(h.text)
         r2, c2 = parser.flush()
         message = {"role": "assistant", "content": c1 + c2, "reasoning_content": r1 + r2}
-        choices.append({"index": i, "message": message, "finish_reason": _reason(h), "logprobs": None})
+        choices.append({"index": i, "message": message, "finish_reason": _reason(h),
+                        "logprobs": _chat_logprobs(h, _logprob_entries(h))})
     return {**meta.envelope("chat.completion", choices), "usage": meta.usage(handles)}
 
 
+# ---------------------------------------------------------------------------------------------------- logprobs
+LogprobEntry = tuple[int, TokenLogprob | None]  # (token id, its log-probability; None for a prompt's first token)
+
+
+def _logprob_params(body: _Request) -> dict[str, int | None]:
+    """SamplingParams' logprobs / prompt_logprobs of a request: a completion's ``logprobs`` k (with ``echo``,
+    for the prompt too), a chat's ``top_logprobs`` (0 if unset) when ``logprobs`` is true."""
+    if isinstance(body, ChatCompletionRequest):
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return {"logprobs": (body.top_logprobs or 0) if body.logprobs else None}
+    k = getattr(body, "logprobs", None)
+    return {"logprobs": k, "prompt_logprobs": k if k is not None and getattr(body, "echo", False) else None}
+
+
+def _logprob_entries(h: RequestHandle, echo: bool = False, output: bool = True) -> list[LogprobEntry] | None:
+    """A request's logprob entries (None when it asked for none): with ``echo`` the prompt's, then the output's."""
+    if h.params.logprobs is None:
+        return None
+    prompt = list(zip(h.prompt_ids, h.prompt_logprobs or [], strict=False)) if echo else []
+    return prompt + ([(lp.token, lp) for lp in h.logprobs] if output else [])
+
+
+def _prompt_text(h: RequestHandle) -> str:
+    return h.tokenizer.decode(h.prompt_ids) if h.tokenizer is not None else ""
+
+
+def _token_text(h: RequestHandle, token: int) -> str:
+    return h.tokenizer.decode([token]) if h.tokenizer is not None else f"<{token}>"
+
+
+def _completion_logprobs(h: RequestHandle, entries: list[LogprobEntry] | None, offset: int = 0
+                         ) -> dict[str, list] | None:
+    """OpenAI's completion ``logprobs``: tokens, token_logprobs, top_logprobs ({token: logprob}), text_offset."""
+    if entries is None:
+        return None
+    texts = [_token_text(h, t) for t, _ in entries]
+    return {"tokens": texts, "token_logprobs": [lp.logprob if lp else None for _, lp in entries],
+            "top_logprobs": [{_token_text(h, t): v for t, v in lp.top} if lp else None for _, lp in entries],
+            "text_offset": list(itertools.accumulate((len(t) for t in texts), initial=offset))[:-1]}
+
+
+def _chat_logprobs(h: RequestHandle, entries: list[LogprobEntry] | None) -> dict[str, list] | None:
+    """OpenAI's chat ``logprobs``: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+    if entries is None:
+        return None
+
+    def item(token: int, logprob: float) -> dict[str, Any]:
+        text = _token_text(h, token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "replace"))}
+
+    return {"content": [{**item(t, lp.logprob), "top_logprobs": [item(a, v) for a, v in lp.top]}
+                        for t, lp in entries if lp is not None]}
+
+
+class _LogprobCursor:
+    """A streamed request's logprob entries not sent yet: those of the tokens that arrived, taken when a chunk
+    goes out (a delta whose text is held back sends its entries with a later chunk)."""
+
+    def __init__(self, handle: RequestHandle):
+        self.handle, self.arrived_tokens, self.sent, self.offset, self.echoed = handle, 0, 0, 0, False
+
+    def arrived(self, delta: TextDelta) -> None:
+        self.arrived_tokens += len(delta.token_ids)
+
+    def take(self) -> list[LogprobEntry] | None:
+        if self.handle.params.logprobs is None:
+            return None
+        entries = [(lp.token, lp) for lp in self.handle.logprobs[self.sent:self.arrived_tokens]]
+        self.sent = self.arrived_tokens
+        return entries
+
+    def completion_logprobs(self, entries: list[LogprobEntry] | None) -> dict[str, list] | None:
+        """_completion_logprobs with text offsets that go on from the chunks before."""
+        found = _completion_logprobs(self.handle, entries, self.offset)
+        if found is not None:
+            self.offset += sum(len(t) for t in found["tokens"])
+        return found
+
+
 def _reason(handle: RequestHandle) -> str | None:
-    return handle.finish_reason if handle.finish_reason in ("stop", "length") else None
+    return handle.finish_reason if handle.finish_reason in ("stop", "length", "content_filter") else None
 
 
 # ---------------------------------------------------------------------------------------------------- streaming
@@ -650,8 +792,9 @@ async def _merged(handles: list[RequestHandle]) -> AsyncIterator[list[Arrival]]:
             t.cancel()
 
 
-async def _completion_chunks(handles: list[RequestHandle], meta: _Meta, include_usage: bool
+async def _completion_chunks(handles: list[RequestHandle], meta: _Meta, include_usage: bool, echo: bool = False
                              ) -> AsyncIterator[list[bytes]]:
+    cursors = [_LogprobCursor(h) for h in handles]
     async with contextlib.aclosing(_merged(handles)) as merged:
         async for batch in merged:
             events: list[bytes] = []
@@ -659,20 +802,29 @@ async def _completion_chunks(handles: list[RequestHandle], meta: _Meta, include_
                 if (failure := _stream_error(handles[i], error)) is not None:
                     yield [*events, _event(failure), DONE_EVENT]
                     return
+                if echo and not cursors[i].echoed:  # the prompt's chunk, once its logprobs have come
+                    cursors[i].echoed = True
+                    entries = _logprob_entries(handles[i], echo=True, output=False)
+                    events.append(meta.chunk("text_completion", {
+                        "index": i, "text": _prompt_text(handles[i]), "finish_reason": None,
+                        "logprobs": cursors[i].completion_logprobs(entries)}))
+                cursors[i].arrived(delta)
                 if delta.text or delta.finished:
-                    choice = {"index": i, "text": delta.text, "logprobs": None,
+                    choice = {"index": i, "text": delta.text,
+                              "logprobs": cursors[i].completion_logprobs(cursors[i].take()),
                               "finish_reason": _reason(handles[i]) if delta.finished else None}
                     events.append(meta.chunk("text_completion", choice))
             yield events
     yield [*_usage_event(meta, "text_completion", handles, include_usage), DONE_EVENT]
 
 
-async def _chat_chunks(handles: list[RequestHandle], meta: _Meta, include_usage: bool
-                       ) -> AsyncIterator[list[bytes]]:
+async def _chat_chunks(handles: list[RequestHandle], meta: _Meta, include_usage: bool,
+                       new_parser: Callable[[], ReasoningParser]) -> AsyncIterator[list[bytes]]:
     obj = "chat.completion.chunk"
     yield [meta.chunk(obj, {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                             "logprobs": None}) for i in range(len(handles))]
-    parsers = [ReasoningStreamParser(starts_in_reasoning=True) for _ in handles]
+    parsers = [new_parser() for _ in handles]
+    cursors = [_LogprobCursor(h) for h in handles]
     async with contextlib.aclosing(_merged(handles)) as merged:
         async for batch in merged:
             events: list[bytes] = []
@@ -685,12 +837,13 @@ async def _chat_chunks(handles: list[RequestHandle], meta: _Meta, include_usage:
                     r, c = parsers[i].flush()
                     reasoning, content = reasoning + r, content + c
                 part = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
+                cursors[i].arrived(delta)
                 if part:
                     events.append(meta.chunk(obj, {"index": i, "delta": part, "finish_reason": None,
-                                                   "logprobs": None}))
+                                                   "logprobs": _chat_logprobs(handles[i], cursors[i].take())}))
                 if delta.finished:
                     events.append(meta.chunk(obj, {"index": i, "delta": {}, "finish_reason": _reason(handles[i]),
-                                                   "logprobs": None}))
+                                                   "logprobs": _chat_logprobs(handles[i], cursors[i].take())}))
             yield events
     yield [*_usage_event(meta, obj, handles, include_usage), DONE_EVENT]
 
@@ -747,10 +900,24 @@ def prometheus_text(stats: dict[str, float | int], status_counts: collections.Co
     for name, help_, key in _SUMMARIES:
         lines += [f"# HELP {name} {help_}", f"# TYPE {name} summary",
                   f"{name}_sum {stats.get(key + '_sum', 0.0)}", f"{name}_count {stats.get(key + '_count', 0)}"]
+    lines += _safety_lines(stats)
     lines += ["# HELP r1kit_http_responses_total HTTP responses by status code.",
               "# TYPE r1kit_http_responses_total counter"]
     lines += [f'r1kit_http_responses_total{{code="{code}"}} {n}' for code, n in sorted(status_counts.items())]
     return "\n".join(lines) + "\n"
+
+
+def _safety_lines(stats: dict[str, float | int]) -> list[str]:
+    """The safety shield's counters (stats keys safety_input_<category>, safety_redacted_<type>), when it is on."""
+    lines = []
+    for prefix, name, label, help_ in (
+            ("safety_input_", "r1kit_safety_input_verdicts_total", "category", "Input verdicts by category."),
+            ("safety_redacted_", "r1kit_safety_redactions_total", "type", "Output items redacted by type.")):
+        keys = sorted(k for k in stats if k.startswith(prefix) and k != "safety_input_blocked")
+        if keys:
+            lines += [f"# HELP {name} {help_}", f"# TYPE {name} counter"]
+            lines += [f'{name}{{{label}="{k.removeprefix(prefix)}"}} {stats[k]}' for k in keys]
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------- running
