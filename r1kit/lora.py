@@ -221,6 +221,9 @@ class LoRAExperts(nn.Module):
         a, b = self.lora_A[name][proj], self.lora_B[name][proj]
         if self.dropout[name]:
             xs = F.dropout(xs, self.dropout[name], self.training)
+        pad = (-a.shape[1]) % (16 // xs.element_size())  # grouped_mm needs 16-byte strides: zero-pad the rank
+        if pad:
+            a, b = F.pad(a, (0, 0, 0, pad)), F.pad(b, (0, pad))
         h = torch._grouped_mm(xs, a.to(xs.dtype).transpose(1, 2), offs=ends)  # (P, r)
         return torch._grouped_mm(h, b.to(xs.dtype).transpose(1, 2), offs=ends) * self.scaling[name]  # (P, out)
 
@@ -371,6 +374,17 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
         if m.merged is not None and m.merged != name:
             raise LoRAError(f"adapter {m.merged!r} is merged into the weights; unmerge_lora() before switching")
         m.active = name if name in m.lora_A else None
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name` from every module (the wrappers stay; with no adapter left they run the base)."""
+    for _, m in lora_modules(model):
+        if name in m.lora_A:
+            if m.merged == name:
+                raise LoRAError(f"adapter {name!r} is merged into the weights; unmerge_lora() before deleting it")
+            del m.lora_A[name], m.lora_B[name]
+            del m.scaling[name], m.dropout[name], m.configs[name]
+            m.active = None if m.active == name else m.active
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -611,16 +625,23 @@ def load_adapter(model: nn.Module, folder: str | Path, name: str = "default", ac
     modules = _group_state(load_file(str(file)), file)
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     names = candidate_modules(model)
-    for module, parts in modules.items():
-        if module not in names:
-            raise LoRAError(f"{file}: adapter for {_hf_module(module)!r}, which this model does not have "
-                            f"(or cannot adapt); e.g. {names[:3]}")
-        r = _pattern_value(rank_pattern, module, cfg["r"])
-        alpha = _pattern_value(alpha_pattern, module, cfg["lora_alpha"])
-        lcfg = LoRAConfig(r=r, alpha=float(alpha), dropout=float(cfg.get("lora_dropout") or 0.0),
-                          target_modules=[module], use_rslora=bool(cfg.get("use_rslora", False)))
-        inject_lora(model, lcfg, name, targets=[module], activate=False)
-        _copy_parts(model.get_submodule(module), name, parts, f"{file}: {_hf_module(module)}")
+    unknown = [_hf_module(m) for m in modules if m not in names]
+    if unknown:
+        raise LoRAError(f"{file}: adapter for {unknown[:3]}, which this model does not have (or cannot adapt); "
+                        f"its adaptable modules are like {[_hf_module(n) for n in names[:3]]}")
+    if name in adapter_names(model):
+        raise LoRAError(f"the model already has an adapter named {name!r}; load this one under another name")
+    try:
+        for module, parts in modules.items():
+            r = _pattern_value(rank_pattern, module, cfg["r"])
+            alpha = _pattern_value(alpha_pattern, module, cfg["lora_alpha"])
+            lcfg = LoRAConfig(r=r, alpha=float(alpha), dropout=float(cfg.get("lora_dropout") or 0.0),
+                              target_modules=[module], use_rslora=bool(cfg.get("use_rslora", False)))
+            inject_lora(model, lcfg, name, targets=[module], activate=False)
+            _copy_parts(model.get_submodule(module), name, parts, f"{file}: {_hf_module(module)}")
+    except LoRAError:
+        delete_adapter(model, name)  # all or nothing
+        raise
     if activate:
         set_adapter(model, name)
     return list(modules)
