@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -25,6 +26,7 @@ class GenerationError(ValueError):
 
 
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 256  # as OpenAI's API: each stop string is searched for on every token
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's top_logprobs limit)
 # Default new-token budgets when a request gives no length (Python API, CLI, HTTP and gRPC alike), as far as the
 # context allows. A completion gets 256 (OpenAI's /v1/completions default of 16 cuts most answers short); a chat
 # gets 1024: room for the <think> phase and the answer.
@@ -50,6 +52,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings (handled by the text layer)
     seed: int | None = None
     speculative: bool | None = None  # MTP speculative decoding in the engine; None: the engine's setting
+    logprobs: int | None = None  # None: off; k: each generated token's log-probability and the k most likely
+    prompt_logprobs: int | None = None  # None: off; k: the same for every prompt token after the first
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -86,6 +90,13 @@ class SamplingParams:
             raise bad("seed", "must be an int (or None)")
         if self.speculative is not None and not isinstance(self.speculative, bool):
             raise bad("speculative", "must be True, False or None (None: the engine's setting)")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise bad(name, f"must be None (off) or an int in [0, {MAX_LOGPROBS}]: the alternatives per token")
+        if self.speculative and (self.logprobs is not None or self.prompt_logprobs is not None):
+            raise bad("speculative", "speculative decoding does not report log-probabilities: turn off logprobs "
+                                     "and prompt_logprobs, or speculative")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", "must be a list of non-empty strings")
         if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
@@ -167,6 +178,29 @@ def warp(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None
         drop = cum - sorted_logits.softmax(-1) >= params.top_p  # keep the smallest prefix reaching top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits.softmax(-1)
+
+
+class TokenLogprob(NamedTuple):
+    """A token's log-probability under the model (a log-softmax over its raw logits, before temperature, top-k,
+    top-p and penalties, as OpenAI and vLLM report it) and the ``top`` most likely tokens as (id, logprob),
+    most likely first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], ks: Sequence[int]) -> list[TokenLogprob]:
+    """Each row's token's log-probability and its ks[row] most likely tokens: logits (M, V), tokens (M,).
+    One log-softmax and one top-k for all rows (the largest k)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (M, V)
+    index = torch.tensor(list(tokens), dtype=torch.long, device=logits.device)
+    chosen = logp.gather(1, index[:, None]).squeeze(1).tolist()  # (M,)
+    k = max(ks, default=0)
+    top_lp, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())  # (M, k)
+    top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+    return [TokenLogprob(t, lp, list(zip(ids[:n], lps[:n], strict=True)))
+            for t, lp, ids, lps, n in zip(tokens, chosen, top_ids, top_lp, ks, strict=True)]
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,

@@ -331,9 +331,10 @@ class Tokenizer:
         return ReasoningStreamParser(starts_in_reasoning=self.starts_in_reasoning(thinking))
 
     def split_reasoning(self, text: str, thinking: bool = True) -> tuple[str, str]:
-        """A whole chat completion as (reasoning, content), as :meth:`reasoning_parser` splits it."""
+        """A whole chat completion as (reasoning, content), as :meth:`reasoning_parser` splits it (without
+        reasoning, the text is the content as it is)."""
         if self.reasoning == "none":
-            return "", text.strip()
+            return "", text
         return split_reasoning(text, starts_in_reasoning=self.starts_in_reasoning(thinking))
 
     def _chat_pieces(

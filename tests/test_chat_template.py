@@ -114,7 +114,7 @@ def test_reasoning_family_and_parser(family) -> None:
         assert (reasoning, content) == ("Let me see", "4")
     else:  # no reasoning: a stray tag is content, streamed at once
         assert pieces[0] == ("", "Let me see") and content == "Let me see</think> 4" and not reasoning
-    assert ours.split_reasoning("Let me see</think> 4") == (reasoning, content.strip())
+    assert ours.split_reasoning("Let me see</think> 4") == (reasoning, content)
 
 
 def test_qwen3_style_model_opens_think_and_thinking_off(tmp_path) -> None:
@@ -177,3 +177,36 @@ def test_sandbox_refuses_python_internals(escape) -> None:
     template = ChatTemplate("ok\n" + escape, "evil.jinja")
     with pytest.raises(ChatTemplateError, match=r"evil\.jinja, line 2: (refused by the sandbox|cannot render)"):
         template.render([{"role": "user", "content": "hi"}])
+
+
+def test_http_and_python_api_use_the_checkpoint_template(base_tokenizer, tmp_path) -> None:
+    """A Qwen2-template checkpoint served over HTTP: the prompt is ChatML (transformers' token count), the answer
+    is all content (no reasoning family), streamed or not, as R1Model.chat gives it."""
+    import openai
+
+    from r1kit.api import R1Model, random_checkpoint
+    from r1kit.serve.engine_service import EngineService
+    from r1kit.serve.openai_api import running_server
+
+    folder = write_family(base_tokenizer, random_checkpoint(tmp_path / "qwen", "tiny-dense", tokenizer=base_tokenizer),
+                          "qwen2")
+    model = R1Model.from_pretrained(folder, device="cpu", dtype="fp32")
+    messages = CONVERSATIONS["system_multi_turn"]
+    expected_ids = transformers.AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    reply = model.chat(messages, max_new_tokens=6, temperature=0)
+    assert reply.prompt_tokens == len(expected_ids) and reply.reasoning == ""
+    service = EngineService(model)
+    service.start()
+    try:
+        with running_server(service) as base:
+            client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
+            name = service.model_name
+            out = client.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=0)
+            stream = client.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=0,
+                                                    stream=True)
+            streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    finally:
+        service.shutdown(drain=False)
+    assert out.usage.prompt_tokens == len(expected_ids)
+    assert out.choices[0].message.content == reply.content == streamed == reply.text

@@ -177,10 +177,11 @@ class BlockManager:
     # ------------------------------------------------------------------------------------------ internals
     def _prefix_hits(self, seq: Sequence) -> list[int]:
         """Cached block ids for seq's leading full blocks, up to the first miss, never the last token's block;
-        none for a speculative sequence (it computes every position, see the module doc)."""
+        none for a speculative sequence (it computes every position, see the module doc) or one that wants its
+        prompt's log-probabilities (they come from the logits of every prompt position)."""
         bs, tokens = self.block_size, seq.all_token_ids
         hits: list[int] = []
-        if seq.num_speculative_tokens:
+        if seq.num_speculative_tokens or seq.prompt_logprobs is not None:
             return hits
         parent = None
         for i in range((len(tokens) - 1) // bs):

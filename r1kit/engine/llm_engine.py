@@ -31,20 +31,23 @@ from r1kit.engine.model_runner import ModelRunner
 from r1kit.engine.scheduler import Scheduler, SchedulerOutput
 from r1kit.engine.sequence import FinishReason, Sequence
 from r1kit.engine.speculative import SpeculativeStats
-from r1kit.generate import GenerationError, SamplingParams, check_budget, check_prompt
+from r1kit.generate import GenerationError, SamplingParams, TokenLogprob, check_budget, check_prompt
 from r1kit.model.transformer import Transformer
 
 
 class StepOutput(NamedTuple):
     """One new token of one request (a speculative step may give a request several, in order); finish_reason is
     set on the request's last token. A request that failed this step has token None, finish_reason ERROR and
-    the exception in ``error``."""
+    the exception in ``error``. ``logprobs``: the token's (SamplingParams.logprobs); ``prompt_logprobs``: on
+    a request's first token, one per prompt token, None for the first (SamplingParams.prompt_logprobs)."""
 
     request_id: str
     token: int | None
     finished: bool
     finish_reason: FinishReason | None
     error: BaseException | None = None
+    logprobs: TokenLogprob | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class LLMEngine:
@@ -122,7 +125,10 @@ class LLMEngine:
     def _outputs(self, seq: Sequence, first: int) -> list[StepOutput]:
         """One StepOutput per token seq got this step (its outputs from index ``first``); the last one carries
         the finish."""
-        outs = [StepOutput(seq.request_id, token, False, None) for token in seq.output_token_ids[first:]]
+        logprobs = seq.logprobs[first:] if seq.params.logprobs is not None else []
+        outs = [StepOutput(seq.request_id, token, False, None, logprobs=logprobs[i] if i < len(logprobs) else None,
+                           prompt_logprobs=seq.prompt_logprobs if first + i == 0 else None)
+                for i, token in enumerate(seq.output_token_ids[first:])]
         if outs:
             outs[-1] = outs[-1]._replace(finished=seq.is_finished, finish_reason=seq.finish_reason)
         if seq.num_speculative_tokens:

@@ -21,11 +21,11 @@ from collections.abc import Iterable
 import torch
 
 from r1kit.engine.block_manager import BlockManager
-from r1kit.engine.scheduler import SchedulerOutput
+from r1kit.engine.scheduler import PrefillChunk, SchedulerOutput
 from r1kit.engine.sequence import Sequence
 from r1kit.engine.spec_decode import PagedDrafter, accept, query_contexts
 from r1kit.engine.speculative import DraftPicker
-from r1kit.generate import SamplingParams, sample
+from r1kit.generate import SamplingParams, sample, token_logprobs
 from r1kit.model.attention import PagedBatch
 from r1kit.model.transformer import Transformer
 
@@ -35,6 +35,14 @@ def _sampler_key(params: SamplingParams) -> tuple:
     if params.temperature == 0:
         return (0, params.repetition_penalty)
     return (params.temperature, params.top_k, params.top_p, params.repetition_penalty)
+
+
+def _prompt_logprob_chunks(out: SchedulerOutput) -> list[tuple[PrefillChunk, int]]:
+    """The step's prefill chunks whose sequence wants its prompt's log-probabilities, each with its first row
+    in the step's flat tokens (prefill chunks come first, in order)."""
+    firsts = [0, *itertools.accumulate(chunk.length for chunk in out.prefills)]
+    return [(chunk, first) for chunk, first in zip(out.prefills, firsts, strict=False)
+            if chunk.seq.prompt_logprobs is not None]
 
 
 class ModelRunner:
@@ -79,6 +87,7 @@ class ModelRunner:
             ids += [seq.last_token, *extra]
             contexts += query_contexts(seq.block_table, seq.num_tokens + len(extra), 1 + len(extra))
             sample_rows += range(len(ids) - 1 - len(extra), len(ids))
+        sample_rows += [first + i for chunk, first in _prompt_logprob_chunks(out) for i in range(chunk.length)]
         batch = PagedBatch.build(contexts, self.block_size, self.device, sample_rows)
         return torch.tensor(ids, dtype=torch.long, device=self.device), batch
 
@@ -92,6 +101,11 @@ class ModelRunner:
         drafts, pickers, errors = self._draft(out)
         ids, batch = self.prepare(out, drafts)
         logits, hidden = self.model.forward_paged(ids, batch, self.kv_pool, return_hidden=True)  # (M, V), (N, C)
+        chunks = _prompt_logprob_chunks(out)
+        if chunks:  # the prompt rows' logits come after the sampling rows' (see prepare)
+            split = logits.shape[0] - sum(chunk.length for chunk, _ in chunks)
+            self._record_prompt_logprobs(logits[split:], chunks)
+            logits = logits[:split]
         tokens = self._sample_and_verify(logits, out, drafts, pickers, errors)
         if self.drafter is not None:
             self._carry_hidden(out, hidden, drafts, tokens, errors)
@@ -125,8 +139,10 @@ class ModelRunner:
         tokens: list[list[int]] = [[] for _ in seqs]
         if plain:
             rows = torch.tensor([firsts[r] for r in plain], dtype=torch.long, device=logits.device)
-            sampled, failed = self.sample(logits.index_select(0, rows), [seqs[r] for r in plain])
+            plain_logits = logits.index_select(0, rows)  # (len(plain), V)
+            sampled, failed = self.sample(plain_logits, [seqs[r] for r in plain])
             errors.update({plain[i]: e for i, e in failed.items()})
+            self._record_logprobs(plain_logits, [seqs[r] for r in plain], sampled, failed)
             for r, token in zip(plain, sampled, strict=True):
                 tokens[r] = [token]
         for i, picker in pickers.items():
@@ -155,6 +171,34 @@ class ModelRunner:
             if seq.num_drafts_wanted and r not in errors:
                 self.drafter.add_hidden(seq, hidden[row:row + len(tokens[r])], first=False)
             row += 1 + len(drafts[i])
+
+    def _record_logprobs(self, logits: torch.Tensor, seqs: list[Sequence], tokens: list[int],
+                         failed: dict[int, Exception]) -> None:
+        """Append each sampled token's TokenLogprob to the sequences that asked (params.logprobs); logits (M, V)
+        are the rows the tokens were sampled from."""
+        rows = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None and i not in failed]
+        if not rows:
+            return
+        index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+        found = token_logprobs(logits.index_select(0, index), [tokens[i] for i in rows],
+                               [seqs[i].params.logprobs for i in rows])
+        for i, logprob in zip(rows, found, strict=True):
+            seqs[i].logprobs.append(logprob)
+
+    def _record_prompt_logprobs(self, logits: torch.Tensor, chunks: list[tuple[PrefillChunk, int]]) -> None:
+        """Fill seq.prompt_logprobs from the logits (sum of chunk lengths, V) of every position of the chunks:
+        position p's row predicts the token at p + 1, a prompt token while p + 1 < prompt length."""
+        row = 0
+        for chunk, _ in chunks:
+            seq, prompt = chunk.seq, chunk.seq.prompt_token_ids
+            positions = [p for p in range(chunk.start, chunk.start + chunk.length) if p + 1 < len(prompt)]
+            if positions:
+                rows = logits[row + positions[0] - chunk.start: row + positions[-1] - chunk.start + 1]
+                found = token_logprobs(rows, [prompt[p + 1] for p in positions],
+                                       [seq.params.prompt_logprobs] * len(positions))
+                for p, logprob in zip(positions, found, strict=True):
+                    seq.prompt_logprobs[p + 1] = logprob
+            row += chunk.length
 
     def _seen(self, seq: Sequence) -> torch.Tensor | None:
         """(1, V) bool: the tokens of seq, for the repetition penalty (None without one)."""

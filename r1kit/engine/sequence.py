@@ -19,7 +19,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from r1kit.generate import GenerationError, SamplingParams
+from r1kit.generate import GenerationError, SamplingParams, TokenLogprob
 
 _arrivals = itertools.count()  # process-wide arrival order: ties in arrival_time cannot reorder requests
 
@@ -66,6 +66,8 @@ class Sequence:
     num_speculative_tokens: int = 0  # MTP drafts per decode step (0: not speculative; EngineConfig.drafts_for)
     max_tokens: int = field(init=False)
     num_prefill_tokens: int = field(init=False)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of each output token (params.logprobs set)
+    prompt_logprobs: list[TokenLogprob | None] | None = field(init=False)  # by position (params.prompt_logprobs)
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)
@@ -73,6 +75,8 @@ class Sequence:
             raise GenerationError(f"request {self.request_id!r}: the prompt must have at least one token")
         self.max_tokens = self.params.new_tokens_for(len(self.prompt_token_ids))
         self.num_prefill_tokens = self.num_tokens
+        wants = self.params.prompt_logprobs is not None
+        self.prompt_logprobs = [None] * len(self.prompt_token_ids) if wants else None  # the first stays None
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -48,7 +48,6 @@ from r1kit.serve.engine_service import (
 from r1kit.serve.ports import PortError, check_free, check_port
 from r1kit.serve.proto import r1kit_pb2 as pb
 from r1kit.serve.proto import r1kit_pb2_grpc as pb_grpc
-from r1kit.tokenizer import ReasoningStreamParser
 
 log = logging.getLogger("r1kit.serve")
 
@@ -130,8 +129,8 @@ def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -
 class _Collector:
     """Turns a request's text deltas into (text, reasoning, content) deltas: the reasoning split of a chat."""
 
-    def __init__(self, prepared: _Prepared):
-        self.parser = ReasoningStreamParser(starts_in_reasoning=prepared.thinking) if prepared.chat else None
+    def __init__(self, prepared: _Prepared, service: EngineService):
+        self.parser = service.reasoning_parser(prepared.thinking) if prepared.chat else None
 
     def push(self, text: str, final: bool) -> tuple[str, str, str]:
         if self.parser is None:
@@ -155,7 +154,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
         prepared, handle = self._submit(request, context)
-        collector = _Collector(prepared)
+        collector = _Collector(prepared, self.service)
         text, reasoning, content = [], [], []
         for delta in self._deltas(handle, context):
             t, r, c = collector.push(delta.text, delta.finished)
@@ -167,7 +166,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
 
     def GenerateStream(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateChunk]:
         prepared, handle = self._submit(request, context)
-        collector = _Collector(prepared)
+        collector = _Collector(prepared, self.service)
         for delta in self._deltas(handle, context):
             text, reasoning, content = collector.push(delta.text, delta.finished)
             if delta.finished:

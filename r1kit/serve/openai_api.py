@@ -269,7 +269,8 @@ def _add_generation_routes(app: FastAPI, service: EngineService, max_tokens_limi
         prompts = [body.prompt] if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else body.prompt
         ids = [_encode(lambda p=p: service.encode_prompt(p) if isinstance(p, str) else
                        check_prompt(p, service.model.config.vocab_size), "prompt") for p in prompts]
-        prompts = [p if isinstance(p, str) else service.model.tokenizer.decode(p) for p in prompts]
+        tok = service.model.tokenizer
+        prompts = [p if isinstance(p, str) else tok.decode(p) if tok is not None else "" for p in prompts]
         meta = _Meta(f"cmpl-{uuid.uuid4().hex}", "text_completion", service.model_name, ids)
         if (screening := _screen(service, request, body, prompts, meta)) and screening.refusal is not None:
             return _refusal(body, meta, screening.refusal)
