@@ -25,7 +25,7 @@ from r1kit.checkpoint import CheckpointError, load_model
 from r1kit.engine import LLMEngine
 from r1kit.engine.config import EngineConfig
 from r1kit.engine.speculative import SpeculativeStats, speculative_generate
-from r1kit.generate import GenerationError, SamplingParams, default_max_new_tokens, generate_tokens
+from r1kit.generate import GenerationError, SamplingParams, TokenLogprob, default_max_new_tokens, generate_tokens
 from r1kit.model.config import format_count
 from r1kit.model.transformer import Transformer
 from r1kit.safety.shield import Screening, Shield
@@ -71,6 +71,18 @@ def resolve_model_path(name: str | os.PathLike) -> Path:
             else "check the path")
     raise ModelNotFoundError(f"no model at {text!r}: not a folder, not bundled, not in the Hugging Face cache "
                              f"(r1kit never downloads); {hint}")
+
+
+@dataclass
+class Completion:
+    """R1Model.complete's result: the text (up to a stop string), the generated token ids (a stop id included),
+    their log-probabilities (TokenLogprob, when asked) and the prompt's (None for its first token)."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+    prompt_logprobs: list[TokenLogprob | None] | None
+    finish_reason: str | None
 
 
 @dataclass
@@ -394,6 +406,39 @@ class R1Model:
             for token in chunk:
                 yield [token]
 
+    def complete(self, prompt: str | None = None, *, input_ids: Sequence[int] | None = None,
+                 logprobs: int | None = None, prompt_logprobs: int | None = None, **sampling: Any) -> Completion:
+        """Continue one prompt on the engine and return the text with its tokens' log-probabilities.
+
+        ``logprobs`` k: each generated token's log-probability (a log-softmax over the model's logits) and its k
+        most likely alternatives; ``prompt_logprobs`` k: the same for every prompt token after the first (what
+        scoring a continuation needs: ``complete(input_ids=context + continuation, max_new_tokens=1,
+        prompt_logprobs=0)``). Sampling keywords as generate().
+        """
+        if (prompt is None) == (input_ids is None):
+            raise GenerationError("pass exactly one of prompt= (text) or input_ids= (token ids)")
+        ids = self._encode(prompt) if prompt is not None else list(input_ids)
+        params = SamplingParams(**sampling, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        bs = self.engine_config.block_size
+        engine = self.engine(-(-(len(ids) + params.new_tokens_for(len(ids))) // bs) * bs)
+        if engine.has_unfinished():
+            raise GenerationError("another generation is still running on this model (an unfinished stream): "
+                                  "finish or close it first")
+        rid = f"r1model-{next(self._ids)}"
+        engine.add_request(rid, ids, params)
+        outs = [out for _ in iter(engine.has_unfinished, False) for out in engine.step()]
+        if outs and outs[-1].error is not None:
+            raise GenerationError(f"generation failed: {outs[-1].error}") from outs[-1].error
+        stream, text = TextStream(self.tokenizer, params.stop, set(self.stop_ids())), ""
+        for o in outs:
+            piece, ended = stream.push(o.token)
+            text += piece
+            if ended:
+                break
+        text += stream.flush()
+        return Completion(text, [o.token for o in outs], [o.logprobs for o in outs if o.logprobs is not None],
+                          outs[0].prompt_logprobs if outs else None, outs[-1].finish_reason.value if outs else None)
+
     def chat(self, messages: Sequence[dict[str, str]], *, thinking: bool = True, stream: bool = False,
              **sampling: Any) -> ChatReply | Iterator[str]:
         """Answer a conversation with the model's chat template; reasoning is split from the answer.
@@ -447,5 +492,5 @@ def random_checkpoint(path: str | os.PathLike, preset_name: str = "tiny-moe", se
     return path
 
 
-__all__ = ["R1Model", "ChatReply", "ModelNotFoundError", "resolve_model_path", "random_checkpoint",
+__all__ = ["R1Model", "ChatReply", "Completion", "ModelNotFoundError", "resolve_model_path", "random_checkpoint",
            "CheckpointError"]

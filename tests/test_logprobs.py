@@ -168,3 +168,16 @@ def test_http_top_logprobs_errors_are_400(nano_server, extra, param) -> None:
         _client(base).chat.completions.create(model=service.model_name, messages=[{"role": "user", "content": "hi"}],
                                               max_tokens=2, **extra)
     assert param in str(err.value)
+
+
+def test_python_api_complete_prompt_logprobs(nano_server) -> None:
+    _, _, model = nano_server
+    ids = model.tokenizer.encode("7*8=56")
+    out = model.complete(input_ids=ids, max_new_tokens=2, temperature=0, logprobs=1, prompt_logprobs=1)
+    ref = reference_logprobs(model.model, ids + out.token_ids)
+    assert out.prompt_logprobs[0] is None
+    assert [e.logprob for e in out.prompt_logprobs[1:]] == pytest.approx(
+        [ref[p - 1, ids[p]].item() for p in range(1, len(ids))], abs=1e-4)
+    assert [e.logprob for e in out.logprobs] == pytest.approx(
+        [ref[len(ids) - 1 + i, t].item() for i, t in enumerate(out.token_ids)], abs=1e-4)
+    assert out.text == model.generate(input_ids=ids, max_new_tokens=2, temperature=0)
