@@ -5,7 +5,8 @@
 #   make run     the main job: python -m r1kit demo
 #   make test    pytest + ruff (pass extra pytest args via PYTEST_ARGS="-k foo -x");
 #                also installs Debian's chromium for the chat page test (scripts/install_browser.sh) and
-#                bubblewrap for the code sandbox (scripts/install_sandbox.sh)
+#                bubblewrap for the code sandbox (scripts/install_sandbox.sh) and wordnet-base for EDA's
+#                synonyms (scripts/install_wordnet.sh)
 #   make bench   decode benchmark
 #   make lint    ruff only
 #   make clean   remove build/test caches (keeps .venv; 'make distclean' removes it too)
@@ -47,6 +48,7 @@ run: venv
 test: dev
 	sh scripts/install_browser.sh
 	sh scripts/install_sandbox.sh
+	sh scripts/install_wordnet.sh
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 	$(BIN)/ruff check $(LINT_PATHS)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import logging
 import random
 import re
@@ -288,8 +289,6 @@ def model_completer(translator: str, model_name: str | None = None, max_new_toke
 
 def _openai_chat(base_url: str, model: str, max_tokens: int, prompt: str) -> str:
     """One greedy chat completion from an OpenAI-compatible server (POST {base_url}/chat/completions)."""
-    import json
-
     url = base_url if base_url.endswith("/chat/completions") else f"{base_url}/chat/completions"
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
             "max_tokens": max_tokens}
@@ -319,10 +318,8 @@ class Augmenter:
 
     @classmethod
     def from_section(cls, section: Any) -> Augmenter:
-        """An Augmenter for TrainConfig's ``augment:`` section (loading WordNet and the translator it names)."""
-        unknown = sorted(set(section.ops) - set(EDA_OPS))
-        if unknown:
-            raise AugmentError(f"unknown EDA operation(s) {unknown}; operations: {', '.join(EDA_OPS)}")
+        """An Augmenter for an ``augment:`` section (loading WordNet and the translator it names)."""
+        check_augment(section)
         needs_wordnet = any(op in section.ops for op in ("synonym", "insert"))
         translator = None
         if section.translator:
@@ -346,6 +343,22 @@ class Augmenter:
             if new is not None and new != record and new not in unique:
                 unique.append(new)
         return unique
+
+
+def check_augment(section: Any) -> None:
+    """Refuse an ``augment:`` section (r1kit.train.config.AugmentSection) with an unknown operation, a rate
+    outside [0, 1], n_aug < 1 or an empty pivot language; the message starts with the field's name."""
+    unknown = sorted(set(section.ops) - set(EDA_OPS))
+    if unknown:
+        raise AugmentError(f"ops: unknown operation(s) {unknown}; operations: {', '.join(EDA_OPS)}")
+    bad = {op: r for op, r in section.ops.items() if isinstance(r, bool) or not isinstance(r, (int, float))
+           or not 0 <= r <= 1}
+    if bad:
+        raise AugmentError(f"ops: rates must be numbers in [0, 1], got {bad}")
+    if section.n_aug is not None and section.n_aug < 1:
+        raise AugmentError(f"n_aug = {section.n_aug!r}: must be >= 1, or None for Wei & Zou's choice")
+    if section.translator and not all(isinstance(x, str) and x.strip() for x in section.languages):
+        raise AugmentError(f"languages = {section.languages!r}: two language names")
 
 
 def map_user_texts(record: dict[str, Any], change: Callable[[str], str | None]) -> dict[str, Any] | None:
@@ -379,3 +392,26 @@ def augment_records(records: Sequence[Any], section: Any) -> list[Any]:
     for index, r in enumerate(records):
         out += [ChatRecord(f"{r.where} (augmented)", new) for new in augmenter.copies(r.record, index, len(records))]
     return out
+
+
+def augment_file(src: str | Path, dst: str | Path, section: Any, skip_invalid: bool = False) -> dict[str, int]:
+    """``r1kit augment``: every record of chat JSONL ``src`` followed by its augmented copies, written to ``dst``
+    (atomically). Lines are checked as training reads them (errors name file and line). Returns counts."""
+    from r1kit.fileio import atomic_write
+    from r1kit.train.chat_data import read_chat_records
+
+    records, data = read_chat_records(src, skip_invalid)
+    augmenter = Augmenter.from_section(section)
+    lines, copies = [], 0
+    for index, r in enumerate(_progress(records, "augment")):
+        new = augmenter.copies(r.record, index, len(records))
+        copies += len(new)
+        lines += [json.dumps(x, ensure_ascii=False) + "\n" for x in [r.record, *new]]
+    atomic_write(Path(dst), lambda tmp: Path(tmp).write_text("".join(lines), encoding="utf-8"))
+    return {"records": len(records), "copies": copies, "written": len(lines), "skipped": data.skipped}
+
+
+def _progress(items: Sequence[Any], desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="record", dynamic_ncols=True, disable=len(items) < 200)

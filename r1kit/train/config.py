@@ -183,16 +183,12 @@ class TrainConfig:
 
     def _validate_augment(self) -> None:
         a = self.augment
-        from r1kit.train.augment import EDA_OPS
+        from r1kit.train.augment import AugmentError, check_augment
 
-        unknown = sorted(set(a.ops) - set(EDA_OPS))
-        if unknown:
-            raise TrainConfigError(f"augment.ops: unknown operation(s) {unknown}; operations: {list(EDA_OPS)}")
-        bad = {op: rate for op, rate in a.ops.items() if not isinstance(rate, (int, float)) or not 0 <= rate <= 1}
-        if bad:
-            raise TrainConfigError(f"augment.ops: rates must be numbers in [0, 1], got {bad}")
-        if a.n_aug is not None and a.n_aug < 1:
-            raise TrainConfigError(f"augment.n_aug = {a.n_aug!r}: must be >= 1, or None for Wei & Zou's choice")
+        try:
+            check_augment(a)
+        except AugmentError as e:
+            raise TrainConfigError(f"augment.{e}") from None
         if (a.ops or a.translator) and not self.data.chat_jsonl:
             raise TrainConfigError("augment: applies to data.chat_jsonl, which is not set")
 
