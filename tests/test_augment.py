@@ -238,3 +238,9 @@ def test_augment_section_applies_to_the_training_side_only(tmp_path):
     aug_train, aug_val = build_chat_batches(cfg, tok)
     assert len(plain_train.examples) == 15 and 15 + 20 <= len(aug_train.examples) <= 15 + 30
     assert [e.ids for e in aug_val.examples] == [e.ids for e in plain_val.examples]
+
+
+def test_augment_recipe_loads():
+    cfg = TrainConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs" / "augment-nano.yaml")
+    assert cfg.augment.ops == {op: 0.1 for op in EDA_OPS} and cfg.augment.n_aug is None
+    assert cfg.data.chat_jsonl and cfg.init_from == "r1kit/nano" and cfg.early_stopping_patience == 3
