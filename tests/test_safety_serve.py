@@ -137,3 +137,27 @@ def test_r1model_safety_opt_in(reference, tmp_path):
     rows = read_records(tmp_path / "m.db")
     assert [r["finish_reason"] for r in rows] == ["stop", "stop", "content_filter"] and rows[0]["prompt"] == CODE
     assert verify(tmp_path / "m.db") == []
+
+
+def test_grpc_screens_input_and_redacts_output(model, reference):
+    from r1kit.serve.client import R1Client, R1ClientError
+    from r1kit.serve.grpc_service import serve_grpc
+
+    word = word_in(reference)
+    config = {"output": {"patterns": {"word": rf"\b{word}\b"}}}
+    shield = Shield(SafetyConfig.from_dict(config))
+    service = EngineService(model, shield=shield, max_num_seqs=2)
+    service.start()
+    server = serve_grpc(service, port=0)
+    try:
+        with R1Client(f"127.0.0.1:{server.port}", timeout=60) as c:
+            with pytest.raises(R1ClientError) as e:
+                c.chat([{"role": "user", "content": ATTACK}])
+            assert e.value.code.name == "INVALID_ARGUMENT" and "injection" in e.value.details
+            got = c.generate(CODE, max_new_tokens=48, temperature=0)
+            assert got.text == redact(reference, shield.config)
+            assert "".join(p.text for p in c.generate_stream(CODE, max_new_tokens=48, temperature=0)) == got.text
+    finally:
+        server.stop(grace=None)
+        service.shutdown(drain=False)
+        shield.close()

@@ -36,6 +36,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from r1kit.generate import SamplingParams, default_max_new_tokens
+from r1kit.safety.shield import InputBlocked, Screening
 from r1kit.serve.client import SERVER_METADATA_KEY, SERVICE_NAME
 from r1kit.serve.engine_service import (
     DEFAULT_MAX_QUEUE,
@@ -118,6 +119,22 @@ def _prepare(service: EngineService, request: pb.GenerateRequest) -> _Prepared:
     return _Prepared(ids, params, kind == "chat", thinking)
 
 
+def _screen(service: EngineService, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Screening | None:
+    """The safety shield's check of the user's text (None without a shield). A blocked input raises InputBlocked,
+    a ValueError (INVALID_ARGUMENT naming the category); gRPC has no refusal answer: on_block "refuse" is the same."""
+    if service.shield is None:
+        return None
+    texts = [request.text] if request.WhichOneof("prompt") == "text" else [
+        m.content for m in request.chat.messages if CHAT_ROLES.get(m.role) == "user"]
+    auth = dict(context.invocation_metadata()).get("authorization", "")
+    screening = service.shield.screen(texts, request_id=request.request_id or None, client=context.peer(),
+                                      api_key=auth[7:].strip() if auth[:7].lower() == "bearer " else None,
+                                      model=service.model_name)
+    if screening.refusal is not None:
+        raise InputBlocked(screening.verdict)
+    return screening
+
+
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> None:
     """End the call with ``code``; details beyond MAX_DETAILS_CHARS are cut (a client would see RESOURCE_EXHAUSTED
     for its metadata instead of the error)."""
@@ -187,7 +204,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
             self._check_size(request)
             prepared = _prepare(self.service, request)
             handle = self.service.submit(prepared.prompt_ids, prepared.params, request_id=request.request_id or None,
-                                         timeout=timeout)
+                                         timeout=timeout, screening=_screen(self.service, request, context))
         except QueueFullError as e:
             _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry later or on another replica")
         except ServiceClosedError as e:
@@ -222,6 +239,9 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
                 _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
                        f"request {handle.request_id} passed its deadline after {handle.completion_tokens} "
                        "generated tokens")
+            if delta.finished and delta.finish_reason == "content_filter":
+                _abort(context, grpc.StatusCode.PERMISSION_DENIED, f"request {handle.request_id}: the safety shield "
+                       "withheld the rest of the response (content_filter: a blocked type in the output)")
             if delta.finished and delta.finish_reason not in FINISH_REASONS:  # "abort": shutdown without drain
                 _abort(context, grpc.StatusCode.UNAVAILABLE,
                        f"request {handle.request_id} was aborted by the server ({delta.finish_reason})")
