@@ -148,6 +148,8 @@ class Transformer(nn.Module):
         attends only within its own document and positions restart at each document (see document_mask).
         """
         if doc_ids is not None:
+            if cache is not None or last_only:
+                raise ValueError("doc_ids (packed training rows) takes neither a KV cache nor last_only")
             return self._forward_packed(ids, doc_ids, return_hidden)
         B, T = ids.shape
         pos = cache.pos if cache is not None else 0
