@@ -7,6 +7,8 @@
     r1kit quantize MODEL --to M OUT write an int8 / int4 / fp8 weight-quantized checkpoint
     r1kit compress MODEL OUT --method M   quantize, QAT, prune, low-rank or cluster into a checkpoint that serves
     r1kit train --config YAML       train (pretraining + SFT mixture), resumable with --resume
+    r1kit finetune BASE --data J --out DIR   LoRA / QLoRA fine-tuning on a chat JSONL (adapter in PEFT's layout)
+    r1kit merge BASE ADAPTER OUT    merge a LoRA adapter into its base, write a plain checkpoint
     r1kit eval MODEL --task T       arithmetic accuracy, held-out perplexity, or HumanEval pass@k
     r1kit demo                      the main job: a tour on a small model
     r1kit serve MODEL --port 8000   OpenAI-compatible HTTP server (+ gRPC with --grpc-port), chat page at /
@@ -49,6 +51,8 @@ def _model_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt weights (weights-only)")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="Jinja chat template replacing the checkpoint's own (or a tokenizer_config.json holding one)")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="apply this LoRA adapter (adapter_config.json + adapter_model.safetensors, PEFT's layout)")
 
 
 def _sampling(a: argparse.Namespace) -> dict:
@@ -68,7 +72,7 @@ def _load(a: argparse.Namespace):
         raise ValueError(f"{path} has no {TOKENIZER_FILE}: `r1kit {a.command}` needs it to turn text into tokens; "
                          f"copy the {TOKENIZER_FILE} (and tokenizer_config.json) of the model it comes from there")
     return R1Model.from_pretrained(a.model, device=a.device, dtype=a.dtype, allow_pickle=a.allow_pickle,
-                                   chat_template=a.chat_template)
+                                   chat_template=a.chat_template, adapter=a.adapter)
 
 
 # ---------------------------------------------------------------------------------------------------- commands
@@ -97,10 +101,18 @@ def cmd_info(a: argparse.Namespace) -> None:
             "params_total": cfg.num_params(), "params_mtp": cfg.num_mtp_params(),
             "params_active": cfg.num_params(active=True),
             "memory_bf16_GiB": round(held * 2 / 2**30, 2), "memory_int8_GiB": round(held / 2**30, 2)}
+    if a.lora_r is not None:  # trainable parameters of a rank-r adapter, counted on a meta-device model
+        from r1kit.lora import lora_budget
+        from r1kit.train.finetune import parse_targets
+
+        targets = parse_targets(a.target_modules) if a.target_modules else None
+        info.update({k: v for k, v in lora_budget(cfg, a.lora_r, targets).items() if k != "params_total"})
     if a.json:
         print(json.dumps(info, indent=2))
         return
-    shown = {k: format_count(v) if k.startswith("params") else v for k, v in info.items()}
+    shown = {k: format_count(v) if k.startswith("params") or k == "lora_params" else v for k, v in info.items()}
+    if "lora_fraction" in shown:
+        shown["lora_fraction"] = f"{info['lora_fraction']:.4%} of params_total"
     if info["params_mtp"]:  # as DeepSeek states it: "671B + 14B MTP"
         shown["params_total"] += f" + {shown['params_mtp']} MTP"
     width = max(map(len, shown))
@@ -424,6 +436,47 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     h.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per sample")
 
 
+def cmd_finetune(a: argparse.Namespace) -> None:
+    """LoRA / QLoRA fine-tuning of BASE on a chat JSONL, with the training loop of `r1kit train`."""
+    from r1kit.train.finetune import FLAG_KEYS, finetune, parse_targets
+
+    flags = {k: getattr(a, k) for k in FLAG_KEYS}
+    if a.target_modules:
+        flags["target_modules"] = parse_targets(a.target_modules)
+    summary = finetune(a.base, a.data, a.out, a.config, resume=a.resume, device=a.device, **flags)
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_merge(a: argparse.Namespace) -> None:
+    """Merge a LoRA adapter into its full-precision base and write a plain checkpoint."""
+    from r1kit.train.finetune import merge
+
+    print(json.dumps(merge(a.base, a.adapter, a.out, a.dtype), indent=2))
+
+
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("base", help="the model to adapt: checkpoint folder, r1kit/<bundled>, or org/name in the HF cache")
+    p.add_argument("--data", required=True, help="chat JSONL (messages / prompt+completion / text per line)")
+    p.add_argument("--out", required=True, help="folder for the adapter (checkpoints in OUT/checkpoints)")
+    p.add_argument("--config", default=None, help="YAML recipe (e.g. configs/lora-nano.yaml); flags win over it")
+    p.add_argument("--lora-r", type=int, default=None, help="adapter rank (default 8)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="scaling alpha / r (default 16)")
+    p.add_argument("--lora-dropout", type=float, default=None, help="default 0.05")
+    p.add_argument("--target-modules", default=None,
+                   help="regex, or comma-separated module names (default: attention, MLP, shared and routed experts)")
+    p.add_argument("--qlora", choices=["int8", "int4", "nf4"], default=None, help="hold the frozen base quantized")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--learning-rate", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--gradient-accumulation", type=int, default=None)
+    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--validation-fraction", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--device", default="cpu")
+
+
 def cmd_serve(a: argparse.Namespace) -> None:
     """Serve a model: OpenAI-compatible HTTP API, chat page at /, metrics; gRPC too with --grpc-port."""
     import signal
@@ -440,7 +493,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     if a.grpc_port is not None:
         check_free(a.host, a.grpc_port, "--grpc-port")
     model = R1Model.from_pretrained(a.model, device=a.device, dtype=a.dtype, quantization=a.quantization,
-                                    allow_pickle=a.allow_pickle, chat_template=a.chat_template)
+                                    allow_pickle=a.allow_pickle, chat_template=a.chat_template, adapter=a.adapter)
     service = EngineService(model, engine_config_from_args(a), max_queue=a.max_queue,
                             request_timeout=a.request_timeout, shield=_serve_shield(a))
     log.info("%s; max_queue=%d, request_timeout=%s", service.config.describe(), service.max_queue,
@@ -519,7 +572,8 @@ def _serve_replicas(a: argparse.Namespace) -> None:
     extra = ["--device", a.device, "--max-queue", str(a.max_queue), "--shutdown-timeout", str(a.shutdown_timeout),
              *engine_flags(a)]
     for flag, value in (("--dtype", a.dtype), ("--request-timeout", a.request_timeout),
-                        ("--quantization", a.quantization), ("--chat-template", a.chat_template)):
+                        ("--quantization", a.quantization), ("--chat-template", a.chat_template),
+                        ("--adapter", a.adapter)):
         if value is not None:
             extra += [flag, str(value)]
     if a.allow_pickle:
@@ -589,7 +643,11 @@ def cmd_demo(a: argparse.Namespace) -> None:
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable[[argparse.ArgumentParser], None]]] = {
     "info": (cmd_info, lambda p: (p.add_argument("model", help="checkpoint folder or preset name"),
-                                  p.add_argument("--json", action="store_true"))),
+                                  p.add_argument("--json", action="store_true"),
+                                  p.add_argument("--lora-r", type=int, default=None,
+                                                 help="also count the parameters of a rank-r LoRA adapter"),
+                                  p.add_argument("--target-modules", default=None,
+                                                 help="with --lora-r: regex or comma-separated module names"))),
     "generate": (cmd_generate, lambda p: (_model_args(p), p.add_argument("--prompt", required=True),
                                           p.add_argument("--speculative", action="store_true",
                                                          help="draft with the model's MTP head (exact)"),
@@ -616,6 +674,11 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable[[argpar
                                     p.add_argument("--out-dir", default=None), p.add_argument("--max-steps", type=int),
                                     p.add_argument("--device", default="cpu"))),
     "augment": (cmd_augment, _augment_args),
+    "finetune": (cmd_finetune, _finetune_args),
+    "merge": (cmd_merge, lambda p: (p.add_argument("base", help="the full-precision model the adapter was trained on"),
+                                    p.add_argument("adapter", help="adapter folder"),
+                                    p.add_argument("out", help="new folder for the merged checkpoint"),
+                                    p.add_argument("--dtype", default=None, help="fp32, bf16 (default: the base's)"))),
     "distill": (cmd_distill, lambda p: (p.add_argument("--config", required=True, help="YAML recipe"),
                                         p.add_argument("--resume", action="store_true"),
                                         p.add_argument("--out-dir", default=None),

@@ -353,7 +353,8 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig, name: str = "default", target
         if not isinstance(m, LORA_MODULES):
             if not _adaptable(m):
                 raise LoRAError(f"{target}: a {type(m).__name__}, not a linear layer or routed experts")
-            m = LoRAExperts(m) if isinstance(m, (Experts, QuantizedExperts)) else LoRALinear(m)
+            wrapper = LoRAExperts(m) if isinstance(m, (Experts, QuantizedExperts)) else LoRALinear(m)
+            m = wrapper.train(m.training)  # an eval-mode model stays in eval mode (no adapter dropout)
             _set_child(model, target, m)
         if name in m.lora_A:
             raise LoRAError(f"{target} already has an adapter named {name!r}; pick another name or delete it")
@@ -437,6 +438,21 @@ def quantize_base(model: nn.Module, method: str, double_quant: bool = False) -> 
         stats = quantize_model(model, method, skip=["lm_head"])
         linear = sum(v != "QuantizedExperts" for v in stats["modules"].values())
     return {"linear": linear, "experts": sum(v == "QuantizedExperts" for v in stats["modules"].values())}
+
+
+def lora_budget(cfg: Any, r: int, target_modules: str | Sequence[str] | None = None) -> dict[str, Any]:
+    """Trainable parameters of a rank-r adapter on a ModelConfig, counted on a meta-device model (no memory, any
+    size): {"lora_r", "lora_modules", "lora_params", "params_total", "lora_fraction"} (params_total: the main
+    model, MTP excluded, as ModelConfig.num_params)."""
+    from r1kit.model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    targets = DEFAULT_TARGETS if target_modules is None else target_modules
+    adapted = inject_lora(model, LoRAConfig(r=r, target_modules=targets))
+    params, total = lora_param_count(model), cfg.num_params()
+    return {"lora_r": r, "lora_modules": len(adapted), "lora_params": params, "params_total": total,
+            "lora_fraction": params / total}
 
 
 # ---------------------------------------------------------------------------------------------------- merge

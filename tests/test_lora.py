@@ -189,7 +189,7 @@ def test_moe_adapter_file_round_trip(make_model, tmp_path):
     with the same logits; a file for another shape is an error naming the tensor."""
     model = make_model("tiny-moe")
     ids = _ids(model.config.vocab_size)
-    inject_lora(model, LoRAConfig(r=3, alpha=6, target_modules=["experts", "q_b_proj"]))
+    inject_lora(model, LoRAConfig(r=3, alpha=6, dropout=0.5, target_modules=["experts", "q_b_proj"]))  # eval: off
     _nonzero_b(model)
     expected = model(ids)
     save_adapter(model, tmp_path)
