@@ -63,6 +63,8 @@ class TrainOptions:
     seq_len: int = 256
     data: str | None = None  # a YAML recipe (default configs/nano-sft.yaml); its model must match MODEL
     work_dir: str | None = None  # where the fine-tune's run goes (default runs/compress/<OUT name>)
+    precision: str = "fp32"  # the loop's autocast: fp32 (on CPUs without native bf16, ~4x faster) or bf16
+    device: str = "cpu"  # where the fine-tune runs (cpu, cuda, ...); the result is saved from the CPU
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "seq_len"):
@@ -120,12 +122,31 @@ class LowRankOptions:
     rank: int | None = None  # one rank for every layer
     target: float | None = None  # factors take at most this fraction of each layer's numbers
 
+    def __post_init__(self) -> None:
+        given = [n for n in ("energy", "rank", "target") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise CompressError(f"give one of energy, rank, target, not {' and '.join(given)}")
+        for name in ("energy", "target"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value < 1.0:
+                raise CompressError(f"{name} must be in (0, 1), got {value}")
+        if self.rank is not None and self.rank < 1:
+            raise CompressError(f"rank must be >= 1, got {self.rank}")
+
 
 @dataclass
 class ClusterOptions:
     clusters: int = 16  # centroids per codebook (2..16; indices are 4-bit)
     group: int | None = None  # inputs per codebook (default: the whole row)
     iters: int = 15  # Lloyd iterations
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.clusters <= 16:
+            raise CompressError(f"clusters must be in [2, 16] (4-bit indices), got {self.clusters}")
+        if self.group is not None and (self.group < 2 or self.group % 2):
+            raise CompressError(f"group must be an even number of inputs >= 2, got {self.group}")
+        if self.iters < 1:
+            raise CompressError(f"iters must be >= 1, got {self.iters}")
 
 
 # ---------------------------------------------------------------------------------------------------- methods
@@ -226,6 +247,18 @@ def parse_options(method: str, options: dict[str, Any]) -> Any:
         raise CompressError(str(e)) from None
 
 
+def option_types() -> dict[str, type]:
+    """Every option any method takes -> its basic type (int, float, str): the flags of `r1kit compress`."""
+    import typing
+
+    out: dict[str, type] = {}
+    for cls, _, _ in METHODS.values():
+        for name, hint in typing.get_type_hints(cls).items():
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            out[name] = args[0] if args else hint
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
@@ -263,7 +296,7 @@ def finetune(job: Job, prepare: Callable[[Transformer], None]) -> tuple[Transfor
         recipe, init_from=str(job.src), out_dir=str(work), max_steps=o.max_steps, token_budget=None,
         learning_rate=o.learning_rate, warmup_steps=min(10, o.max_steps), batch_size=o.batch_size,
         seq_len=o.seq_len, eval_interval=o.max_steps, checkpoint_interval=o.max_steps,
-        log_interval=max(1, o.max_steps // 10), threads=torch.get_num_threads())
+        log_interval=max(1, o.max_steps // 10), threads=torch.get_num_threads(), precision=o.precision)
     cfg.data.arithmetic_examples = min(cfg.data.arithmetic_examples, 20_000)  # a short run needs little data
     cfg.data.max_chars = min(cfg.data.max_chars or 1_000_000, 1_000_000)
     held: list[Transformer] = []
@@ -272,8 +305,8 @@ def finetune(job: Job, prepare: Callable[[Transformer], None]) -> tuple[Transfor
         prepare(model)
         held.append(model)
 
-    summary = train(cfg, progress=True, prepare=hook)
-    return held[0].eval(), {k: summary[k] for k in ("steps", "tokens", "elapsed_s")}
+    summary = train(cfg, progress=True, device=o.device, prepare=hook)
+    return held[0].cpu().eval(), {k: summary[k] for k in ("steps", "tokens", "elapsed_s")}
 
 
 def _check_source(src: Path, method: str) -> dict[str, Any]:
