@@ -30,6 +30,7 @@ from r1kit.model.config import format_count
 from r1kit.model.transformer import Transformer
 from r1kit.safety.shield import Screening, Shield
 from r1kit.tokenizer import TextStream, Tokenizer
+from r1kit.tools import ToolCall, ToolCallParser, check_tool_choice, check_tools
 
 log = logging.getLogger("r1kit")
 BUNDLED_DIR = Path(__file__).parent  # bundled models live in the package: r1kit/<name>
@@ -94,6 +95,7 @@ class ChatReply:
     text: str  # the raw generated text
     prompt_tokens: int
     completion_tokens: int
+    tool_calls: list[ToolCall] = dataclasses.field(default_factory=list)  # the calls the answer made (tools=)
 
     def __str__(self) -> str:
         return self.content
@@ -315,7 +317,8 @@ class R1Model:
         return tok.encode(text, add_bos=tok.add_bos_token and tok.bos_id is not None)
 
     def _stream_rows(self, prompts: list[list[int]], params: SamplingParams,
-                     usage: dict[str, int] | None = None, speculative: bool = False) -> Iterator[tuple[int, str]]:
+                     usage: dict[str, int] | None = None, speculative: bool = False,
+                     tokens: list[list[int]] | None = None) -> Iterator[tuple[int, str]]:
         """(row, new text) pieces as tokens arrive; holds back text that might start a stop string."""
         stop_ids = set(self.stop_ids())
         streams = [TextStream(self.tokenizer, params.stop, stop_ids) for _ in prompts]
@@ -334,6 +337,8 @@ class R1Model:
                     continue
                 if usage is not None:
                     usage["completion_tokens"] += 1
+                if tokens is not None:  # each row's token ids, for the caller (tool calls are parsed from them)
+                    tokens[row].append(token)
                 text, finished[row] = streams[row].push(token)
                 if text:
                     yield row, text
@@ -439,7 +444,8 @@ class R1Model:
         return Completion(text, [o.token for o in outs], [o.logprobs for o in outs if o.logprobs is not None],
                           outs[0].prompt_logprobs if outs else None, outs[-1].finish_reason.value if outs else None)
 
-    def chat(self, messages: Sequence[dict[str, str]], *, thinking: bool = True, stream: bool = False,
+    def chat(self, messages: Sequence[dict[str, Any]], *, thinking: bool = True, stream: bool = False,
+             tools: Sequence[dict[str, Any]] | None = None, tool_choice: Any = None,
              **sampling: Any) -> ChatReply | Iterator[str]:
         """Answer a conversation with the model's chat template; reasoning is split from the answer.
 
@@ -448,8 +454,14 @@ class R1Model:
         With stream=True, yields raw text pieces (use r1kit.tokenizer.ReasoningStreamParser to split them).
         Without a length, up to DEFAULT_MAX_NEW_TOKENS["chat"] (1024) new tokens (reasoning is long), as far as the
         context allows.
+
+        ``tools`` (OpenAI function tools, rendered by the model's chat template) and ``tool_choice`` ("auto",
+        "none", "required" or ``{"type": "function", "function": {"name": ...}}``): the calls the answer makes are
+        in ``reply.tool_calls`` (`r1kit.tools.ToolCall`, not made while streaming); ToolError for a bad tool.
         """
-        ids = self._tok(chat=True).encode_chat(list(messages), add_generation_prompt=True, thinking=thinking)
+        parser = self._tool_parser(tools, tool_choice)
+        ids = self._tok(chat=True).encode_chat(list(messages), add_generation_prompt=True, thinking=thinking,
+                                               tools=parser.offered if parser else None)
         if sampling.get("max_new_tokens") is None and sampling.get("max_length") is None:  # as much as fits
             sampling["max_new_tokens"] = default_max_new_tokens(len(ids), self.config.max_position_embeddings, "chat")
         screening = self._screen([m["content"] for m in messages if m.get("role") == "user"])
@@ -462,7 +474,8 @@ class R1Model:
         params = SamplingParams(**{**sampling, "stop": [sampling["stop"]] if isinstance(sampling.get("stop"), str)
                                    else sampling.get("stop") or []})
         usage: dict[str, int] = {}
-        pieces = self._stream_rows([ids], params, usage, speculative)
+        tokens: list[list[int]] = [[]]
+        pieces = self._stream_rows([ids], params, usage, speculative, tokens)
         if screening is not None:
             pieces = screening.shield_rows(pieces, 1)
         if stream:
@@ -471,7 +484,17 @@ class R1Model:
         # R1's template opened <think>, so text without a closing tag is all reasoning; with thinking off it closed
         # the think block, yet text before a </think> is still reasoning; a template without think tags: all content
         reasoning, content = self.tokenizer.split_reasoning(text, thinking)
-        return ChatReply(reasoning, content, text, usage["prompt_tokens"], usage["completion_tokens"])
+        found = parser.parse(tokens[0], thinking) if parser is not None else None
+        content, calls = found if found is not None else (content, [])
+        return ChatReply(reasoning, content, text, usage["prompt_tokens"], usage["completion_tokens"], calls)
+
+    def _tool_parser(self, tools: Sequence[dict[str, Any]] | None, tool_choice: Any) -> ToolCallParser | None:
+        """The tool-call parser of a chat with these tools (None without); ToolError for a bad tool or choice."""
+        if tools is None and tool_choice in (None, "none"):
+            return None
+        checked = check_tools(list(tools)) if tools is not None else []
+        choice = check_tool_choice(tool_choice, checked)
+        return ToolCallParser(self._tok(chat=True), checked, choice, self.stop_ids()) if checked else None
 
 
 def random_checkpoint(path: str | os.PathLike, preset_name: str = "tiny-moe", seed: int = 0,

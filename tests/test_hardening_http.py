@@ -84,9 +84,15 @@ def test_every_unsupported_parameter_has_a_case():
     assert set(TURNED_ON) == set(UNSUPPORTED_PARAMS)
 
 
+IMPLEMENTED = {"/v1/chat/completions": {"logprobs", "top_logprobs", "tools", "tool_choice"},  # #13
+               "/v1/completions": {"logprobs", "echo"}}
+
+
 @pytest.mark.parametrize("name", sorted(TURNED_ON))
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 def test_unsupported_parameters_are_refused_by_name(base, path, name):
+    if name in IMPLEMENTED[path]:
+        pytest.skip(f"{path} implements {name} (tests/test_logprobs.py, tests/test_tools.py)")
     body = {"model": MODEL, "max_tokens": 1, name: TURNED_ON[name]}
     body.update({"messages": QUESTION} if "chat" in path else {"prompt": "def "})
     status, reply = request(base, "POST", path, json.dumps(body).encode())
@@ -99,8 +105,8 @@ def test_unsupported_parameters_are_refused_by_name(base, path, name):
 def test_off_values_and_harmless_fields_are_accepted(base):
     c = client(base)
     with pytest.raises(openai.BadRequestError) as err:  # the official client, a parameter turned on
-        c.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2, logprobs=True, top_logprobs=2)
-    assert err.value.body["param"] == "logprobs"
+        c.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2, frequency_penalty=0.5)
+    assert err.value.body["param"] == "frequency_penalty"
     chat = c.chat.completions.create(
         model=MODEL, messages=QUESTION, max_tokens=2, logprobs=False, top_logprobs=0, tools=[], tool_choice="none",
         response_format={"type": "text"}, frequency_penalty=0, presence_penalty=0.0, logit_bias={},

@@ -83,6 +83,7 @@ class RequestHandle:
         self.deadline = deadline
         self._service = service
         self.tokenizer = tokenizer
+        self.token_ids: list[int] = []  # the generated tokens (tool calls are parsed from them)
         self.logprobs: list[TokenLogprob] = []  # of each generated token (params.logprobs)
         self.prompt_logprobs: list[TokenLogprob | None] | None = None  # of each prompt token (params.prompt_logprobs)
         self._text = TextStream(tokenizer, params.stop, stop_ids)
@@ -282,14 +283,15 @@ class EngineService:
         self._check_size(len(text), 0, "the prompt")
         return tok.encode(text, add_bos=tok.add_bos_token and tok.bos_id is not None)
 
-    def encode_chat(self, messages: Sequence[Mapping[str, str]], thinking: bool = True) -> list[int]:
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], thinking: bool = True,
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
         """Token ids of a conversation in the model's chat template, ending with the assistant's turn
         (``<think>`` opened when ``thinking``). TokenizerError for a malformed message; ContextLengthError, before
         tokenizing, for messages longer than the context could hold."""
         tok = self._tokenizer()
         chars = sum(len(m["content"]) for m in messages if isinstance(m, Mapping) and isinstance(m.get("content"), str))
         self._check_size(chars, len(messages), "the messages")
-        return tok.encode_chat(list(messages), add_generation_prompt=True, thinking=thinking)
+        return tok.encode_chat(list(messages), add_generation_prompt=True, thinking=thinking, tools=tools)
 
     def reasoning_parser(self, thinking: bool = True) -> ReasoningStreamParser | PlainStreamParser:
         """A new parser splitting a chat completion into (reasoning, content) as the model's chat template
@@ -456,6 +458,7 @@ class EngineService:
                 log.warning("request %s failed: %s", handle.request_id, o.error)
                 self._fail(handle, o.error)
                 continue
+            handle.token_ids.append(o.token)
             if o.logprobs is not None:  # before the delta: a consumer reads them by its token count
                 handle.logprobs.append(o.logprobs)
             if o.prompt_logprobs is not None:

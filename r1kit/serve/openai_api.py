@@ -58,6 +58,7 @@ from r1kit.model.transformer import ContextLengthError
 from r1kit.safety.shield import InputBlocked, Screening
 from r1kit.serve.engine_service import EngineService, QueueFullError, RequestHandle, ServiceClosedError, TextDelta
 from r1kit.tokenizer import PlainStreamParser, ReasoningStreamParser, TokenizerError
+from r1kit.tools import ToolCallParser, ToolError, check_tool_choice, check_tools
 
 ReasoningParser = ReasoningStreamParser | PlainStreamParser
 
@@ -137,8 +138,10 @@ class ChatMessage(BaseModel):
     """``developer`` is the newer name of ``system``; ``content`` may be text parts; null only for assistant."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls (OpenAI's form), rendered by the template
+    tool_call_id: str | None = None  # a tool message's answer to that call
 
 
 class ChatCompletionRequest(_Request):
@@ -147,20 +150,27 @@ class ChatCompletionRequest(_Request):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # the newer name of max_tokens; wins
     logprobs: bool = False  # each content token's log-probability
+    tools: list[dict[str, Any]] | None = None  # OpenAI function tools (r1kit.tools.check_tools)
+    tool_choice: str | dict[str, Any] | None = None  # "auto" | "none" | "required" | {"type": "function", ...}
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None  # and its k most likely alternatives
 
 
 # OpenAI parameters this server does not implement (yet). A request that turns one on gets 400 naming it rather
 # than a reply that silently ignores it; the values that mean "off" are accepted, since clients send them:
-# null, false, 0, "", [] and {}, plus the ones each row's function accepts. Implementing one: delete its row.
+# null, false, 0, "", [] and {}, plus the ones each row's function accepts. Implementing one: delete its row. An
+# endpoint that implements a row's parameter declares it as a field (then it is not in model_extra): logprobs and
+# echo in completions, logprobs, top_logprobs, tools and tool_choice in chat completions.
 UNSUPPORTED_PARAMS: dict[str, Callable[[Any, _Request], bool] | None] = {
+    "logprobs": None,
+    "top_logprobs": None,
+    "echo": None,
+    "tools": None,
+    "tool_choice": lambda value, body: value == "none",
     "suffix": None,
     "best_of": lambda value, body: value == body.n,
     "logit_bias": None,
     "frequency_penalty": None,
     "presence_penalty": None,
-    "tools": None,
-    "tool_choice": lambda value, body: value == "none",
     "parallel_tool_calls": None,
     "functions": None,
     "function_call": lambda value, body: value == "none",
@@ -284,7 +294,8 @@ def _add_generation_routes(app: FastAPI, service: EngineService, max_tokens_limi
         _check_model(service, body.model)
         _refuse_unsupported(body)
         messages = _chat_messages(body.messages)
-        ids = [_encode(lambda: service.encode_chat(messages, thinking=True), "messages")]
+        tools = _tool_parser(service, body)
+        ids = [_encode(lambda: service.encode_chat(messages, thinking=True, tools=tools and tools.offered), "messages")]
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
         meta = _Meta(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", service.model_name, ids)
@@ -293,8 +304,8 @@ def _add_generation_routes(app: FastAPI, service: EngineService, max_tokens_limi
             return _refusal(body, meta, screening.refusal)
         handles = _submit(service, body, ids, "chat", max_tokens_limit, screening)
         if body.stream:
-            return _sse(_chat_chunks(handles, meta, _include_usage(body), service.reasoning_parser))
-        return await _until_done(request, handles, lambda: _chat_body(handles, meta, service.reasoning_parser))
+            return _sse(_chat_chunks(handles, meta, _include_usage(body), service.reasoning_parser, tools))
+        return await _until_done(request, handles, lambda: _chat_body(handles, meta, service.reasoning_parser, tools))
 
 
 class _GuardMiddleware:
@@ -418,10 +429,15 @@ def _off(value: Any) -> bool:
     return value in ("", [], {})
 
 
-def _chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """The messages as the chat template takes them: ``developer`` as ``system``, content parts joined."""
-    return [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m, i)}
-            for i, m in enumerate(messages)]
+def _chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """The messages as the chat template takes them: ``developer`` as ``system``, content parts joined; an
+    assistant's tool calls (its content stays null, as DeepSeek's template wants) and a tool message's call id."""
+    out = []
+    for i, m in enumerate(messages):
+        content = None if m.content is None and m.tool_calls else _message_text(m, i)
+        extra = {k: v for k, v in (("tool_calls", m.tool_calls), ("tool_call_id", m.tool_call_id)) if v is not None}
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content, **extra})
+    return out
 
 
 def _message_text(message: ChatMessage, i: int) -> str:
@@ -601,15 +617,19 @@ def _completion_body(handles: list[RequestHandle], meta: _Meta, echo: bool = Fal
     return {**meta.envelope("text_completion", choices), "usage": meta.usage(handles)}
 
 
-def _chat_body(handles: list[RequestHandle], meta: _Meta, new_parser: Callable[[], ReasoningParser]
-               ) -> dict[str, Any]:
+def _chat_body(handles: list[RequestHandle], meta: _Meta, new_parser: Callable[[], ReasoningParser],
+               tools: ToolCallParser | None = None) -> dict[str, Any]:
     choices = []
     for i, h in enumerate(handles):
         parser = new_parser()  # the chat template's reasoning family: R1's opened <think>
         r1, c1 = parser.push(h.text)
         r2, c2 = parser.flush()
         message = {"role": "assistant", "content": c1 + c2, "reasoning_content": r1 + r2}
-        choices.append({"index": i, "message": message, "finish_reason": _reason(h),
+        reason = _reason(h)
+        if tools is not None and (found := tools.parse(h.token_ids)) is not None:
+            message.update(content=found[0] or None, tool_calls=[call.to_openai() for call in found[1]])
+            reason = "tool_calls"
+        choices.append({"index": i, "message": message, "finish_reason": reason,
                         "logprobs": _chat_logprobs(h, _logprob_entries(h))})
     return {**meta.envelope("chat.completion", choices), "usage": meta.usage(handles)}
 
@@ -622,7 +642,7 @@ def _logprob_params(body: _Request) -> dict[str, int | None]:
     """SamplingParams' logprobs / prompt_logprobs of a request: a completion's ``logprobs`` k (with ``echo``,
     for the prompt too), a chat's ``top_logprobs`` (0 if unset) when ``logprobs`` is true."""
     if isinstance(body, ChatCompletionRequest):
-        if body.top_logprobs is not None and not body.logprobs:
+        if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         return {"logprobs": (body.top_logprobs or 0) if body.logprobs else None}
     k = getattr(body, "logprobs", None)
@@ -820,12 +840,16 @@ async def _completion_chunks(handles: list[RequestHandle], meta: _Meta, include_
 
 
 async def _chat_chunks(handles: list[RequestHandle], meta: _Meta, include_usage: bool,
-                       new_parser: Callable[[], ReasoningParser]) -> AsyncIterator[list[bytes]]:
+                       new_parser: Callable[[], ReasoningParser], tools: ToolCallParser | None = None
+                       ) -> AsyncIterator[list[bytes]]:
+    """The chat's SSE events. With tools, the content is held back until the end, then sent as tool_calls
+    (finish_reason "tool_calls") or as content: a call's text is only known to be one once it is whole."""
     obj = "chat.completion.chunk"
     yield [meta.chunk(obj, {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                             "logprobs": None}) for i in range(len(handles))]
     parsers = [new_parser() for _ in handles]
     cursors = [_LogprobCursor(h) for h in handles]
+    held = [""] * len(handles)  # content held back while tool calls may be in it
     async with contextlib.aclosing(_merged(handles)) as merged:
         async for batch in merged:
             events: list[bytes] = []
@@ -837,16 +861,44 @@ async def _chat_chunks(handles: list[RequestHandle], meta: _Meta, include_usage:
                 if delta.finished:
                     r, c = parsers[i].flush()
                     reasoning, content = reasoning + r, content + c
+                if tools is not None:
+                    held[i], content = held[i] + content, ""
                 part = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
                 cursors[i].arrived(delta)
                 if part:
                     events.append(meta.chunk(obj, {"index": i, "delta": part, "finish_reason": None,
                                                    "logprobs": _chat_logprobs(handles[i], cursors[i].take())}))
                 if delta.finished:
-                    events.append(meta.chunk(obj, {"index": i, "delta": {}, "finish_reason": _reason(handles[i]),
+                    tool_delta, reason = _tool_delta(handles[i], tools, held[i])
+                    if tool_delta:
+                        events.append(meta.chunk(obj, {"index": i, "delta": tool_delta, "finish_reason": None,
+                                                       "logprobs": None}))
+                    events.append(meta.chunk(obj, {"index": i, "delta": {}, "finish_reason": reason,
                                                    "logprobs": _chat_logprobs(handles[i], cursors[i].take())}))
             yield events
     yield [*_usage_event(meta, obj, handles, include_usage), DONE_EVENT]
+
+
+def _tool_delta(handle: RequestHandle, tools: ToolCallParser | None, held: str) -> tuple[dict[str, Any], str | None]:
+    """The last delta of a streamed chat with tools (its calls, or the content held back) and its finish reason."""
+    if tools is None:
+        return {}, _reason(handle)
+    if (found := tools.parse(handle.token_ids)) is not None:
+        calls = [call.to_openai(index) for index, call in enumerate(found[1])]
+        return {"content": found[0], "tool_calls": calls} if found[0] else {"tool_calls": calls}, "tool_calls"
+    return ({"content": held} if held else {}), _reason(handle)
+
+
+def _tool_parser(service: EngineService, body: ChatCompletionRequest) -> ToolCallParser | None:
+    """The request's tool-call parser (None without tools); 400 naming the field of a bad tool or tool_choice."""
+    if not body.tools and body.tool_choice in (None, "none"):
+        return None
+    try:
+        tools = check_tools(body.tools) if body.tools is not None else []
+        choice = check_tool_choice(body.tool_choice, tools)
+    except ToolError as e:
+        raise APIError(400, str(e), param=e.param) from None
+    return ToolCallParser(service.model.tokenizer, tools, choice, service.model.stop_ids()) if tools else None
 
 
 def _usage_event(meta: _Meta, obj: str, handles: list[RequestHandle], include_usage: bool) -> list[bytes]:
