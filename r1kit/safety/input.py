@@ -183,14 +183,27 @@ def _unicode(text: str) -> list[Finding]:
     found = []
     for rx, score, rule in ((_BIDI, 0.9, "bidi_override"), (_TAGS, 0.95, "tag_characters"),
                             (_ZERO_WIDTH, 0.7, "zero_width")):
-        if m := rx.search(text):
+        for m in rx.finditer(text):
+            if rule == "zero_width" and _emoji_joiner(text, m.start()):
+                continue  # ZWJ inside an emoji sequence (family, profession emoji) is ordinary text
             found.append(Finding("unicode", score, f"U+{ord(m.group(0)[0]):04X} at {m.start()}", rule))
+            break
     for m in _WORD.finditer(text):
         scripts = {_script(c) for c in m.group(0) if c.isalpha()}
         if "LATIN" in scripts and scripts & {"CYRILLIC", "GREEK"}:
             found.append(Finding("unicode", 0.8, m.group(0), "mixed_script"))
             break
     return found
+
+
+def _emoji_joiner(text: str, i: int) -> bool:
+    """U+200D between two symbols (emoji, possibly with a variation selector or skin tone before it)."""
+    before = text[i - 1] if i > 0 else ""
+    if before in "\ufe0f" or "\U0001f3fb" <= before <= "\U0001f3ff":
+        before = text[i - 2] if i > 1 else ""
+    after = text[i + 1] if i + 1 < len(text) else ""
+    symbol = [unicodedata.category(c or "a") == "So" for c in (before, after)]
+    return text[i] == "\u200d" and all(symbol)
 
 
 def _script(c: str) -> str:

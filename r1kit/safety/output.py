@@ -95,28 +95,28 @@ def _iban_end(text: str, m: re.Match[str]) -> int | None:
     for n in lengths:
         if n <= len(compact_pos) and iban_ok("".join(text[i] for i in compact_pos[:n])):
             end = compact_pos[n - 1] + 1
-            if end == len(text) or not text[end].isalnum():
+            if end == len(text) or not (text[end].isascii() and text[end].isalnum()):
                 return end
     return None
 
 
 # ---------------------------------------------------------------------------------------------------- detectors
-_D = "(?<![0-9])"  # not preceded by a digit
+_D = "(?<![0-9+])(?<![0-9][ .-])"  # not inside a longer number (a group of it, or after a +)
 _ND = "(?![0-9])"
 Check = Callable[[str], bool]
 
 # (type, regex, check of the matched text or None)
 DETECTORS: list[tuple[str, re.Pattern[str], Check | None]] = [
-    ("email", re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}"
+    ("email", re.compile(r"(?<![A-Za-z0-9_.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}"
                          r"[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*\.[A-Za-z]{2,24}"
                          r"(?![A-Za-z0-9-])"), None),
     ("iban", re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,30}(?![a-z0-9])"), None),  # see _iban_end
     ("cn_id", re.compile(_D + r"[1-9][0-9]{5}(?:18|19|20)[0-9]{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12][0-9]|3[01])[0-9]{3}"
                          r"[0-9Xx](?![0-9A-Za-z])"), cn_id_ok),
-    ("card", re.compile(_D + r"[0-9](?:[ -]?[0-9]){12,18}" + _ND),
+    ("card", re.compile(_D + r"[2-6](?:[ -]?[0-9]){12,18}" + _ND),  # issuer ranges 2-6
      lambda t: len(set(re.sub(r"[0-9]", "", t))) <= 1 and luhn_ok(re.sub(r"[ -]", "", t))),
     ("ssn", re.compile(_D + r"(?!000|666|9[0-9]{2})[0-9]{3}-(?!00)[0-9]{2}-(?!0000)[0-9]{4}" + _ND), None),
-    ("phone", re.compile(r"(?<![\w+])\+[1-9][0-9]{0,2}(?:[ .-]?\(?[0-9]{1,4}\)?){2,6}" + _ND),
+    ("phone", re.compile(r"(?<![A-Za-z0-9_+])\+[1-9][0-9]{0,2}(?:[ .-]?\(?[0-9]{1,4}\)?){2,6}" + _ND),
      lambda t: 8 <= len(re.sub(r"[^0-9]", "", t)) <= 15),
     ("phone", re.compile(_D + r"(?:\([2-9][0-9]{2}\) ?|[2-9][0-9]{2}[-. ])[2-9][0-9]{2}[-. ][0-9]{4}" + _ND), None),
     ("phone", re.compile(_D + r"1[3-9][0-9](?:[ -]?[0-9]{4}){2}" + _ND), None),  # Chinese mobile
