@@ -217,3 +217,25 @@ def test_early_stopping_by_hand():
     for step in range(10):
         never.update(step, 1.0)
     assert not never.stopped and never.summary() == {}
+
+
+def test_a_checkpoint_template_chatml(tmp_path):
+    """With the checkpoint's own template (Qwen2 ChatML) every turn's context is the template's rendering: the ids
+    are the rendered conversation itself, the targets end with <|im_end|>, no default system prompt reappears."""
+    from r1kit.tokenizer import DEEPSEEK_SPECIAL_TOKENS, train_bpe_tokenizer
+
+    corpus = ["hello there, what is two plus two? four. You are a helpful terse assistant."] * 4
+    base = train_bpe_tokenizer(corpus, 400, special_tokens=DEEPSEEK_SPECIAL_TOKENS + ["<|im_start|>", "<|im_end|>"])
+    base.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    template = (Path(__file__).parent / "chat_templates" / "qwen2_chatml.jinja").read_text(encoding="utf-8")
+    config.update(bos_token=None, eos_token="<|im_end|>", pad_token=None, chat_template=template)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False))
+    tok = Tokenizer.from_dir(tmp_path)
+    messages = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "what is two plus two?"}, {"role": "assistant", "content": "four"}]
+    ex = encode_record({"messages": messages}, tok, 1000)
+    rendered = tok.encode_chat(messages, add_generation_prompt=False)
+    assert ex.ids == rendered[:len(ex.ids)] and tok.decode(rendered[len(ex.ids):]) == "\n"
+    assert targets(tok, ex) == ["hello<|im_end|>", "four<|im_end|>"]
+    assert tok.decode(ex.ids).count("You are a helpful assistant.") == 1

@@ -8,12 +8,13 @@ Each line of the file is one JSON object in one of the formats people already ha
 - ``{"prompt": ..., "completion": ...}``: strings (one user turn, one assistant turn) or lists of messages.
 - ``{"text": ...}``: plain text, every token a target.
 
-A conversation is rendered with the tokenizer's R1 chat template (:meth:`Tokenizer.encode_chat`, so a control
-token written in a message stays text). An assistant turn with reasoning is trained after the generation
-prompt ``<｜Assistant｜><think>\\n`` on ``{reasoning}\\n</think>\\n\\n{answer}<｜end▁of▁sentence｜>``, one
-without after DeepSeek's thinking-off prompt (``...<think>\\n\\n</think>\\n\\n``) on ``{answer}<eos>``:
-exactly what a generation from that prompt should produce. The loss mask is 1 on those tokens, in every
-assistant turn, and 0 elsewhere (system and user text, the markers that open a turn).
+A conversation is rendered with the tokenizer's chat format (:meth:`Tokenizer.encode_chat`: the checkpoint's own
+template, else the built-in R1 one; a control token written in a message stays text). Each assistant turn is
+trained on what a generation from its prompt should produce, up to the token generation stops at. With R1's
+format, a turn with reasoning follows ``<｜Assistant｜><think>\n`` and is ``{reasoning}\n</think>\n\n{answer}
+<｜end▁of▁sentence｜>``; one without follows DeepSeek's thinking-off prompt (``...<think>\n\n</think>\n\n``) and is
+``{answer}<eos>``. The loss mask is 1 on those tokens, in every assistant turn, and 0 elsewhere (system and user
+text, the markers that open a turn).
 
 :class:`PackedBatches` packs whole examples into training rows with per-token document ids, which the model
 turns into a block-diagonal causal mask and per-document positions (``Transformer.forward(doc_ids=...)``), so
@@ -32,7 +33,7 @@ from typing import Any
 
 import torch
 
-from r1kit.tokenizer import CHAT_ROLES, THINK_CLOSE, Tokenizer, TokenizerError, split_reasoning
+from r1kit.tokenizer import CHAT_ROLES, THINK_CLOSE, THINK_OPEN, Tokenizer, TokenizerError, split_reasoning
 
 log = logging.getLogger("r1kit")
 
@@ -120,39 +121,65 @@ def _assistant_parts(message: Mapping[str, Any]) -> tuple[str | None, str]:
     return None, message["content"]
 
 
-def _target_ids(tokenizer: Tokenizer, reasoning: str | None, answer: str, eos_id: int) -> list[int]:
-    """What the model generates for one assistant turn after its generation prompt, EOS included."""
+def turn_end_id(tokenizer: Tokenizer) -> int:
+    """The token that ends an assistant turn, where a generation stops: the eos of the built-in R1 format, else the
+    last stop token the checkpoint's template writes after an assistant message (``<|im_end|>``, ``<|eot_id|>``)."""
+    if tokenizer.eos_id is None:
+        raise TokenizerError("the tokenizer has no eos_token, which ends every assistant turn")
+    if tokenizer.chat_template is None:
+        return tokenizer.eos_id
+    probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    ends = [i for i in tokenizer.encode_chat(probe, add_generation_prompt=False) if i in tokenizer.stop_ids]
+    return ends[-1] if ends else tokenizer.eos_id
+
+
+def _target_ids(tokenizer: Tokenizer, reasoning: str | None, answer: str, end_id: int) -> list[int]:
+    """What the model generates for one assistant turn after its generation prompt, the end-of-turn token included.
+
+    With reasoning: ``{reasoning}\n</think>\n\n{answer}`` when the prompt opened ``<think>`` (R1), else the model
+    opens it: ``<think>\n{reasoning}\n</think>\n\n{answer}``."""
     if reasoning is None:
-        return tokenizer.encode_plain(answer) + [eos_id]
-    return (tokenizer.encode_plain(f"{reasoning}\n") + tokenizer.encode(THINK_CLOSE)
-            + tokenizer.encode_plain(f"\n\n{answer}") + [eos_id])
+        return tokenizer.encode_plain(answer) + [end_id]
+    opened = tokenizer.starts_in_reasoning(thinking=True)
+    head = [] if opened else tokenizer.encode(THINK_OPEN) + tokenizer.encode_plain("\n")
+    return (head + tokenizer.encode_plain(f"{reasoning}\n") + tokenizer.encode(THINK_CLOSE)
+            + tokenizer.encode_plain(f"\n\n{answer}") + [end_id])
+
+
+def _context_ids(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], turn: int, since: int,
+                 ids: list[int], thinking: bool) -> list[int]:
+    """The tokens between the conversation so far (``ids``) and assistant message ``turn``: the chat template's
+    rendering of ``messages[:turn]`` with its generation prompt, less ``ids`` when it starts with them. When the
+    template renders the earlier turns otherwise (R1 drops their reasoning), the messages since the previous
+    assistant turn (``messages[since:turn]``) rendered alone, without a second bos."""
+    full = tokenizer.encode_chat(list(messages[:turn]), add_generation_prompt=True, thinking=thinking)
+    if full[:len(ids)] == ids:
+        return full[len(ids):]
+    alone = tokenizer.encode_chat(list(messages[since:turn]), add_generation_prompt=True, thinking=thinking)
+    return alone[1:] if tokenizer.bos_id is not None and alone[:1] == [tokenizer.bos_id] else alone
 
 
 def encode_conversation(messages: Sequence[Mapping[str, Any]], tokenizer: Tokenizer) -> ChatExample:
     """Token ids of a checked conversation and its loss mask: 1 on every assistant turn's generated tokens.
 
-    System messages go first, joined (as R1's template places them); the context before each assistant turn
-    is :meth:`Tokenizer.encode_chat` of the messages since the previous one with its generation prompt
-    (thinking on when the turn has reasoning). Messages after the last assistant turn teach nothing and are
-    dropped.
+    The context before each assistant turn is what :meth:`Tokenizer.encode_chat` gives for the messages before
+    it with the generation prompt (thinking on when the turn has reasoning), so the first turn is trained exactly
+    as a request is served (see :func:`_context_ids` for the later ones). Messages after the last assistant turn
+    teach nothing and are dropped.
     """
-    if tokenizer.eos_id is None:
-        raise TokenizerError("the tokenizer has no eos_token, which ends every assistant turn")
-    pending = [m for m in messages if m["role"] == "system"]
+    end_id = turn_end_id(tokenizer)
     ids: list[int] = []
     mask: list[int] = []
-    for message in (m for m in messages if m["role"] != "system"):
+    since = 0
+    for turn, message in enumerate(messages):
         if message["role"] != "assistant":
-            pending.append(message)
             continue
         reasoning, answer = _assistant_parts(message)
-        context = tokenizer.encode_chat(pending, add_generation_prompt=True, thinking=reasoning is not None)
-        if ids and tokenizer.bos_id is not None and context[:1] == [tokenizer.bos_id]:
-            context = context[1:]  # bos starts the conversation only
-        target = _target_ids(tokenizer, reasoning, answer, tokenizer.eos_id)
+        context = _context_ids(tokenizer, messages, turn, since, ids, thinking=reasoning is not None)
+        target = _target_ids(tokenizer, reasoning, answer, end_id)
         ids += context + target
         mask += [0] * len(context) + [1] * len(target)
-        pending = []
+        since = turn + 1
     return ChatExample(ids, mask)
 
 
