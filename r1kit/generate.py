@@ -12,7 +12,7 @@ strings, `check_prompt` for the token ids, `check_budget` for prompt + new token
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -54,6 +54,7 @@ class SamplingParams:
     speculative: bool | None = None  # MTP speculative decoding in the engine; None: the engine's setting
     logprobs: int | None = None  # None: off; k: each generated token's log-probability and the k most likely
     prompt_logprobs: int | None = None  # None: off; k: the same for every prompt token after the first
+    structured: dict | None = None  # a grammar constraint (r1kit.structured): {"type": "json_object"}, json_schema...
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -94,6 +95,8 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not is_int(value) or not 0 <= value <= MAX_LOGPROBS):
                 raise bad(name, f"must be None (off) or an int in [0, {MAX_LOGPROBS}]: the alternatives per token")
+        if self.structured is not None:
+            self._validate_structured(bad)
         if self.speculative and (self.logprobs is not None or self.prompt_logprobs is not None):
             raise bad("speculative", "speculative decoding does not report log-probabilities: turn off logprobs "
                                      "and prompt_logprobs, or speculative")
@@ -102,6 +105,21 @@ class SamplingParams:
         if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
             raise bad("stop", f"at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters "
                               "(each is searched for on every token)")
+
+    def _validate_structured(self, bad: Callable[[str, str], GenerationError]) -> None:
+        """The shape of ``structured`` (what r1kit.structured compiles): one of the four kinds with its field."""
+        spec, kinds = self.structured, {"json_object": None, "json_schema": ("schema", dict), "regex": ("pattern", str),
+                                        "choice": ("choices", list)}
+        if not isinstance(spec, dict) or spec.get("type") not in kinds:
+            raise bad("structured", f"must be a dict whose 'type' is one of {', '.join(kinds)}")
+        field_type = kinds[spec["type"]]
+        if field_type is not None and not (isinstance(spec.get(field_type[0]), field_type[1]) and spec[field_type[0]]):
+            raise bad("structured", f"type {spec['type']!r} needs a non-empty {field_type[0]!r} "
+                                    f"({field_type[1].__name__})")
+        if spec["type"] == "choice" and not all(isinstance(c, str) and c for c in spec["choices"]):
+            raise bad("structured", "choices must be non-empty strings")
+        if self.speculative:
+            raise bad("speculative", "speculative decoding does not take a grammar constraint (structured)")
 
     def new_tokens_for(self, prompt_len: int) -> int:
         """Number of tokens to generate after a prompt of prompt_len tokens."""

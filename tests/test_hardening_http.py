@@ -76,8 +76,7 @@ TURNED_ON = {  # one value per UNSUPPORTED_PARAMS row that asks for the feature
     "frequency_penalty": 0.5, "presence_penalty": -0.5,
     "tools": [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}],
     "tool_choice": "auto", "parallel_tool_calls": True, "functions": [{"name": "add"}], "function_call": "auto",
-    "response_format": {"type": "json_object"},
-}
+}  # response_format: implemented by both endpoints (#13, tests/test_structured.py)
 
 
 def test_every_unsupported_parameter_has_a_case():

@@ -89,14 +89,14 @@ class EngineConfig:
 
     def drafts_for(self, params: SamplingParams, request: str | None = None) -> int:
         """MTP drafts per decode step of a request with these params: num_speculative_tokens, or 0 when the
-        request opts out (``speculative=False``) or asks for log-probabilities. GenerationError when it opts in
-        on an engine without drafts."""
+        request opts out (``speculative=False``), asks for log-probabilities or a grammar. GenerationError when it
+        opts in on an engine without drafts."""
         if params.speculative and not self.num_speculative_tokens:
             where = f"request {request!r}: " if request is not None else ""
             raise GenerationError(f"{where}speculative=True, but this engine runs without speculative decoding "
                                   "(EngineConfig.num_speculative_tokens = 0; `r1kit serve --speculative`)")
-        wants_logprobs = params.logprobs is not None or params.prompt_logprobs is not None
-        return 0 if params.speculative is False or wants_logprobs else self.num_speculative_tokens
+        per_token = params.logprobs is not None or params.prompt_logprobs is not None or params.structured is not None
+        return 0 if params.speculative is False or per_token else self.num_speculative_tokens
 
     # ------------------------------------------------------------------------------------------ sizing
     def kv_blocks(self, model: Any, need_tokens: int | None = None) -> int:

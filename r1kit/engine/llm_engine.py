@@ -77,11 +77,13 @@ class LLMEngine:
         self._ids = itertools.count()
 
     # ------------------------------------------------------------------------------------------ requests
-    def add_request(self, request_id: str, prompt_ids: Seq[int], params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt_ids: Seq[int], params: SamplingParams | None = None,
+                    guide: Any = None) -> None:
         """Queue a request; it joins the next step. Raises GenerationError for a bad request,
         ContextLengthError when prompt + token budget exceed the model's context, SchedulerError for a
         duplicate id or a request larger than the whole KV cache; GenerationError for ``speculative=True`` on
-        an engine without speculative decoding."""
+        an engine without speculative decoding. ``guide``: the `r1kit.structured.Guide` of a request with
+        ``params.structured`` (its logits are masked to the grammar each step)."""
         if not isinstance(request_id, str) or not request_id:
             raise GenerationError(f"request id {request_id!r}: must be a non-empty str")
         params = SamplingParams() if params is None else params
@@ -92,7 +94,10 @@ class LLMEngine:
         prompt = check_prompt(prompt_ids, self.model.config.vocab_size, request_id)
         check_budget(len(prompt), params, self.context_length, request_id)
         drafts = self.config.drafts_for(params, request_id)
-        self.scheduler.add(Sequence(request_id, prompt, params, num_speculative_tokens=drafts))
+        if (guide is None) != (params.structured is None):
+            raise GenerationError(f"request {request_id!r}: params.structured needs its guide (and a guide its "
+                                  "params.structured): r1kit.structured.GuideFactory(tokenizer, vocab).new(spec)")
+        self.scheduler.add(Sequence(request_id, prompt, params, num_speculative_tokens=drafts, guide=guide))
 
     def abort(self, request_id: str) -> list[int]:
         """Stop a waiting or running request and free its KV blocks; returns the tokens it generated so far.

@@ -28,6 +28,7 @@ from r1kit.engine.speculative import DraftPicker
 from r1kit.generate import SamplingParams, sample, token_logprobs
 from r1kit.model.attention import PagedBatch
 from r1kit.model.transformer import Transformer
+from r1kit.structured import apply_guides
 
 
 def _sampler_key(params: SamplingParams) -> tuple:
@@ -140,9 +141,11 @@ class ModelRunner:
         if plain:
             rows = torch.tensor([firsts[r] for r in plain], dtype=torch.long, device=logits.device)
             plain_logits = logits.index_select(0, rows)  # (len(plain), V)
-            sampled, failed = self.sample(plain_logits, [seqs[r] for r in plain])
+            plain_seqs = [seqs[r] for r in plain]
+            sampled, failed = self.sample(apply_guides(plain_logits, [s.guide for s in plain_seqs]), plain_seqs)
+            self._advance_guides(plain_seqs, sampled, failed)
             errors.update({plain[i]: e for i, e in failed.items()})
-            self._record_logprobs(plain_logits, [seqs[r] for r in plain], sampled, failed)
+            self._record_logprobs(plain_logits, plain_seqs, sampled, failed)
             for r, token in zip(plain, sampled, strict=True):
                 tokens[r] = [token]
         for i, picker in pickers.items():
@@ -171,6 +174,16 @@ class ModelRunner:
             if seq.num_drafts_wanted and r not in errors:
                 self.drafter.add_hidden(seq, hidden[row:row + len(tokens[r])], first=False)
             row += 1 + len(drafts[i])
+
+    @staticmethod
+    def _advance_guides(seqs: list[Sequence], tokens: list[int], failed: dict[int, Exception]) -> None:
+        """Feed each constrained sequence's sampled token to its grammar matcher; a refusal fails that row."""
+        for i, seq in enumerate(seqs):
+            if seq.guide is not None and i not in failed:
+                try:
+                    seq.guide.advance(tokens[i])
+                except Exception as e:  # noqa: BLE001 - the request at fault fails, the others go on
+                    failed[i] = e
 
     def _record_logprobs(self, logits: torch.Tensor, seqs: list[Sequence], tokens: list[int],
                          failed: dict[int, Exception]) -> None:

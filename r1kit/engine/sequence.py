@@ -18,6 +18,7 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from r1kit.generate import GenerationError, SamplingParams, TokenLogprob
 
@@ -67,6 +68,7 @@ class Sequence:
     max_tokens: int = field(init=False)
     num_prefill_tokens: int = field(init=False)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of each output token (params.logprobs set)
+    guide: Any = None  # r1kit.structured.Guide of a request with params.structured (its matcher's state)
     prompt_logprobs: list[TokenLogprob | None] | None = field(init=False)  # by position (params.prompt_logprobs)
 
     def __post_init__(self) -> None:

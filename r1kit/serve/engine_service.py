@@ -36,6 +36,7 @@ from r1kit.engine.config import EngineConfig
 from r1kit.generate import GenerationError, SamplingParams, TokenLogprob, check_budget, check_prompt
 from r1kit.model.transformer import ContextLengthError
 from r1kit.safety.shield import Screening, Shield
+from r1kit.structured import Guide, GuideFactory
 from r1kit.tokenizer import PlainStreamParser, ReasoningStreamParser, TextStream, Tokenizer
 
 log = logging.getLogger("r1kit")
@@ -84,6 +85,7 @@ class RequestHandle:
         self._service = service
         self.tokenizer = tokenizer
         self.token_ids: list[int] = []  # the generated tokens (tool calls are parsed from them)
+        self.guide: Guide | None = None  # the grammar of a structured-output request (set by submit)
         self.logprobs: list[TokenLogprob] = []  # of each generated token (params.logprobs)
         self.prompt_logprobs: list[TokenLogprob | None] | None = None  # of each prompt token (params.prompt_logprobs)
         self._text = TextStream(tokenizer, params.stop, stop_ids)
@@ -219,6 +221,7 @@ class EngineService:
         self.model = model
         self.model_name = model_name or _model_name(model)
         self.shield = shield  # r1kit.safety: input screening (by the servers), output redaction, audit trail
+        self._guides: GuideFactory | None = None  # structured outputs' grammar compiler (new_guide)
         self.context_length = model.config.max_position_embeddings
         self.max_queue, self.max_num_seqs, self.request_timeout = max_queue, self.config.max_num_seqs, request_timeout
         self.engine = LLMEngine(model.model, self.config, stop_ids=model.stop_ids())
@@ -293,6 +296,14 @@ class EngineService:
         self._check_size(chars, len(messages), "the messages")
         return tok.encode_chat(list(messages), add_generation_prompt=True, thinking=thinking, tools=tools)
 
+    def new_guide(self, spec: Mapping[str, Any], after_think: bool = False) -> Guide:
+        """A grammar guide for a structured-output spec (r1kit.structured; the factory is built on first use);
+        StructuredError for what the grammar library cannot compile."""
+        if self._guides is None:
+            self._guides = GuideFactory(self._tokenizer(), self.model.config.vocab_size, self._stop_ids)
+        think = self._tokenizer().token_to_id("</think>") if after_think else None
+        return self._guides.new(spec, think)
+
     def reasoning_parser(self, thinking: bool = True) -> ReasoningStreamParser | PlainStreamParser:
         """A new parser splitting a chat completion into (reasoning, content) as the model's chat template
         says (`Tokenizer.reasoning_parser`)."""
@@ -312,15 +323,19 @@ class EngineService:
                                      "shorten the prompt")
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, *, request_id: str | None = None,
-               timeout: float | None = None, screening: Screening | None = None) -> RequestHandle:
+               timeout: float | None = None, screening: Screening | None = None,
+               after_think: bool = False) -> RequestHandle:
         """Queue a request; returns its handle at once.
 
         Raises GenerationError (bad params or token ids, or more KV blocks than the cache holds),
         ContextLengthError (prompt + token budget beyond the context), QueueFullError, ServiceClosedError.
         ``timeout`` overrides the service's request_timeout for this request. ``screening``: the shield's
         verdict on the request's text (``shield.screen``; None with a shield: redaction and audit only).
+        ``params.structured``: the grammar is compiled here (StructuredError); with ``after_think`` (a chat whose
+        prompt opened ``<think>``) it applies after the model's ``</think>``.
         """
         prompt = self._check(prompt_ids, params)
+        guide = self.new_guide(params.structured, after_think) if params.structured is not None else None
         if screening is None and self.shield is not None:
             screening = self.shield.unscreened(model=self.model_name)
         timeout = self.request_timeout if timeout is None else timeout
@@ -337,6 +352,7 @@ class EngineService:
                 raise GenerationError(f"request id {rid!r} is already in use")
             handle = RequestHandle(self, rid, prompt, params, self._stop_ids, tok,
                                    None if timeout is None else time.monotonic() + timeout, screening)
+            handle.guide = guide
             self._waiting.append(handle)
             self._counters["requests_total"] += 1
             self._lock.notify_all()
@@ -430,7 +446,7 @@ class EngineService:
                     admitted.append(handle)
             for handle in admitted:
                 try:
-                    self.engine.add_request(handle.request_id, handle.prompt_ids, handle.params)
+                    self.engine.add_request(handle.request_id, handle.prompt_ids, handle.params, handle.guide)
                 except (ValueError, SchedulerError) as e:  # submit() checked these: only a race lands here
                     self._fail(handle, e)
             if self.engine.has_unfinished():

@@ -57,6 +57,7 @@ from r1kit.generate import (
 from r1kit.model.transformer import ContextLengthError
 from r1kit.safety.shield import InputBlocked, Screening
 from r1kit.serve.engine_service import EngineService, QueueFullError, RequestHandle, ServiceClosedError, TextDelta
+from r1kit.structured import StructuredError
 from r1kit.tokenizer import PlainStreamParser, ReasoningStreamParser, TokenizerError
 from r1kit.tools import ToolCallParser, ToolError, check_tool_choice, check_tools
 
@@ -111,6 +112,10 @@ class _Request(BaseModel):
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # structured outputs (r1kit.structured): OpenAI's response_format, and vLLM's guided_regex / guided_choice
+    response_format: dict[str, Any] | None = None
+    guided_regex: Annotated[str, Field(min_length=1)] | None = None
+    guided_choice: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None = None
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
@@ -174,7 +179,6 @@ UNSUPPORTED_PARAMS: dict[str, Callable[[Any, _Request], bool] | None] = {
     "parallel_tool_calls": None,
     "functions": None,
     "function_call": lambda value, body: value == "none",
-    "response_format": lambda value, body: value == {"type": "text"},
 }
 
 
@@ -491,8 +495,10 @@ def _submit(service: EngineService, body: _Request, prompts: list[list[int]], ki
                 given = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
                          "repetition_penalty": body.repetition_penalty}  # unset: SamplingParams' defaults
                 params = SamplingParams(max_new_tokens=max_tokens, stop=stop, seed=seed, **_logprob_params(body),
+                                        structured=_structured_spec(body),
                                         **{k: v for k, v in given.items() if v is not None})
-                handles.append(service.submit(ids, params, screening=screening))
+                after_think = kind == "chat" and service.model.tokenizer.starts_in_reasoning()
+                handles.append(service.submit(ids, params, screening=screening, after_think=after_think))
     except BaseException as e:
         for h in handles:
             h.abort()
@@ -500,6 +506,8 @@ def _submit(service: EngineService, body: _Request, prompts: list[list[int]], ki
             raise APIError(400, str(e), code="context_length_exceeded", param="max_tokens") from None
         if isinstance(e, GenerationError):
             raise APIError(400, str(e)) from None
+        if isinstance(e, StructuredError):
+            raise APIError(400, str(e), code="unsupported_schema", param=_structured_param(body)) from None
         if isinstance(e, QueueFullError):
             raise APIError(429, str(e), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
         if isinstance(e, ServiceClosedError):
@@ -632,6 +640,41 @@ def _chat_body(handles: list[RequestHandle], meta: _Meta, new_parser: Callable[[
         choices.append({"index": i, "message": message, "finish_reason": reason,
                         "logprobs": _chat_logprobs(h, _logprob_entries(h))})
     return {**meta.envelope("chat.completion", choices), "usage": meta.usage(handles)}
+
+
+# ---------------------------------------------------------------------------------------------------- structured
+def _structured_spec(body: _Request) -> dict[str, Any] | None:
+    """SamplingParams.structured of a request: response_format json_object / json_schema, guided_regex or
+    guided_choice (one at a time); 400 naming the field of a malformed one."""
+    specs = []
+    rf = body.response_format
+    if rf is not None and rf.get("type") != "text":
+        if rf.get("type") == "json_object":
+            specs.append({"type": "json_object"})
+        elif rf.get("type") == "json_schema":
+            schema = (rf.get("json_schema") or {}).get("schema") if isinstance(rf.get("json_schema"), dict) else None
+            if not isinstance(schema, dict):
+                raise APIError(400, "response_format.json_schema.schema must be a JSON Schema object",
+                               param="response_format.json_schema.schema")
+            specs.append({"type": "json_schema", "schema": schema})
+        else:
+            raise APIError(400, f"response_format.type = {rf.get('type')!r}: expected 'text', 'json_object' or "
+                           "'json_schema'", param="response_format.type")
+    if body.guided_regex is not None:
+        specs.append({"type": "regex", "pattern": body.guided_regex})
+    if body.guided_choice is not None:
+        specs.append({"type": "choice", "choices": body.guided_choice})
+    if len(specs) > 1:
+        raise APIError(400, "give one of response_format (json), guided_regex and guided_choice, not several",
+                       param="response_format")
+    return specs[0] if specs else None
+
+
+def _structured_param(body: _Request) -> str:
+    """The request field a structured-output error is about."""
+    if body.guided_regex is not None:
+        return "guided_regex"
+    return "guided_choice" if body.guided_choice is not None else "response_format"
 
 
 # ---------------------------------------------------------------------------------------------------- logprobs
