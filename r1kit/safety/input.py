@@ -56,58 +56,73 @@ _ANY = r"(?:all|any|every|the|your|my|these|those|of)?\s*"
 _PRIOR = r"(?:previous|prior|preceding|above|earlier|foregoing|former|original|initial|system|existing|old)"
 _RULES = r"(?:instructions?|prompts?|rules?|directions?|directives?|guidelines?|commands?|context|constraints?|orders?)"
 
-# (category, score, rule name, regex over the normalised, lower-cased text)
-PHRASES: list[tuple[str, float, str, re.Pattern[str]]] = [(c, s, n, re.compile(p)) for c, s, n, p in [
+# (category, score, rule name, trigger words (one must occur: a cheap test before the regex), regex over the
+# normalised, lower-cased text)
+PHRASES: list[tuple[str, float, str, tuple[str, ...], re.Pattern[str]]] = [
+    (c, s, n, t, re.compile(p)) for c, s, n, t, p in [
     ("injection", 0.95, "override",
+     ("ignor", "disregard", "forget", "skip", "bypass", "overrid", "drop", "abandon", "discard", "neglect"),
      rf"\b(?:ignore|disregard|forget|skip|bypass|override|drop|abandon|discard|neglect)\s+(?:all\s+|about\s+)?"
      rf"{_ANY}(?:of\s+)?(?:the\s+|your\s+)?{_PRIOR}\s+(?:\w+\s+){{0,2}}?{_RULES}"),
-    ("injection", 0.9, "override_all",
+    ("injection", 0.9, "override_all", ("ignor", "disregard", "forget"),
      r"\b(?:ignore|disregard|forget)\s+(?:everything|all)\s+(?:(?:you\s+(?:were|have\s+been)\s+told)|"
      r"(?:said\s+)?(?:above|before|previously|so\s+far))"),
-    ("injection", 0.8, "new_instructions",
+    ("injection", 0.8, "new_instructions", ("instruction",),
      r"\b(?:new|updated|real|actual|revised)\s+(?:system\s+)?instructions?\s*(?::|are\b|follow\b)"),
-    ("injection", 0.85, "system_spoof", r"(?:^|\s|\[|<)(?:system|admin|developer)\s*(?:override|message|note)?\s*[\]:>]"
+    ("injection", 0.85, "system_spoof",
+     ("system", "admin", "developer"),
+     r"(?:^|\s|\[|<)(?:system|admin|developer)\s*(?:override|message|note)?\s*[\]:>]"
      r"\s*(?:ignore|disregard|you\s+(?:must|will|are)|new\s+rule)"),
-    ("injection", 0.85, "instead",
+    ("injection", 0.85, "instead", ("instead", "rather"),
      r"\b(?:instead|rather)\s*,?\s+(?:of\s+(?:that|the\s+task)\s*,?\s*)?(?:just\s+)?(?:say|print|output|write|reply)"
      r"\s+(?:only\s+)?[\"'“]"),
-    ("injection", 0.9, "do_not_follow",
+    ("injection", 0.9, "do_not_follow", ("follow", "obey", "listen"),
      rf"\b(?:do\s+not|don'?t|stop)\s+(?:follow(?:ing)?|obey(?:ing)?|listen(?:ing)?\s+to)\s+{_ANY}(?:{_PRIOR}\s+)?{_RULES}"),
-    ("jailbreak", 0.95, "dan", r"\b(?:dan|stan|dude|aim)\b.{0,40}\b(?:do\s+anything\s+now|strive\s+to\s+avoid\s+norms|"
+    ("jailbreak", 0.95, "dan",
+     ("dan", "stan", "dude", "aim", "anything now"),
+     r"\b(?:dan|stan|dude|aim)\b.{0,40}\b(?:do\s+anything\s+now|strive\s+to\s+avoid\s+norms|"
      r"always\s+intelligent\s+and\s+machiavellian)|\bdo\s+anything\s+now\b"),
-    ("jailbreak", 0.9, "mode", r"\b(?:jailbreak|jailbroken|unrestricted|unfiltered|evil|chaos|uncensored|unlocked)\s+"
+    ("jailbreak", 0.9, "mode",
+     ("mode",),
+     r"\b(?:jailbreak|jailbroken|unrestricted|unfiltered|evil|chaos|uncensored|unlocked)\s+"
      r"mode\b|\b(?:you\s+(?:are|will\s+be|have\s+entered|are\s+now)\s+(?:now\s+)?(?:in|running\s+in)\s+|"
      r"(?:simulate|emulate|activate|enter)\s+(?:chatgpt\s+|ai\s+|your\s+)?(?:with\s+)?)"
      r"(?:developer|god|dev|debug|sudo|opposite|dan)\s+mode\b"),
     ("jailbreak", 0.9, "no_limits",
+     ("without", "no ", "free", "ignoring", "bound", "liberat", "released", "jailbr", "unchain"),
      r"\b(?:without|no|free\s+(?:of|from)|with\s+no|ignoring|unbound\s+by|not\s+bound\s+by)\s+(?:any\s+)?"
      r"(?:ethical|moral|safety|content)?\s*(?:restrictions?|limits?|limitations?|filters?|rules?|guidelines?|"
      r"boundaries|censorship|policies|constraints?)\b.{0,60}\b(?:answer|respond|reply|tell|you\s+(?:will|can|must))|"
      r"\b(?:you\s+(?:are|have\s+been)\s+(?:now\s+)?)(?:freed|liberated|released|jailbroken|unchained)\b"),
-    ("jailbreak", 0.85, "persona",
+    ("jailbreak", 0.85, "persona", ("pretend", "imagine", "act", "role", "behave"),
      r"\b(?:pretend|imagine|act|roleplay|role-play|behave)\s+(?:that\s+)?(?:you\s+are|to\s+be|as(?:\s+if\s+you\s+were)?)"
      r"\s+(?:an?\s+)?(?:\w+\s+){0,3}?(?:ai|assistant|model|chatbot|bot|character|entity|version)\b.{0,80}?"
      r"\b(?:no|without|never|doesn'?t|does\s+not|don'?t|free|unrestricted|unfiltered|uncensored|any)\s*"
      r"(?:\w+\s+){0,2}?(?:rules?|restrictions?|filters?|limits?|guidelines?|ethics|morals?|refuses?|censor\w*|policy)"),
-    ("jailbreak", 0.8, "stay_in_character", r"\bstay\s+in\s+character\b|\bbreak(?:ing)?\s+character\b.{0,40}"
+    ("jailbreak", 0.8, "stay_in_character",
+     ("character",),
+     r"\bstay\s+in\s+character\b|\bbreak(?:ing)?\s+character\b.{0,40}"
      r"\b(?:punish|penal|lose|tokens?|die)"),
-    ("jailbreak", 0.8, "hypothetical_unsafe",
+    ("jailbreak", 0.8, "hypothetical_unsafe", ("hypothetic", "fiction", "story", "novel"),
      r"\b(?:hypothetical(?:ly)?|fictional|fiction|in\s+a\s+story|for\s+a\s+novel)\b.{0,80}\b(?:no\s+(?:ethical|moral)|"
      r"without\s+(?:any\s+)?(?:ethic|moral|safety|restrict|filter))"),
-    ("jailbreak", 0.85, "token_threat", r"\byou\s+(?:have|start\s+with)\s+\d+\s+tokens\b"),
+    ("jailbreak", 0.85, "token_threat", ("token",), r"\byou\s+(?:have|start\s+with)\s+\d+\s+tokens\b"),
     ("extraction", 0.95, "reveal_prompt",
+     ("prompt", "instruction", "message", "rule", "directive", "configuration", "context"),
      r"\b(?:reveal|show|print|display|repeat|output|tell|give|share|leak|dump|expose|recite|write\s+out|spell\s+out|"
      r"list|paste|copy|return|disclose|provide|what\s+(?:is|are|was|were))\s+(?:me\s+|us\s+)?(?:back\s+)?"
      r"(?:all\s+|exactly\s+|verbatim\s+)?(?:your|the|its|this\s+(?:bot|assistant)'?s?)\s+(?:\w+\s+){0,2}?"
      r"(?:system|initial|hidden|original|secret|internal|pre-?)\s*(?:prompts?|instructions?|messages?|rules?|"
      r"directives?|configuration|context)"),
-    ("extraction", 0.9, "repeat_above",
+    ("extraction", 0.9, "repeat_above", ("above", "before", "preceding", "prior to"),
      r"\b(?:repeat|print|output|copy|echo|recite|translate|summari[sz]e)\s+(?:back\s+)?(?:all\s+|everything\s+|"
      r"exactly\s+)?(?:of\s+)?(?:the\s+)?(?:text|words|content|everything|lines?|messages?|instructions)?\s*"
      r"(?:above|before\s+(?:this|my)|preceding|prior\s+to\s+this)\b"),
-    ("extraction", 0.85, "starts_with", r"\b(?:begin|start)s?\s+with\s+[\"'“]?you\s+are\b.{0,40}"
+    ("extraction", 0.85, "starts_with", ("start", "begin"), r"\b(?:begin|start)s?\s+with\s+[\"'“]?you\s+are\b.{0,40}"
      r"\b(?:print|output|repeat|what\s+follows|rest)"),
-    ("extraction", 0.85, "what_told", r"\bwhat\s+(?:were|are|was)\s+you\s+(?:told|instructed|programmed|configured)\s+"
+    ("extraction", 0.85, "what_told",
+     ("told", "instructed", "programmed", "configured"),
+     r"\bwhat\s+(?:were|are|was)\s+you\s+(?:told|instructed|programmed|configured)\s+"
      r"(?:to\s+do\s+)?(?:before|initially|at\s+the\s+(?:start|beginning)|by\s+(?:your\s+)?(?:developers?|creators?|"
      r"openai|the\s+system))"),
 ]]
@@ -134,8 +149,8 @@ def normalize(text: str) -> str:
 
 def _phrase_findings(norm: str, categories: set[str]) -> list[Finding]:
     found = []
-    for category, score, rule, rx in PHRASES:
-        if category in categories and (m := rx.search(norm)):
+    for category, score, rule, triggers, rx in PHRASES:
+        if category in categories and any(t in norm for t in triggers) and (m := rx.search(norm)):
             found.append(Finding(category, score, m.group(0)[:200], rule))
     return found
 
@@ -180,6 +195,8 @@ def _obfuscation(text: str, norm: str, categories: set[str]) -> list[Finding]:
 
 def _unicode(text: str) -> list[Finding]:
     """Bidi overrides, tag characters, zero-width characters, and words mixing Latin with Cyrillic or Greek."""
+    if text.isascii():
+        return []
     found = []
     for rx, score, rule in ((_BIDI, 0.9, "bidi_override"), (_TAGS, 0.95, "tag_characters"),
                             (_ZERO_WIDTH, 0.7, "zero_width")):
@@ -189,6 +206,8 @@ def _unicode(text: str) -> list[Finding]:
             found.append(Finding("unicode", score, f"U+{ord(m.group(0)[0]):04X} at {m.start()}", rule))
             break
     for m in _WORD.finditer(text):
+        if m.group(0).isascii():
+            continue
         scripts = {_script(c) for c in m.group(0) if c.isalpha()}
         if "LATIN" in scripts and scripts & {"CYRILLIC", "GREEK"}:
             found.append(Finding("unicode", 0.8, m.group(0), "mixed_script"))

@@ -220,6 +220,7 @@ class StreamRedactor:
     push releases the rest. Once a blocking item is seen, nothing more is released (blocked stays True)."""
 
     CONTEXT = 16  # released characters kept for the look-behinds at the start of the held text
+    RELEASE = 16  # text is released in pieces of at least this many characters: a scan per ~4 tokens, not per token
 
     def __init__(self, redactor: Redactor):
         self.redactor = redactor
@@ -237,7 +238,7 @@ class StreamRedactor:
         self.held += text
         s, pos = self.context + self.held, len(self.context)
         cut = len(s) if final else len(s) - self.redactor.holdback
-        if cut <= pos:
+        if cut <= pos or (not final and cut - pos < self.RELEASE):
             return "", False
         spans = self.redactor.find(s, pos)
         for sp in spans:
