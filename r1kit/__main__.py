@@ -6,6 +6,7 @@
     r1kit convert SRC OUT           rewrite a checkpoint (FP8 or pickle -> safetensors, change dtype, reshard)
     r1kit quantize MODEL --to M OUT write an int8 / int4 / fp8 weight-quantized checkpoint
     r1kit compress MODEL OUT --method M   quantize, QAT, prune, low-rank or cluster into a checkpoint that serves
+    r1kit export MODEL OUT --format onnx   model.onnx (input_ids -> logits) for ONNX Runtime / TensorRT
     r1kit train --config YAML       train (pretraining + SFT mixture), resumable with --resume
     r1kit finetune BASE --data J --out DIR   LoRA / QLoRA fine-tuning on a chat JSONL (adapter in PEFT's layout)
     r1kit merge BASE ADAPTER OUT    merge a LoRA adapter into its base, write a plain checkpoint
@@ -290,6 +291,14 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
 
 
+def cmd_export(a: argparse.Namespace) -> None:
+    """Export a checkpoint to ONNX (input_ids -> logits; --int8 adds ORT's int8 quantization) or TFLite."""
+    from r1kit.export import export_checkpoint
+
+    result = export_checkpoint(a.model, a.out, a.format, int8=a.int8)
+    print(f"wrote {a.out}: {json.dumps(result)}")
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     """Train from a YAML recipe (configs/*.yaml); --resume continues a killed run exactly."""
     from r1kit.train.config import TrainConfig
@@ -300,6 +309,24 @@ def cmd_train(a: argparse.Namespace) -> None:
         overrides["token_budget"] = None
     cfg = TrainConfig.from_yaml(a.config, **overrides)
     summary = train(cfg, resume=a.resume, device=a.device)
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_rl(a: argparse.Namespace) -> None:
+    """RL from a YAML recipe (configs/grpo-nano.yaml): GRPO with verifiable rewards, or rejection-sampling SFT
+    (--mode rejection-sampling); --resume continues a killed GRPO run exactly."""
+    from r1kit.train.rl_config import GRPOConfig
+
+    overrides = {k: v for k, v in (("out_dir", a.out_dir), ("max_steps", a.max_steps)) if v is not None}
+    cfg = GRPOConfig.from_yaml(a.config, **overrides)
+    if a.mode == "grpo":
+        from r1kit.train.grpo import train_grpo
+
+        summary = train_grpo(cfg, resume=a.resume)
+    else:
+        from r1kit.train.rejection import rejection_sampling
+
+        summary = rejection_sampling(cfg, sft_config=a.sft_config, resume=a.resume)
     print(json.dumps(summary, indent=2))
 
 
@@ -669,10 +696,21 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable[[argpar
                                           p.add_argument("--shard-gb", type=float, default=5.0),
                                           p.add_argument("--allow-pickle", action="store_true"))),
     "compress": (cmd_compress, _compress_args),
+    "export": (cmd_export, lambda p: (p.add_argument("model", help="checkpoint folder or r1kit/<bundled>"),
+                                      p.add_argument("out", help="folder for model.onnx (or model.tflite)"),
+                                      p.add_argument("--format", default="onnx", help="onnx or tflite"),
+                                      p.add_argument("--int8", action="store_true",
+                                                     help="onnx: also model.int8.onnx (ORT dynamic int8 MatMuls)"))),
     "train": (cmd_train, lambda p: (p.add_argument("--config", required=True, help="YAML recipe"),
                                     p.add_argument("--resume", action="store_true"),
                                     p.add_argument("--out-dir", default=None), p.add_argument("--max-steps", type=int),
                                     p.add_argument("--device", default="cpu"))),
+    "rl": (cmd_rl, lambda p: (p.add_argument("--config", required=True, help="YAML recipe (GRPOConfig)"),
+                              p.add_argument("--mode", choices=("grpo", "rejection-sampling"), default="grpo"),
+                              p.add_argument("--sft-config", default=None,
+                                             help="rejection sampling: the SFT recipe to train on the kept samples"),
+                              p.add_argument("--resume", action="store_true"),
+                              p.add_argument("--out-dir", default=None), p.add_argument("--max-steps", type=int))),
     "augment": (cmd_augment, _augment_args),
     "finetune": (cmd_finetune, _finetune_args),
     "merge": (cmd_merge, lambda p: (p.add_argument("base", help="the full-precision model the adapter was trained on"),
