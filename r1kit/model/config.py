@@ -411,6 +411,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                              moe_intermediate_size=192, first_k_dense_replace=1, n_group=4, topk_group=2,
                              routed_scaling_factor=2.5, rope_interleave=True, num_mtp_layers=1,
                              max_position_embeddings=1024, bos_token_id=0, eos_token_id=1)),
+    # The bundled student r1kit/nano-distill-qwen2 (configs/distill-nano.yaml): a dense Qwen2 with nano's tokenizer.
+    "nano-distill-qwen2": dict(source="r1kit: the bundled r1kit/nano-distill-qwen2, distilled from r1kit/nano by "
+                               "configs/distill-nano.yaml", published_total=None,
+                               config=dict(arch="qwen2", attention="gqa", vocab_size=4096, hidden_size=192,
+                                           num_layers=4, intermediate_size=512, num_heads=6, num_kv_heads=2,
+                                           attention_bias=True, tie_word_embeddings=True, rope_theta=10000.0,
+                                           max_position_embeddings=1024, bos_token_id=0, eos_token_id=1)),
     # Tiny models for tests and the random-weights demo.
     "tiny-moe": dict(source="r1kit tests", published_total=None,
                      config=dict(arch="deepseek_v3", vocab_size=512, hidden_size=64, num_layers=3,
