@@ -29,6 +29,7 @@ from r1kit.generate import GenerationError, SamplingParams, TokenLogprob, defaul
 from r1kit.model.config import format_count
 from r1kit.model.transformer import Transformer
 from r1kit.safety.shield import Screening, Shield
+from r1kit.structured import Guide, GuideFactory
 from r1kit.tokenizer import TextStream, Tokenizer
 from r1kit.tools import ToolCall, ToolCallParser, check_tool_choice, check_tools
 
@@ -119,6 +120,7 @@ class R1Model:
         self._engine: LLMEngine | None = None
         self._ids = itertools.count()  # engine request ids
         self.speculative_stats: SpeculativeStats | None = None  # of the last speculative generate()
+        self._guides: GuideFactory | None = None  # structured outputs' grammar compiler (complete(structured=))
         self.shield: Shield | None = None  # r1kit.safety: input screening, output redaction, audit (opt-in)
 
     @property
@@ -418,7 +420,8 @@ class R1Model:
         ``logprobs`` k: each generated token's log-probability (a log-softmax over the model's logits) and its k
         most likely alternatives; ``prompt_logprobs`` k: the same for every prompt token after the first (what
         scoring a continuation needs: ``complete(input_ids=context + continuation, max_new_tokens=1,
-        prompt_logprobs=0)``). Sampling keywords as generate().
+        prompt_logprobs=0)``). Sampling keywords as generate(), and ``structured`` (a grammar: ``{"type":
+        "json_schema", "schema": {...}}``, json_object, regex, choice; see r1kit.structured).
         """
         if (prompt is None) == (input_ids is None):
             raise GenerationError("pass exactly one of prompt= (text) or input_ids= (token ids)")
@@ -430,7 +433,7 @@ class R1Model:
             raise GenerationError("another generation is still running on this model (an unfinished stream): "
                                   "finish or close it first")
         rid = f"r1model-{next(self._ids)}"
-        engine.add_request(rid, ids, params)
+        engine.add_request(rid, ids, params, self._guide(params.structured))
         outs = [out for _ in iter(engine.has_unfinished, False) for out in engine.step()]
         if outs and outs[-1].error is not None:
             raise GenerationError(f"generation failed: {outs[-1].error}") from outs[-1].error
@@ -487,6 +490,14 @@ class R1Model:
         found = parser.parse(tokens[0], thinking) if parser is not None else None
         content, calls = found if found is not None else (content, [])
         return ChatReply(reasoning, content, text, usage["prompt_tokens"], usage["completion_tokens"], calls)
+
+    def _guide(self, spec: dict | None) -> Guide | None:
+        """A grammar guide for a structured-output spec (the factory is built on first use); None without one."""
+        if spec is None:
+            return None
+        if self._guides is None:
+            self._guides = GuideFactory(self._tok(), self.config.vocab_size, self.stop_ids())
+        return self._guides.new(spec)
 
     def _tool_parser(self, tools: Sequence[dict[str, Any]] | None, tool_choice: Any) -> ToolCallParser | None:
         """The tool-call parser of a chat with these tools (None without); ToolError for a bad tool or choice."""

@@ -123,6 +123,12 @@ def test_unsupported_constraints_name_the_feature(guides, spec, match) -> None:
         guides.new(spec)
 
 
+def test_python_api_complete_structured(nano) -> None:
+    out = nano.complete("Colour: ", max_new_tokens=8, temperature=1.0, seed=0,
+                        structured={"type": "choice", "choices": ["red", "green"]})
+    assert out.text in ("red", "green") and out.finish_reason == "stop"
+
+
 def test_bad_spec_shapes_are_generation_errors() -> None:
     for spec in [{"type": "yaml"}, {"type": "json_schema"}, {"type": "choice", "choices": []}, "json"]:
         with pytest.raises(GenerationError, match="structured"):
