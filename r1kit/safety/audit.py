@@ -133,6 +133,15 @@ class AuditLog:
     def append(self, record: dict[str, Any]) -> int:
         """Append one record (keys from FIELDS; prompt/response hashed, and dropped unless content="full");
         returns its sequence number."""
+        return self.append_many([record])[0]
+
+    def append_many(self, records: list[dict[str, Any]]) -> list[int]:
+        """Append records in one transaction (each still its own link of the chain); their sequence numbers."""
+        rows = [self._row(r) for r in records]
+        with self._lock:
+            return self._append_locked(rows)
+
+    def _row(self, record: dict[str, Any]) -> dict[str, Any]:
         unknown = set(record) - set(FIELDS)
         if unknown:
             raise AuditError(f"audit record: unknown field(s) {sorted(unknown)}; fields: {list(FIELDS)}")
@@ -145,25 +154,29 @@ class AuditLog:
         for f in JSON_FIELDS:
             if row[f] is not None and not isinstance(row[f], str):
                 row[f] = json.dumps(row[f], sort_keys=True, ensure_ascii=False)
-        with self._lock:
-            return self._append_locked(row)
+        return row
 
-    def _append_locked(self, row: dict[str, Any]) -> int:
+    def _append_locked(self, rows: list[dict[str, Any]]) -> list[int]:
         c = self._conn
         c.execute("BEGIN IMMEDIATE")  # the write lock across processes: read the head and append atomically
         try:
             last = c.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
-            seq, prev = (last["seq"] + 1, last["hash"]) if last else (1, GENESIS)
-            chain = node_hash(bytes.fromhex(prev), leaf_hash(seq, row)).hex()
-            c.execute(f"INSERT INTO records (seq, {', '.join(FIELDS)}, prev_hash, hash) VALUES "
-                      f"(?, {', '.join('?' * len(FIELDS))}, ?, ?)", (seq, *[row[f] for f in FIELDS], prev, chain))
-            if seq % self.checkpoint_every == 0:
-                self._checkpoint_locked(seq, chain)
+            seq, prev = (last["seq"], last["hash"]) if last else (0, GENESIS)
+            seqs = []
+            for row in rows:
+                seq += 1
+                chain = node_hash(bytes.fromhex(prev), leaf_hash(seq, row)).hex()
+                c.execute(f"INSERT INTO records (seq, {', '.join(FIELDS)}, prev_hash, hash) VALUES (?, "
+                          f"{', '.join('?' * len(FIELDS))}, ?, ?)", (seq, *[row[f] for f in FIELDS], prev, chain))
+                if seq % self.checkpoint_every == 0:
+                    self._checkpoint_locked(seq, chain)
+                seqs.append(seq)
+                prev = chain
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")
             raise
-        return seq
+        return seqs
 
     def _checkpoint_locked(self, seq: int, chain: str) -> None:
         leaves = [leaf_hash(r["seq"], dict(r)) for r in self._conn.execute("SELECT * FROM records ORDER BY seq")]
