@@ -500,6 +500,8 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--validation-fraction", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="bf16 (default): autocast, frozen base held in bf16; fp32: faster on CPUs without bf16")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--device", default="cpu")
 

@@ -97,3 +97,49 @@ def plot_expert_load(metrics_file: Path, folder: Path, layer_names: list[str]) -
         plt.close(fig)
         files.append(file)
     return files
+
+
+def plot_rl_metrics(metrics_file: Path, png: Path) -> Path | None:
+    """An RL run's curves (r1kit.train.grpo's metrics.jsonl) as one PNG: reward mean (band: std) per reward and in
+    total, accuracy per kind, completion length, and KL / clip fraction / zero-variance groups; None without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib not installed: no plot written")
+        return None
+    rows = [r for r in map(json.loads, metrics_file.read_text().splitlines()) if "reward" in r]
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7), sharex=True)
+    ax = axes[0][0]
+    names = [k.split("/")[1] for k in rows[0] if k.startswith("rewards/") and k.endswith("/mean")] if rows else []
+    for key, label in [("reward", "total"), *[(f"rewards/{n}/mean", n) for n in names]]:
+        mean = torch.tensor([r[key] for r in rows])
+        std = torch.tensor([r[key.replace("/mean", "/std") if "/" in key else "reward_std"] for r in rows])
+        ax.plot(steps, mean, label=label)
+        ax.fill_between(steps, mean - std, mean + std, alpha=0.15)
+    ax.set_ylabel("reward (band: std)")
+    ax = axes[0][1]
+    for kind in sorted({k for r in rows for k in r.get("accuracy_by_kind", {})}):
+        ax.plot(steps, [r["accuracy_by_kind"].get(kind, float("nan")) for r in rows], label=kind, alpha=0.8)
+    ax.plot(steps, [r["accuracy"] for r in rows], "k-", label="all", linewidth=2)
+    ax.set_ylabel("rollout accuracy (sampled)")
+    axes[1][0].plot(steps, [r["completion_length"] for r in rows], label="completion length")
+    axes[1][0].set_ylabel("tokens per completion")
+    ax = axes[1][1]
+    for key in ("kl", "clip_fraction", "zero_std_groups"):
+        ax.plot(steps, [r[key] for r in rows], label=key)
+    ax.set_ylabel("fraction / nats")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in axes[1]:
+        ax.set_xlabel("RL step")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png

@@ -221,6 +221,13 @@ class PromptSource:
         size = len(self.prompts)
         return [self._nth(i, size) for i in range(step * n, step * n + n)]
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a training checkpoint stores: the source is a function of (seed, step), so only the seed."""
+        return {"seed": self.seed}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.seed = int(state["seed"])
+
     def _nth(self, index: int, size: int) -> Prompt:
         epoch, offset = divmod(index, size)
         order = list(range(size))
