@@ -125,6 +125,14 @@ def test_config_refuses_unknown_keys_and_bad_values_by_name(tmp_path, text, word
     assert all(w in str(e.value) for w in words), str(e.value)
 
 
+def test_cli_names_the_bad_key_in_one_line(tmp_path, capsys):
+    from r1kit.__main__ import main
+
+    assert main(["distill", "--config", str(_recipe(tmp_path, "teacher: r1kit/nano\nloss: {lambda: 0.5}\n"))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "lambda" in err and "lmbda" in err and "\n" not in err
+
+
 def test_shipped_recipes_load():
     root = Path(__file__).resolve().parent.parent / "configs"
     distilled = DistillConfig.from_yaml(root / "distill-nano.yaml")

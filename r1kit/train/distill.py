@@ -479,8 +479,11 @@ def pin_fast_tokenizer(folder: Path) -> None:
     transformers 5 ignores tokenizer_config.json's ``tokenizer_class`` for some model types (qwen2 among them:
     MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS) and builds Qwen2Tokenizer, whose own normalizer and pre-tokenizer
     split text differently from the teacher's tokenizer. An ``auto_map`` naming PreTrainedTokenizerFast skips that
-    override (no remote code runs: the class is transformers' own), so the student encodes as r1kit does.
+    override (no remote code runs: the class is transformers' own), so the student encodes as r1kit does. Only
+    for qwen2 students: elsewhere an auto_map is not needed.
     """
+    if json.loads((folder / "config.json").read_text()).get("model_type") != "qwen2":
+        return  # other model types keep tokenizer_config.json's tokenizer_class
     file = folder / "tokenizer_config.json"
     config = json.loads(file.read_text(encoding="utf-8"))
     config["auto_map"] = {"AutoTokenizer": [None, "PreTrainedTokenizerFast"]}
