@@ -427,9 +427,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, dev
     torch.manual_seed(s.seed)
     tok, teacher_path = load_tokenizer(cfg)
     teacher = load_teacher(teacher_path, tok.vocab_size, device) if teacher_path is not None else None
-    t0 = time.perf_counter()
     traces = prepare_traces(cfg, out, teacher, tok, progress)
-    trace_seconds = time.perf_counter() - t0
     if not cfg.loss.kd_weight:
         teacher = None  # sequence-level only: the teacher's job ended with the traces
     data, val_batches, prompts = build_batches(cfg, traces, tok)
@@ -465,7 +463,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, dev
     if bar is not None:
         bar.close()
     summary = {"steps": run.step, "tokens": run.tokens, "train_seconds": round(run.elapsed, 1),
-               "trace_seconds": round(trace_seconds, 1), "traces": str(traces)}
+               "trace_seconds": json.loads((out / "traces.json").read_text())["stats"].get("seconds"),  # on resume too
+               "traces": str(traces)}
     if run.step == total:
         summary.update(loop.finalize(out, student, tok, s))
         pin_fast_tokenizer(out / "final")
