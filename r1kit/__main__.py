@@ -365,7 +365,7 @@ def cmd_distill(a: argparse.Namespace) -> None:
     on-policy as in GKD); --resume continues a killed run."""
     from r1kit.train.distill import DistillConfig, distill
 
-    cfg = DistillConfig.from_yaml(a.config, out_dir=a.out_dir)
+    cfg = DistillConfig.from_yaml(a.config, out_dir=a.out_dir, max_steps=a.max_steps)
     print(json.dumps(distill(cfg, resume=a.resume, device=a.device), indent=2))
 
 
@@ -722,6 +722,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable[[argpar
     "distill": (cmd_distill, lambda p: (p.add_argument("--config", required=True, help="YAML recipe"),
                                         p.add_argument("--resume", action="store_true"),
                                         p.add_argument("--out-dir", default=None),
+                                        p.add_argument("--max-steps", type=int, default=None),
                                         p.add_argument("--device", default="cpu"))),
     "eval": (cmd_eval, _eval_args),
     "demo": (cmd_demo, lambda p: p.add_argument("--device", default="auto")),

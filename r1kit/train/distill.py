@@ -102,11 +102,15 @@ class DistillConfig:
                 "loss": dataclasses.asdict(self.loss), "student": self.student.to_dict()}
 
     @classmethod
-    def from_yaml(cls, path: str | Path, out_dir: str | None = None) -> DistillConfig:
-        """Read a distillation recipe (every key checked, as TrainConfig's); `out_dir` overrides student.out_dir."""
+    def from_yaml(cls, path: str | Path, out_dir: str | None = None, max_steps: int | None = None) -> DistillConfig:
+        """Read a distillation recipe (every key checked, as TrainConfig's); `out_dir` and `max_steps` override the
+        student's (max_steps replaces a token_budget)."""
         cfg = read_recipe(cls, path, {})
         if out_dir is not None:
             cfg.student.out_dir = out_dir
+        if max_steps is not None:
+            cfg.student.max_steps, cfg.student.token_budget = max_steps, None
+            cfg.student.validate()
         return cfg
 
 
