@@ -141,6 +141,9 @@ def test_shipped_recipes_load():
     assert distilled.student.max_steps == baseline.student.max_steps  # equal steps
     assert distilled.traces.prompts == baseline.traces.prompts and baseline.teacher is None
     assert baseline.student.out_dir == "elsewhere"
+    assert DistillConfig.from_yaml(root / "distill-nano.yaml", max_steps=3).student.total_steps == 3
+    with pytest.raises(TrainConfigError, match="max_steps"):
+        DistillConfig.from_yaml(root / "distill-nano.yaml", max_steps=0)
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizers
