@@ -145,8 +145,39 @@ def cmd_chat(a: argparse.Namespace) -> None:
             return
         if line == "/reset":
             history = list(system)
+        elif line and a.tools:
+            history = _agent_turn(model, history, line, a)
         elif line:
             history = _chat_turn(model, history, line, a)
+
+
+def _agent_turn(model, history: list[dict], line: str, a: argparse.Namespace) -> list[dict]:
+    """One user line with --tools: r1kit.agent runs the calls the model makes (each shown) until it answers."""
+    from r1kit import agent
+    from r1kit.tools import BUILTIN_TOOLS
+
+    tools = {name: BUILTIN_TOOLS[name] for name in a.tools.split(",")}
+    result = agent.run(model, [*history, {"role": "user", "content": line}], tools, max_steps=a.max_steps,
+                       thinking=not a.no_think, **_sampling(a))
+    for message in result.messages[len(history) + 1:-1]:
+        for call in message.get("tool_calls") or []:
+            print(f"[call {call['function']['name']}({call['function']['arguments']})]", flush=True)
+        if message["role"] == "tool":
+            print(f"[result {message['content']}]", flush=True)
+    print(result.reply.content + ("" if result.stopped == "answer" else f" [stopped after {a.max_steps} steps]"),
+          flush=True)
+    return result.messages
+
+
+def _tool_names(text: str) -> str:
+    """--tools: a comma-separated list of built-in tool names."""
+    from r1kit.tools import BUILTIN_TOOLS
+
+    unknown = [n for n in text.split(",") if n not in BUILTIN_TOOLS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown tool(s) {', '.join(unknown)}: built in are "
+                                         f"{', '.join(BUILTIN_TOOLS)}")
+    return text
 
 
 def _read_line(prompt: str) -> str | None:
@@ -683,6 +714,10 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable[[argpar
                                           _sampling_args(p))),
     "chat": (cmd_chat, lambda p: (_model_args(p), p.add_argument("--system", default=None),
                                   p.add_argument("--no-think", action="store_true", help="skip the <think> phase"),
+                                  p.add_argument("--tools", default=None, type=_tool_names,
+                                                 help="built-in tools the model may call (calculator)"),
+                                  p.add_argument("--max-steps", type=int, default=8,
+                                                 help="with --tools: model turns per message"),
                                   _sampling_args(p))),
     "convert": (cmd_convert, lambda p: (p.add_argument("src"), p.add_argument("out"),
                                         p.add_argument("--dtype", default="bf16", help="fp32, bf16, fp16, fp8"),

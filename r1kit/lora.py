@@ -207,14 +207,23 @@ class LoRAExperts(nn.Module):
         """scaling * B_e @ A_e for every expert e: (E, 2I, C) for gate_up_proj, (E, C, I) for down_proj; fp32."""
         return self.scaling[name] * torch.bmm(self.lora_B[name][proj].float(), self.lora_A[name][proj].float())
 
-    def _base_weights(self, dtype: torch.dtype
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """The base's gate_up (E, 2I, C), down (E, C, I) in dtype and the per-row output scales still to apply
-        ((E, 2I), (E, C); None when the weights are already complete)."""
-        base = self.base_layer
-        if isinstance(base, QuantizedExperts):
-            return base._expert_weights(None, dtype)
-        return base.gate_up_proj.to(dtype), base.down_proj.to(dtype), None, None
+    def _base_project(self, proj: str, xs: torch.Tensor, ends: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        """The base experts' projection `proj` of the sorted pairs, grouped: xs (P, in) -> (P, out). A quantized
+        base is dequantized (int4) or converted (int8/fp8, per-row scales applied to the output) per call, and
+        again in the backward rather than kept (_FrozenGroupedMM)."""
+        base, dt = self.base_layer, xs.dtype
+        if not isinstance(base, QuantizedExperts):
+            return torch._grouped_mm(xs, getattr(base, proj).to(dt).transpose(1, 2), offs=ends)
+
+        def weight(dtype: torch.dtype) -> torch.Tensor:  # (E, out, in)
+            return (base._dequantize_one(proj, dtype, None) if base.method == "int4"
+                    else base._buffers[proj].to(dtype))
+
+        if torch.is_grad_enabled() and xs.requires_grad:
+            y = _FrozenGroupedMM.apply(xs, ends, weight)
+        else:
+            y = torch._grouped_mm(xs, weight(dt).transpose(1, 2), offs=ends)
+        return y if base.method == "int4" else y * base._buffers[proj + "_scale"].to(dt)[expert]
 
     def _low_rank(self, name: str, proj: str, xs: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """scaling * B_e A_e x for each sorted pair, grouped: xs (P, in) -> (P, out)."""
@@ -240,17 +249,11 @@ class LoRAExperts(nn.Module):
         token, expert = order // k, flat[order]  # (N*k,) source token and expert of each sorted pair
         ends = torch.bincount(flat, minlength=self.n_experts).cumsum(0).to(torch.int32)  # (E,) group ends
         xs = x[token]  # (N*k, C)
-        gu, dn, gu_s, dn_s = self._base_weights(dt)
-        h = torch._grouped_mm(xs, gu.transpose(1, 2), offs=ends)  # (N*k, 2I)
-        if gu_s is not None:
-            h = h * gu_s.to(dt)[expert]
-        h = h + self._low_rank(name, "gate_up_proj", xs, ends)
-        gate, up = h.split(self.hidden, dim=-1)
+        h = self._base_project("gate_up_proj", xs, ends, expert) + self._low_rank(name, "gate_up_proj", xs, ends)
+        gate, up = h.split(self.hidden, dim=-1)  # (N*k, I) each
         act = F.silu(gate) * up  # (N*k, I)
-        ys = torch._grouped_mm(act, dn.transpose(1, 2), offs=ends)  # (N*k, C)
-        if dn_s is not None:
-            ys = ys * dn_s.to(dt)[expert]
-        ys = (ys + self._low_rank(name, "down_proj", act, ends)) * weights.flatten()[order, None].to(dt)
+        ys = self._base_project("down_proj", act, ends, expert) + self._low_rank(name, "down_proj", act, ends)
+        ys = ys * weights.flatten()[order, None].to(dt)  # (N*k, C)
         return torch.zeros_like(x).index_add_(0, token, ys)
 
     def forward_reference(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -275,6 +278,24 @@ class LoRAExperts(nn.Module):
     def extra_repr(self) -> str:
         ranks = {n: p["gate_up_proj"].shape[1] for n, p in self.lora_A.items()}
         return f"n_experts={self.n_experts}, adapters={ranks}, active={self.active!r}, merged={self.merged!r}"
+
+
+class _FrozenGroupedMM(torch.autograd.Function):
+    """torch._grouped_mm(xs, weight(dtype).transpose(1, 2), offs=ends) for frozen stacked weights (E, out, in)
+    that weight() makes on demand (dequantized experts): the backward, xs's gradient only, makes them again
+    instead of autograd keeping them from forward to backward (QLoRA on quantized experts)."""
+
+    @staticmethod
+    def forward(ctx, xs: torch.Tensor, ends: torch.Tensor, weight: Any) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(ends)
+        ctx.weight, ctx.x_dtype = weight, xs.dtype
+        return torch._grouped_mm(xs, weight(xs.dtype).transpose(1, 2), offs=ends)  # (P, out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
+        (ends,) = ctx.saved_tensors
+        w = ctx.weight(grad.dtype)  # (E, out, in)
+        return torch._grouped_mm(grad.contiguous(), w, offs=ends).to(ctx.x_dtype), None, None
 
 
 LORA_MODULES = (LoRALinear, LoRAExperts)

@@ -79,6 +79,23 @@ INT8_STREAM_MIN_BYTES = 0
 INT4_MM_MAX_ROWS = {torch.bfloat16: 64}
 
 
+class _DequantizedLinear(torch.autograd.Function):
+    """y = F.linear(x, module.dequantize(), bias) for a frozen quantized weight: the backward (the gradient of x
+    only) dequantizes the weight again instead of autograd keeping the full-precision copy alive from forward to
+    backward, so training adapters on a quantized base (QLoRA) holds quantized weights only, not every layer's
+    dequantized one at once."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: QuantizedLinear) -> torch.Tensor:  # noqa: ANN001
+        ctx.module, ctx.x_dtype = module, x.dtype
+        return F.linear(x, module.dequantize(x.dtype), module._bias(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+        w = ctx.module.dequantize(grad.dtype)  # (N, K)
+        return (grad @ w).to(ctx.x_dtype), None
+
+
 class QuantizedLinear(nn.Module):
     """Common part: shapes, bias, the reference switch, dtype-preserving moves, byte counts."""
 
@@ -107,6 +124,8 @@ class QuantizedLinear(nn.Module):
         return None if self.bias is None else self.bias.to(dtype)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:  # QLoRA: keep no dequantized weight for the backward
+            return _DequantizedLinear.apply(x, self)
         return F.linear(x, self.dequantize(x.dtype), self._bias(x.dtype))
 
     def _use_reference(self, x: torch.Tensor) -> bool:

@@ -43,7 +43,7 @@ FLAG_KEYS: dict[str, tuple[str | None, str]] = {
     "target_modules": ("lora", "target_modules"), "qlora": ("lora", "qlora"), "max_steps": (None, "max_steps"),
     "learning_rate": (None, "learning_rate"), "batch_size": (None, "batch_size"), "seq_len": (None, "seq_len"),
     "gradient_accumulation": (None, "gradient_accumulation"), "warmup_steps": (None, "warmup_steps"),
-    "validation_fraction": ("data", "validation_fraction"), "seed": (None, "seed"),
+    "validation_fraction": ("data", "validation_fraction"), "seed": (None, "seed"), "precision": (None, "precision"),
 }
 
 

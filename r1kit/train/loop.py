@@ -191,13 +191,14 @@ def build_model(cfg: TrainConfig, vocab_size: int, bos: int | None, eos: int | N
 
 def build_lora_model(cfg: TrainConfig, device: torch.device) -> Transformer:
     """LoRA / QLoRA (``lora.r >= 1``): the init_from checkpoint as the frozen base, in its own architecture (the
-    recipe's model section is not used), held int8/int4/nf4 with ``lora.qlora``, adapters injected (fp32); only
-    the adapters are trainable."""
+    recipe's model section is not used), held in bf16 (fp32 with precision fp32) or int8/int4/nf4 with
+    ``lora.qlora``, adapters injected (fp32); only the adapters are trainable."""
     from r1kit.checkpoint import load_model
     from r1kit.lora import LoRAConfig, inject_lora, mark_only_lora_trainable, quantize_base
 
     lo = cfg.lora
-    model = load_model(cfg.init_from, device, torch.float32)
+    frozen = torch.float32 if cfg.precision == "fp32" else torch.bfloat16  # no master copy of a frozen base
+    model = load_model(cfg.init_from, device, frozen)
     if lo.qlora:
         quantize_base(model, lo.qlora)
     lcfg = LoRAConfig(r=lo.r, alpha=lo.alpha, dropout=lo.dropout, use_rslora=lo.use_rslora,

@@ -1,0 +1,226 @@
+"""LoRA vs full fine-tuning of the bundled model on the same task and steps, and QLoRA's memory against LoRA's.
+
+    python benchmarks/bench_finetune.py [--json runs/bench_finetune.json] [--steps 60] [--n 40]
+    python benchmarks/bench_finetune.py --memory-only --device cuda --preset r1-distill-qwen-1.5b   # on a GPU
+
+Task: r1kit/nano is weakest at 3-digit subtraction among the kinds it reaches (sub3); both methods fine-tune it
+on the same chat JSONL of training sub3 conversations (the reasoning as ``reasoning_content``) for the same
+steps, batch and sequence length, through the same loop (`r1kit finetune` for LoRA, `r1kit train` with
+data.chat_jsonl and init_from for full fine-tuning). Each run is its own process: trainable parameters, peak
+RSS of the training (ru_maxrss, before the evaluation), seconds per step, then greedy held-out accuracy on sub3
+(the task) and add2 (what else the model could do, to see forgetting), n problems each.
+
+Memory (QLoRA): the frozen base held bf16 (LoRA), int8, int4 or NF4 (QLoRA), adapters fp32, a few training
+steps: bytes of the model's tensors, and the peak memory (CPU: RSS of the process, which torch's own footprint
+dominates for a model as small as nano; CUDA: torch.cuda.max_memory_allocated, the figure that matters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = "r1kit/nano"
+COMMON = dict(batch_size=8, gradient_accumulation=1, seq_len=256, warmup_steps=5, seed=0)
+LEARNING_RATES = {"lora": 2e-3, "full": 1e-4}  # each method's usual range (adapters start at zero)
+
+
+def write_task(path: Path, n: int = 3000, kind: str = "sub3") -> Path:
+    """A chat JSONL of n training problems of `kind` with their reasoning (held-out problems excluded)."""
+    from r1kit.train.data import reasoning, sample_problem
+
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for _ in range(n):
+            p = sample_problem(rng, kind, split="train")
+            f.write(json.dumps({"messages": [
+                {"role": "user", "content": p.question},
+                {"role": "assistant", "reasoning_content": reasoning(p), "content": str(p.answer)}]}) + "\n")
+    return path
+
+
+def run_child(args: list[str]) -> dict:
+    """Run this script as a child with `args`; its JSON result plus its own peak RSS (MiB)."""
+    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise RuntimeError(f"child {args} failed ({status}); output: {out[-2000:]}")
+    result = json.loads(out.strip().splitlines()[-1])
+    result["process_peak_rss_MiB"] = round(usage.ru_maxrss / 1024, 1)
+    return result
+
+
+def _tensor_bytes(model) -> int:
+    seen = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+def child_train(method: str, data: str, out: str, steps: int, n: int, device: str) -> dict:
+    """Fine-tune nano by `method` ("lora" | "full" | "base" = no training), then evaluate held-out accuracy."""
+    import torch
+
+    from r1kit.api import R1Model
+    from r1kit.eval import eval_arithmetic
+    from r1kit.train.config import TrainConfig
+    from r1kit.train.finetune import finetune
+    from r1kit.train.loop import train
+
+    torch.set_num_threads(2)
+    result: dict = {"method": method}
+    if method != "base":
+        precision = "bf16" if device.startswith("cuda") else "fp32"  # fp32: CPUs without native bf16 are ~3x slower
+        flags = dict(COMMON, max_steps=steps, learning_rate=LEARNING_RATES[method], precision=precision)
+        t0 = time.perf_counter()
+        if method == "lora":
+            summary = finetune(BASE, data, out, progress=False, device=device, validation_fraction=0.02, **flags)
+        else:
+            cfg = TrainConfig.from_dict(dict(flags, init_from=BASE, out_dir=out, model={"preset": "nano"},
+                                             eval_interval=steps, checkpoint_interval=steps,
+                                             data={"chat_jsonl": data, "validation_fraction": 0.02}))
+            summary = train(cfg, progress=False, device=device)
+        result.update(train_s=round(time.perf_counter() - t0, 1), s_per_step=round(summary["elapsed_s"] / steps, 3),
+                      train_peak_rss_MiB=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+        if device.startswith("cuda"):
+            result["cuda_peak_MiB"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        metrics = [json.loads(x) for x in open(Path(out) / "metrics.jsonl")]
+        result["final_train_loss"] = next(m["loss"] for m in reversed(metrics) if "loss" in m)
+        result["final_val_loss"] = next(m["val_loss"] for m in reversed(metrics) if "val_loss" in m)
+    dtype = "bf16" if device.startswith("cuda") else "fp32"  # CUDA's grouped matmul (the MoE experts) is bf16-only
+    if method == "lora":
+        model = R1Model.from_pretrained(BASE, device=device, dtype=dtype, adapter=out)
+    elif method == "full":
+        model = R1Model.from_pretrained(Path(out) / "final", device=device, dtype=dtype)
+    else:
+        model = R1Model.from_pretrained(BASE, device=device, dtype=dtype)
+    from r1kit.lora import lora_param_count
+
+    trainable = lora_param_count(model.model) if method == "lora" else model.model.num_params()
+    result.update(trainable_params=trainable, total_params=model.model.num_params() - (trainable if method == "lora"
+                                                                                       else 0))
+    acc = eval_arithmetic(model, ["sub3", "add2"], n=n, progress=False)["accuracy"]
+    result["accuracy"] = acc
+    return result
+
+
+def child_memory(method: str, device: str, preset_name: str | None, steps: int) -> dict:
+    """A few LoRA steps on a base held bf16 ("lora-bf16") or quantized ("qlora-int8|int4|nf4"); memory figures."""
+    import torch
+
+    from r1kit.checkpoint import load_model
+    from r1kit.lora import LoRAConfig, inject_lora, mark_only_lora_trainable, quantize_base
+    from r1kit.model.config import preset
+    from r1kit.model.transformer import Transformer
+
+    torch.set_num_threads(2)
+    dev = torch.device(device)
+    if preset_name:  # random weights, drawn on the device (values do not matter for memory)
+        with torch.device(dev):
+            model = Transformer(preset(preset_name)).to(torch.bfloat16)
+        with torch.no_grad():
+            for t in model.parameters():
+                t.normal_(0, 0.02)
+    else:
+        model = load_model(ROOT / BASE, dev, torch.bfloat16)
+    if method != "lora-bf16":
+        quantize_base(model, method.removeprefix("qlora-"))
+    inject_lora(model, LoRAConfig(r=8))
+    params = mark_only_lora_trainable(model)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    base_bytes = _tensor_bytes(model) - sum(p.numel() * p.element_size() for p in params)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    vocab = model.config.vocab_size
+    t0 = None
+    for i in range(steps + 1):
+        if i == 1:
+            t0 = time.perf_counter()
+        ids = torch.randint(0, vocab, (4, 257), device=dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            loss = model.loss(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    result = {"method": method, "model": preset_name or BASE, "device": device,
+              "base_MiB": round(base_bytes / 2**20, 1), "adapter_params": sum(p.numel() for p in params),
+              "s_per_step": round((time.perf_counter() - t0) / steps, 3)}
+    if dev.type == "cuda":
+        result["cuda_peak_MiB"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    else:
+        result["train_peak_rss_MiB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return result
+
+
+def print_tables(train_runs: list[dict], memory_runs: list[dict]) -> None:
+    if train_runs:
+        print("\nmethod  trainable params  fraction  peak RSS MiB  s/step  val loss  sub3 acc  add2 acc")
+        for r in train_runs:
+            frac = r["trainable_params"] / r["total_params"]
+            rss = r.get("train_peak_rss_MiB", "-")
+            print(f"{r['method']:<6}  {r['trainable_params']:>16,}  {frac:>8.2%}  {rss:>12}"
+                  f"  {r.get('s_per_step', '-'):>6}  {r.get('final_val_loss', float('nan')):>8.4f}"
+                  f"  {r['accuracy']['sub3']:>8.3f}  {r['accuracy']['add2']:>8.3f}")
+    if memory_runs:
+        print("\nbase held   model            base MiB  adapter params  peak MiB (what)           s/step")
+        for r in memory_runs:
+            peak = (f"{r['cuda_peak_MiB']} (cuda allocated)" if "cuda_peak_MiB" in r
+                    else f"{r['train_peak_rss_MiB']} (process RSS)")
+            print(f"{r['method']:<10}  {r['model']:<15}  {r['base_MiB']:>8}  {r['adapter_params']:>14,}  {peak:<24}"
+                  f"  {r['s_per_step']}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", default=None)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--n", type=int, default=40, help="held-out problems per kind")
+    p.add_argument("--memory-only", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu or cuda: training, evaluation and memory runs")
+    p.add_argument("--preset", default=None, help="memory runs on a random model of this preset (default: nano)")
+    p.add_argument("--work", default="runs/bench_finetune")
+    p.add_argument("--child", nargs="+", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        kind, *rest = a.child
+        result = (child_train(rest[0], rest[1], rest[2], int(rest[3]), int(rest[4]), rest[5]) if kind == "train"
+                  else child_memory(rest[0], rest[1], rest[2] or None, int(rest[3])))
+        print(json.dumps(result))
+        return
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    train_runs = []
+    if not a.memory_only:
+        data = write_task(work / "sub3.jsonl")
+        for method in ("base", "lora", "full"):
+            out = work / method
+            if out.exists():
+                import shutil
+
+                shutil.rmtree(out)
+            train_runs.append(run_child(["--child", "train", method, str(data), str(out), str(a.steps), str(a.n),
+                                         a.device]))
+            print(json.dumps(train_runs[-1]), flush=True)
+    memory_runs = []
+    for method in ("lora-bf16", "qlora-int8", "qlora-int4", "qlora-nf4"):
+        memory_runs.append(run_child(["--child", "memory", method, a.device, a.preset or "", "3"]))
+        print(json.dumps(memory_runs[-1]), flush=True)
+    print_tables(train_runs, memory_runs)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"train": train_runs, "memory": memory_runs, "common": COMMON,
+                                            "learning_rates": LEARNING_RATES, "steps": a.steps, "n": a.n}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
