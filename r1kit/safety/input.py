@@ -54,7 +54,8 @@ class Verdict:
 # ---------------------------------------------------------------------------------------------------- phrasings
 _ANY = r"(?:all|any|every|the|your|my|these|those|of)?\s*"
 _PRIOR = r"(?:previous|prior|preceding|above|earlier|foregoing|former|original|initial|system|existing|old)"
-_RULES = r"(?:instructions?|prompts?|rules?|directions?|directives?|guidelines?|commands?|context|constraints?|orders?)"
+_RULES = (r"(?:instructions?|prompts?|rules?|directions?|directives?|guidelines?|commands?|context|constraints?|"
+          r"orders?|messages?)")
 
 # (category, score, rule name, trigger words (one must occur: a cheap test before the regex), regex over the
 # normalised, lower-cased text)
@@ -67,6 +68,9 @@ PHRASES: list[tuple[str, float, str, tuple[str, ...], re.Pattern[str]]] = [
     ("injection", 0.9, "override_all", ("ignor", "disregard", "forget"),
      r"\b(?:ignore|disregard|forget)\s+(?:everything|all)\s+(?:(?:you\s+(?:were|have\s+been)\s+told)|"
      r"(?:said\s+)?(?:above|before|previously|so\s+far))"),
+    ("injection", 0.85, "ignore_above", ("ignor", "disregard", "forget"),
+     r"\b(?:ignore|disregard|forget)\s+(?:all\s+)?(?:of\s+)?(?:the\s+|what\s+is\s+)?(?:above|previous|preceding|earlier)"
+     r"\b(?!\s+(?:chapter|section|paragraph|example|code|line|error|warning|step|output|message\s+from\s+the\s+compiler))"),
     ("injection", 0.8, "new_instructions", ("instruction",),
      r"\b(?:new|updated|real|actual|revised)\s+(?:system\s+)?instructions?\s*(?::|are\b|follow\b)"),
     ("injection", 0.85, "system_spoof",
@@ -74,7 +78,8 @@ PHRASES: list[tuple[str, float, str, tuple[str, ...], re.Pattern[str]]] = [
      r"(?:^|\s|\[|<)(?:system|admin|developer)\s*(?:override|message|note)?\s*[\]:>]"
      r"\s*(?:ignore|disregard|you\s+(?:must|will|are)|new\s+rule)"),
     ("injection", 0.85, "instead", ("instead", "rather"),
-     r"\b(?:instead|rather)\s*,?\s+(?:of\s+(?:that|the\s+task)\s*,?\s*)?(?:just\s+)?(?:say|print|output|write|reply)"
+     r"\b(?:instead|rather)\s*,?\s+(?:of\s+(?:that|this|the\s+task|answering|doing\s+(?:that|this|so))\s*,?\s*)?"
+     r"(?:just\s+)?(?:say|print|output|write|reply)"
      r"\s+(?:only\s+)?[\"'“]"),
     ("injection", 0.9, "do_not_follow", ("follow", "obey", "listen"),
      rf"\b(?:do\s+not|don'?t|stop)\s+(?:follow(?:ing)?|obey(?:ing)?|listen(?:ing)?\s+to)\s+{_ANY}(?:{_PRIOR}\s+)?{_RULES}"),
@@ -138,7 +143,7 @@ _WORD = re.compile(r"\w+")
 _LEET = str.maketrans("0134578@$!|", "oieastbasil")
 _B64 = re.compile(r"(?<![A-Za-z0-9+/=])[A-Za-z0-9+/]{16,}={0,2}(?![A-Za-z0-9+/=])")
 _HEX = re.compile(r"(?<![0-9a-fA-F])(?:[0-9a-fA-F]{2}){12,}(?![0-9a-fA-F])")
-_SPACED = re.compile(r"(?<!\w)(?:\w[\s.\-_*]){5,}\w(?!\w)")
+_SPACED = re.compile(r"(?<!\w)(?:\w[\s.\-_*]{1,3}){5,}\w(?!\w)")  # s p a c e d   o u t (words: 2+ spaces apart)
 
 
 def normalize(text: str) -> str:
@@ -175,7 +180,8 @@ def _decodings(text: str) -> list[tuple[str, str]]:
     if re.search(r"[0-9@$|!][a-z]|[a-z][0-9@$|!]", text, re.I):
         out.append(("leetspeak", text.translate(_LEET)))
     if spaced := _SPACED.findall(text):
-        out.append(("spaced letters", " ".join(re.sub(r"[\s.\-_*]", "", s) for s in spaced)))
+        words = [re.sub(r"[\s.\-_*]", "", w) for run in spaced for w in re.split(r"\s{2,}", run)]
+        out.append(("spaced letters", " ".join(words)))
     if tags := _TAGS.findall(text):
         out.append(("tag characters", "".join(chr(ord(c) - 0xE0000) for run in tags for c in run)))
     return out

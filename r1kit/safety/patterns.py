@@ -21,7 +21,8 @@ SECRET_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
     ("bearer_token", re.compile(r"(?i)(?<=bearer )[A-Za-z0-9._~+/-]{20,}=*")),
 ]
 
-# a credential assigned in text or code: password = "hunter2hunter2" (the value, at least 8 characters)
+# a credential assigned in text or code: password = "hunter2hunter2" (the value: at least 8 characters, one of them
+# a digit or symbol, so that prose such as "password: password to use" is not one)
 ASSIGNED_SECRET = re.compile(
     r"(?i)\b(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?token|auth[_-]?token|client[_-]?secret)"
-    r"\s*[:=]\s*[\"']?(?P<value>[^\s\"']{8,})")
+    r"\s*[:=]\s*[\"']?(?P<value>(?=[^\s\"']*[0-9!@#$%^&*_+=-])[^\s\"']{8,})")  # a value with a digit or symbol
