@@ -175,12 +175,25 @@ def test_cluster_codebook_and_decode(tiny_src, tmp_path):
     assert m.weight.dtype == torch.uint8 and m.weight.shape == (m.out_features, m.in_features // 2)
 
 
-def test_compressed_model_generates(tiny_src, tmp_path):
+@pytest.mark.parametrize("method, options", [("low-rank", {"energy": 0.8}), ("cluster", {}),
+                                             ("prune-structured", {"heads": 2, "experts": 4})])
+def test_compressed_model_serves_on_the_engine(tiny_src, tmp_path, method, options):
+    """The engine's paged path (R1Model.generate's default) gives the greedy tokens of the plain forward."""
     from r1kit.api import R1Model
 
-    compress(tiny_src, tmp_path / "lr", "low-rank", {"energy": 0.8})
-    model = R1Model.from_pretrained(tmp_path / "lr", device="cpu", dtype="fp32")
-    assert isinstance(model.generate("1+1", max_new_tokens=4, temperature=0), str)
+    compress(tiny_src, tmp_path / "c", method, options)
+    model = R1Model.from_pretrained(tmp_path / "c", device="cpu", dtype="fp32")
+    assert model.use_engine
+    ids = [0, 17, 42, 99]
+    text = model.generate(input_ids=ids, max_new_tokens=5, temperature=0)
+    plain = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(5):
+            plain = torch.cat((plain, model.model(plain)[:, -1:].argmax(-1)), 1)
+    new = plain[0, 4:].tolist()
+    stops = set(model.stop_ids())
+    new = new[:next((i for i, t in enumerate(new) if t in stops), len(new))]
+    assert text == model.tokenizer.decode(new)
 
 
 def test_bad_input_names_the_problem(tiny_src, tmp_path):
