@@ -256,3 +256,6 @@ def calculator(expression: str) -> str:
     except (SyntaxError, ValueError, ZeroDivisionError, OverflowError) as err:
         return f"error: {err}"
     return str(int(result)) if isinstance(result, float) and result.is_integer() else str(result)
+
+
+BUILTIN_TOOLS = {"calculator": calculator}  # `r1kit chat --tools NAME`; their schemas: r1kit.agent.BUILTIN_SCHEMAS

@@ -270,3 +270,17 @@ def test_agent_runs_calls_and_stops() -> None:
     assert looped.messages[2]["content"].startswith("error: ZeroDivisionError")
     assert agent.function_schema("div", div)["function"]["parameters"] == {
         "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}
+
+
+def test_cli_chat_with_tools(qwen_server, monkeypatch, capsys) -> None:
+    from r1kit.__main__ import main
+
+    _, _, _, folder = qwen_server
+    lines = iter(["2*3?", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", str(folder), "--tools", "calculator", "--max-new-tokens", "3", "--temperature", "0",
+                 "--device", "cpu", "--dtype", "fp32"]) == 0
+    assert "r1kit chat:" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["chat", str(folder), "--tools", "shell"])
+    assert "unknown tool(s) shell" in capsys.readouterr().err
