@@ -161,3 +161,31 @@ def test_http_response_format(nano) -> None:
     jsonschema.validate(json.loads(out.choices[0].text), schema)
     assert chat.choices[0].finish_reason in ("stop", "length")  # nano reasons first: the choice waits for </think>
     assert err.value.body["param"] == "response_format" and "not" in err.value.body["message"]
+
+
+def test_grpc_structured_options(nano) -> None:
+    import grpc
+
+    from r1kit.serve.engine_service import EngineService
+    from r1kit.serve.grpc_service import serve_grpc
+    from r1kit.serve.proto import r1kit_pb2 as pb
+    from r1kit.serve.proto import r1kit_pb2_grpc as pb_grpc
+
+    schema = {"type": "object", "required": ["n"], "additionalProperties": False,
+              "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}}}
+    service = EngineService(nano, max_num_seqs=4)
+    service.start()
+    server = serve_grpc(service, port=0)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GeneratorStub(channel)
+            sampling = pb.SamplingOptions(max_new_tokens=30, temperature=1.0, seed=2, json_schema=json.dumps(schema))
+            reply = stub.Generate(pb.GenerateRequest(text="JSON: ", sampling=sampling), timeout=120)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Generate(pb.GenerateRequest(text="x", sampling=pb.SamplingOptions(regex="a", choice=["b"])),
+                              timeout=30)
+    finally:
+        server.stop(grace=None)
+        service.shutdown(drain=False)
+    jsonschema.validate(json.loads(reply.text), schema)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not several" in err.value.details()

@@ -21,6 +21,7 @@ import argparse
 import collections
 import functools
 import hmac
+import json
 import logging
 import os
 import signal
@@ -80,10 +81,30 @@ def _sampling_params(options: pb.SamplingOptions, default_max_new_tokens: int) -
     for name in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed"):
         if options.HasField(name):
             kwargs[name] = getattr(options, name)
+    kwargs["structured"] = _structured(options)
     try:
         return SamplingParams(**kwargs)
     except ValueError as e:  # GenerationError names the field and its valid range
         raise InvalidRequest(f"sampling.{e}") from None
+
+
+def _structured(options: pb.SamplingOptions) -> dict | None:
+    """SamplingParams.structured from json_schema / json_object / regex / choice (at most one)."""
+    specs = []
+    if options.json_schema:
+        try:
+            specs.append({"type": "json_schema", "schema": json.loads(options.json_schema)})
+        except json.JSONDecodeError as e:
+            raise InvalidRequest(f"sampling.json_schema is not valid JSON: {e}") from None
+    if options.json_object:
+        specs.append({"type": "json_object"})
+    if options.regex:
+        specs.append({"type": "regex", "pattern": options.regex})
+    if options.choice:
+        specs.append({"type": "choice", "choices": list(options.choice)})
+    if len(specs) > 1:
+        raise InvalidRequest("sampling: give one of json_schema, json_object, regex and choice, not several")
+    return specs[0] if specs else None
 
 
 def _chat_messages(chat: pb.ChatPrompt) -> list[dict[str, str]]:
@@ -203,8 +224,10 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         try:
             self._check_size(request)
             prepared = _prepare(self.service, request)
+            after_think = prepared.chat and self.service.model.tokenizer.starts_in_reasoning(prepared.thinking)
             handle = self.service.submit(prepared.prompt_ids, prepared.params, request_id=request.request_id or None,
-                                         timeout=timeout, screening=_screen(self.service, request, context))
+                                         timeout=timeout, screening=_screen(self.service, request, context),
+                                         after_think=after_think)
         except QueueFullError as e:
             _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry later or on another replica")
         except ServiceClosedError as e:

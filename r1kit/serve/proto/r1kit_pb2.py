@@ -24,29 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dr1kit/serve/proto/r1kit.proto\x12\x08r1kit.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"Y\n\nChatPrompt\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.r1kit.v1.ChatMessage\x12\x15\n\x08thinking\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x0b\n\t_thinking\"\x89\x02\n\x0fSamplingOptions\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x05\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\x92\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12$\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x14.r1kit.v1.ChatPromptH\x00\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.r1kit.v1.SamplingOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x08\n\x06prompt\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\xb6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\treasoning\x18\x04 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x05 \x01(\t\x12-\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x16.r1kit.v1.FinishReason\x12\x1e\n\x05usage\x18\x07 \x01(\x0b\x32\x0f.r1kit.v1.Usage\"\xb3\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\treasoning\x18\x04 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x05 \x01(\t\x12-\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x16.r1kit.v1.FinishReason\x12\x1e\n\x05usage\x18\x07 \x01(\x0b\x32\x0f.r1kit.v1.Usage*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\x96\x01\n\tGenerator\x12\x41\n\x08Generate\x12\x19.r1kit.v1.GenerateRequest\x1a\x1a.r1kit.v1.GenerateResponse\x12\x46\n\x0eGenerateStream\x12\x19.r1kit.v1.GenerateRequest\x1a\x17.r1kit.v1.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dr1kit/serve/proto/r1kit.proto\x12\x08r1kit.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"Y\n\nChatPrompt\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.r1kit.v1.ChatMessage\x12\x15\n\x08thinking\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x0b\n\t_thinking\"\xd2\x02\n\x0fSamplingOptions\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x05\x88\x01\x01\x12\x13\n\x0bjson_schema\x18\x08 \x01(\t\x12\x13\n\x0bjson_object\x18\t \x01(\x08\x12\r\n\x05regex\x18\n \x01(\t\x12\x0e\n\x06\x63hoice\x18\x0b \x03(\tB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\x92\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12$\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x14.r1kit.v1.ChatPromptH\x00\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.r1kit.v1.SamplingOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x08\n\x06prompt\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\xb6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\treasoning\x18\x04 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x05 \x01(\t\x12-\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x16.r1kit.v1.FinishReason\x12\x1e\n\x05usage\x18\x07 \x01(\x0b\x32\x0f.r1kit.v1.Usage\"\xb3\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\treasoning\x18\x04 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x05 \x01(\t\x12-\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x16.r1kit.v1.FinishReason\x12\x1e\n\x05usage\x18\x07 \x01(\x0b\x32\x0f.r1kit.v1.Usage*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\x96\x01\n\tGenerator\x12\x41\n\x08Generate\x12\x19.r1kit.v1.GenerateRequest\x1a\x1a.r1kit.v1.GenerateResponse\x12\x46\n\x0eGenerateStream\x12\x19.r1kit.v1.GenerateRequest\x1a\x17.r1kit.v1.GenerateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'r1kit.serve.proto.r1kit_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1045
-  _globals['_FINISHREASON']._serialized_end=1140
+  _globals['_FINISHREASON']._serialized_start=1118
+  _globals['_FINISHREASON']._serialized_end=1213
   _globals['_CHATMESSAGE']._serialized_start=43
   _globals['_CHATMESSAGE']._serialized_end=87
   _globals['_CHATPROMPT']._serialized_start=89
   _globals['_CHATPROMPT']._serialized_end=178
   _globals['_SAMPLINGOPTIONS']._serialized_start=181
-  _globals['_SAMPLINGOPTIONS']._serialized_end=446
-  _globals['_GENERATEREQUEST']._serialized_start=449
-  _globals['_GENERATEREQUEST']._serialized_end=595
-  _globals['_USAGE']._serialized_start=597
-  _globals['_USAGE']._serialized_end=676
-  _globals['_GENERATERESPONSE']._serialized_start=679
-  _globals['_GENERATERESPONSE']._serialized_end=861
-  _globals['_GENERATECHUNK']._serialized_start=864
-  _globals['_GENERATECHUNK']._serialized_end=1043
-  _globals['_GENERATOR']._serialized_start=1143
-  _globals['_GENERATOR']._serialized_end=1293
+  _globals['_SAMPLINGOPTIONS']._serialized_end=519
+  _globals['_GENERATEREQUEST']._serialized_start=522
+  _globals['_GENERATEREQUEST']._serialized_end=668
+  _globals['_USAGE']._serialized_start=670
+  _globals['_USAGE']._serialized_end=749
+  _globals['_GENERATERESPONSE']._serialized_start=752
+  _globals['_GENERATERESPONSE']._serialized_end=934
+  _globals['_GENERATECHUNK']._serialized_start=937
+  _globals['_GENERATECHUNK']._serialized_end=1116
+  _globals['_GENERATOR']._serialized_start=1216
+  _globals['_GENERATOR']._serialized_end=1366
 # @@protoc_insertion_point(module_scope)
