@@ -34,17 +34,17 @@ from r1kit.eval import eval_arithmetic, heldout_ids, perplexity
 from r1kit.tokenizer import Tokenizer
 from r1kit.train.data import KINDS
 
-ROWS: dict[str, tuple[str, dict]] = {  # row -> (method, options)
+ROWS: dict[str, tuple[str, dict]] = {  # row -> (method, options), the most telling first (a cut-short run keeps them)
     "int8": ("int8", {}),
     "int4": ("int4", {}),
-    "fp8": ("fp8", {}),
     "qat-int8": ("qat-int8", {}),
     "qat-int4": ("qat-int4", {}),
-    "prune-unstructured 50%": ("prune-unstructured", {"sparsity": 0.5}),
     "prune-2:4": ("prune-2:4", {}),
     "prune-structured": ("prune-structured", {"heads": 3, "mlp_keep": 0.75, "experts": 6}),
     "low-rank 0.95": ("low-rank", {"energy": 0.95}),
     "cluster 16": ("cluster", {"clusters": 16}),
+    "prune-unstructured 50%": ("prune-unstructured", {"sparsity": 0.5}),
+    "fp8": ("fp8", {}),
 }
 COMBINED = "prune-structured + int4"
 PROMPT, NEW = 16, 48
@@ -163,6 +163,8 @@ def main() -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="r1kit-bench-compress-") as tmp:
         root = Path(tmp)
+        onnx = None if a.no_onnx else onnx_row(src, root, prompt, a.threads)  # first: the export's verification
+        write_json(a, rows, onnx)
         for name in ["bf16 (reference)", *ROWS, COMBINED]:
             if only and name not in only and name != "bf16 (reference)":
                 continue
@@ -173,12 +175,11 @@ def main() -> None:
                 continue
             rows[name] = {**measure(folder, ids, prompt, a), "seconds": time.perf_counter() - start}
             print(f"{name}: {rows[name]['perplexity']:.2f} ppl, {rows[name]['seconds']:.0f} s", flush=True)
-            write_json(a, rows, None)  # after every row: a run cut short keeps what it measured
+            write_json(a, rows, onnx)  # after every row: a run cut short keeps what it measured
             if name != "bf16 (reference)" and a.reuse:
                 dest = Path(a.reuse) / folder.name
                 if not dest.exists():
                     shutil.copytree(folder, dest)
-        onnx = None if a.no_onnx else onnx_row(src, root, prompt, a.threads)
     print(f"\n{a.model}: perplexity over {rows['bf16 (reference)']['tokens']} held-out tokens, arithmetic n={a.n} per "
           f"kind (greedy), batch-1 decode {NEW} tokens after {PROMPT}, {a.threads} thread(s), "
           f"{time.perf_counter() - t0:.0f} s in all")
