@@ -243,7 +243,8 @@ def verify(path: str | os.PathLike, key: str | os.PathLike | None = None) -> lis
         conn.close()
     problems, chain = _verify_chain(rows)
     key_file = Path(key) if key else Path(str(path) + ".key")
-    trusted = _load_key(key_file).public_key().public_bytes_raw().hex() if key_file.is_file() else None
+    key_ = _load_key(key_file) if key_file.is_file() else None  # None too without `cryptography`
+    trusted = key_.public_key().public_bytes_raw().hex() if key_ is not None else None
     problems += _verify_checkpoints(rows, checkpoints, chain, trusted)
     return problems
 
