@@ -320,7 +320,7 @@ class R1Model:
 
     def _stream_rows(self, prompts: list[list[int]], params: SamplingParams,
                      usage: dict[str, int] | None = None, speculative: bool = False,
-                     tokens: list[list[int]] | None = None) -> Iterator[tuple[int, str]]:
+                     tokens: list[list[int]] | None = None, after_think: bool = False) -> Iterator[tuple[int, str]]:
         """(row, new text) pieces as tokens arrive; holds back text that might start a stop string."""
         stop_ids = set(self.stop_ids())
         streams = [TextStream(self.tokenizer, params.stop, stop_ids) for _ in prompts]
@@ -330,7 +330,9 @@ class R1Model:
         if speculative and not self.use_engine:
             steps = self._speculative_steps(prompts[0], params, sorted(stop_ids))
         elif self.use_engine:
-            steps = self._engine_steps(prompts, params, sorted(stop_ids), speculative)
+            steps = self._engine_steps(prompts, params, sorted(stop_ids), speculative, after_think)
+        elif params.structured is not None:
+            raise GenerationError("structured outputs run on the engine: set use_engine = True")
         else:
             steps = generate_tokens(self.model, prompts, params, sorted(stop_ids))
         for step in steps:
@@ -369,7 +371,7 @@ class R1Model:
         return self._engine
 
     def _engine_steps(self, prompts: list[list[int]], params: SamplingParams, stop_ids: list[int],
-                      speculative: bool = False) -> Iterator[list[int | None]]:
+                      speculative: bool = False, after_think: bool = False) -> Iterator[list[int | None]]:
         """generate_tokens' contract on the engine: per step, the new token of each row (None: no token this
         step; a speculative engine step that gives a row several tokens is yielded as several steps). Closing
         the iterator early aborts the unfinished requests and frees their KV blocks."""
@@ -387,7 +389,7 @@ class R1Model:
         try:
             for row, prompt in enumerate(prompts):
                 rid = f"r1model-{next(self._ids)}"
-                engine.add_request(rid, prompt, params)
+                engine.add_request(rid, prompt, params, self._guide(params.structured, after_think))
                 rows[rid] = row
             while engine.has_unfinished():
                 new: list[list[int]] = [[] for _ in prompts]
@@ -461,6 +463,8 @@ class R1Model:
         ``tools`` (OpenAI function tools, rendered by the model's chat template) and ``tool_choice`` ("auto",
         "none", "required" or ``{"type": "function", "function": {"name": ...}}``): the calls the answer makes are
         in ``reply.tool_calls`` (`r1kit.tools.ToolCall`, not made while streaming); ToolError for a bad tool.
+        ``structured`` (a grammar spec, see r1kit.structured) constrains the answer, after ``</think>`` when the
+        prompt opened ``<think>``.
         """
         parser = self._tool_parser(tools, tool_choice)
         ids = self._tok(chat=True).encode_chat(list(messages), add_generation_prompt=True, thinking=thinking,
@@ -471,14 +475,15 @@ class R1Model:
         if screening is not None and screening.refusal is not None:
             return iter([screening.refusal]) if stream else ChatReply("", screening.refusal, screening.refusal,
                                                                        len(ids), 0)
-        if stream and screening is None:
+        if stream and screening is None and sampling.get("structured") is None:
             return self.generate(input_ids=ids, stream=True, **sampling)
         speculative = sampling.pop("speculative", False)
         params = SamplingParams(**{**sampling, "stop": [sampling["stop"]] if isinstance(sampling.get("stop"), str)
                                    else sampling.get("stop") or []})
         usage: dict[str, int] = {}
         tokens: list[list[int]] = [[]]
-        pieces = self._stream_rows([ids], params, usage, speculative, tokens)
+        after_think = params.structured is not None and self.tokenizer.starts_in_reasoning(thinking)
+        pieces = self._stream_rows([ids], params, usage, speculative, tokens, after_think)
         if screening is not None:
             pieces = screening.shield_rows(pieces, 1)
         if stream:
@@ -491,13 +496,14 @@ class R1Model:
         content, calls = found if found is not None else (content, [])
         return ChatReply(reasoning, content, text, usage["prompt_tokens"], usage["completion_tokens"], calls)
 
-    def _guide(self, spec: dict | None) -> Guide | None:
-        """A grammar guide for a structured-output spec (the factory is built on first use); None without one."""
+    def _guide(self, spec: dict | None, after_think: bool = False) -> Guide | None:
+        """A grammar guide for a structured-output spec (the factory is built on first use), applied after the
+        model's </think> with ``after_think``; None without a spec."""
         if spec is None:
             return None
         if self._guides is None:
             self._guides = GuideFactory(self._tok(), self.config.vocab_size, self.stop_ids())
-        return self._guides.new(spec)
+        return self._guides.new(spec, self._tok().token_to_id("</think>") if after_think else None)
 
     def _tool_parser(self, tools: Sequence[dict[str, Any]] | None, tool_choice: Any) -> ToolCallParser | None:
         """The tool-call parser of a chat with these tools (None without); ToolError for a bad tool or choice."""

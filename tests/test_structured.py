@@ -127,6 +127,13 @@ def test_python_api_complete_structured(nano) -> None:
     out = nano.complete("Colour: ", max_new_tokens=8, temperature=1.0, seed=0,
                         structured={"type": "choice", "choices": ["red", "green"]})
     assert out.text in ("red", "green") and out.finish_reason == "stop"
+    choice = {"type": "choice", "choices": ["left", "right"]}
+    reply = nano.chat([{"role": "user", "content": "Pick"}], thinking=False, structured=choice, max_new_tokens=8,
+                      temperature=1.0, seed=0)
+    assert reply.content in ("left", "right")
+    streamed = "".join(nano.chat([{"role": "user", "content": "Pick"}], thinking=False, structured=choice,
+                                 max_new_tokens=8, temperature=1.0, seed=0, stream=True))
+    assert streamed.strip() in ("left", "right")
 
 
 def test_bad_spec_shapes_are_generation_errors() -> None:
