@@ -2,6 +2,8 @@
 
     python benchmarks/bench_finetune.py [--json runs/bench_finetune.json] [--steps 60] [--n 40]
     python benchmarks/bench_finetune.py --memory-only --device cuda --preset r1-distill-qwen-1.5b   # on a GPU
+    python benchmarks/bench_finetune.py --memory-only --preset r1-distill-qwen-1.5b \
+        --override num_layers=8,vocab_size=8192                                  # CPU: a model big enough to see
 
 Task: r1kit/nano is weakest at 3-digit subtraction among the kinds it reaches (sub3); both methods fine-tune it
 on the same chat JSONL of training sub3 conversations (the reasoning as ``reasoning_content``) for the same
@@ -59,6 +61,30 @@ def run_child(args: list[str]) -> dict:
     return result
 
 
+class RssPeak:
+    """The highest resident set size (MiB) of this process while the block runs, sampled every 2 ms from
+    /proc/self/statm (ru_maxrss cannot be reset: it would include building the model before quantizing it)."""
+
+    def __enter__(self) -> RssPeak:
+        import threading
+
+        self.peak, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stop.is_set():
+            with open("/proc/self/statm") as f:
+                self.peak = max(self.peak, int(f.read().split()[1]) * page / 2**20)
+            self._stop.wait(0.002)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def _tensor_bytes(model) -> int:
     seen = {}
     for t in [*model.parameters(), *model.buffers()]:
@@ -66,7 +92,7 @@ def _tensor_bytes(model) -> int:
     return sum(seen.values())
 
 
-def child_train(method: str, data: str, out: str, steps: int, n: int, device: str) -> dict:
+def child_train(method: str, data: str, out: str, steps: int, n: int, device: str, batch_size: int) -> dict:
     """Fine-tune nano by `method` ("lora" | "full" | "base" = no training), then evaluate held-out accuracy."""
     import torch
 
@@ -80,7 +106,8 @@ def child_train(method: str, data: str, out: str, steps: int, n: int, device: st
     result: dict = {"method": method}
     if method != "base":
         precision = "bf16" if device.startswith("cuda") else "fp32"  # fp32: CPUs without native bf16 are ~3x slower
-        flags = dict(COMMON, max_steps=steps, learning_rate=LEARNING_RATES[method], precision=precision)
+        flags = dict(COMMON, max_steps=steps, learning_rate=LEARNING_RATES[method], precision=precision,
+                     batch_size=batch_size)
         t0 = time.perf_counter()
         if method == "lora":
             summary = finetune(BASE, data, out, progress=False, device=device, validation_fraction=0.02, **flags)
@@ -113,8 +140,9 @@ def child_train(method: str, data: str, out: str, steps: int, n: int, device: st
     return result
 
 
-def child_memory(method: str, device: str, preset_name: str | None, steps: int) -> dict:
-    """A few LoRA steps on a base held bf16 ("lora-bf16") or quantized ("qlora-int8|int4|nf4"); memory figures."""
+def child_memory(method: str, device: str, preset_name: str | None, steps: int, overrides: str = "") -> dict:
+    """A few LoRA steps on a base held in full precision ("lora": bf16 on CUDA, fp32 on CPU, whose bf16 matmuls
+    are emulated and ~20x slower here) or quantized ("qlora-int8|int4|nf4"); memory figures."""
     import torch
 
     from r1kit.checkpoint import load_model
@@ -124,15 +152,17 @@ def child_memory(method: str, device: str, preset_name: str | None, steps: int) 
 
     torch.set_num_threads(2)
     dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     if preset_name:  # random weights, drawn on the device (values do not matter for memory)
+        fields = {k: int(v) for k, v in (kv.split("=") for kv in overrides.split(",") if kv)}
         with torch.device(dev):
-            model = Transformer(preset(preset_name)).to(torch.bfloat16)
+            model = Transformer(preset(preset_name, **fields)).to(dtype)
         with torch.no_grad():
             for t in model.parameters():
                 t.normal_(0, 0.02)
     else:
-        model = load_model(ROOT / BASE, dev, torch.bfloat16)
-    if method != "lora-bf16":
+        model = load_model(ROOT / BASE, dev, dtype)
+    if method != "lora":
         quantize_base(model, method.removeprefix("qlora-"))
     inject_lora(model, LoRAConfig(r=8))
     params = mark_only_lora_trainable(model)
@@ -140,26 +170,28 @@ def child_memory(method: str, device: str, preset_name: str | None, steps: int) 
     base_bytes = _tensor_bytes(model) - sum(p.numel() * p.element_size() for p in params)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    vocab = model.config.vocab_size
+    vocab, shape = model.config.vocab_size, (4, 257) if dev.type == "cuda" else (1, 65)
     t0 = None
-    for i in range(steps + 1):
-        if i == 1:
-            t0 = time.perf_counter()
-        ids = torch.randint(0, vocab, (4, 257), device=dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
-            loss = model.loss(ids[:, :-1], ids[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    with RssPeak() as rss:
+        for i in range(steps + 1):
+            if i == 1:
+                t0 = time.perf_counter()
+            ids = torch.randint(0, vocab, shape, device=dev)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                loss = model.loss(ids[:, :-1], ids[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    result = {"method": method, "model": preset_name or BASE, "device": device,
+    result = {"method": method, "model": preset_name or BASE, "device": device, "tokens_per_step": shape[0] * shape[1],
+              "overrides": overrides,
               "base_MiB": round(base_bytes / 2**20, 1), "adapter_params": sum(p.numel() for p in params),
               "s_per_step": round((time.perf_counter() - t0) / steps, 3)}
     if dev.type == "cuda":
         result["cuda_peak_MiB"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     else:
-        result["train_peak_rss_MiB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        result["train_peak_rss_MiB"] = round(rss.peak, 1)  # during the training steps only
     return result
 
 
@@ -173,10 +205,10 @@ def print_tables(train_runs: list[dict], memory_runs: list[dict]) -> None:
                   f"  {r.get('s_per_step', '-'):>6}  {r.get('final_val_loss', float('nan')):>8.4f}"
                   f"  {r['accuracy']['sub3']:>8.3f}  {r['accuracy']['add2']:>8.3f}")
     if memory_runs:
-        print("\nbase held   model            base MiB  adapter params  peak MiB (what)           s/step")
+        print("\nbase held   model            base MiB  adapter params  peak MiB (what)             s/step")
         for r in memory_runs:
             peak = (f"{r['cuda_peak_MiB']} (cuda allocated)" if "cuda_peak_MiB" in r
-                    else f"{r['train_peak_rss_MiB']} (process RSS)")
+                    else f"{r['train_peak_rss_MiB']} (RSS during steps)")
             print(f"{r['method']:<10}  {r['model']:<15}  {r['base_MiB']:>8}  {r['adapter_params']:>14,}  {peak:<24}"
                   f"  {r['s_per_step']}")
 
@@ -186,16 +218,21 @@ def main() -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--n", type=int, default=40, help="held-out problems per kind")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences of 256 tokens per step")
     p.add_argument("--memory-only", action="store_true")
+    p.add_argument("--no-memory", action="store_true", help="only the LoRA vs full fine-tuning runs")
+    p.add_argument("--methods", default="base,lora,full", help="which of base, lora, full to run")
     p.add_argument("--device", default="cpu", help="cpu or cuda: training, evaluation and memory runs")
     p.add_argument("--preset", default=None, help="memory runs on a random model of this preset (default: nano)")
+    p.add_argument("--override", default="", help="with --preset: ModelConfig fields, e.g. num_layers=8")
     p.add_argument("--work", default="runs/bench_finetune")
     p.add_argument("--child", nargs="+", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         kind, *rest = a.child
-        result = (child_train(rest[0], rest[1], rest[2], int(rest[3]), int(rest[4]), rest[5]) if kind == "train"
-                  else child_memory(rest[0], rest[1], rest[2] or None, int(rest[3])))
+        result = (child_train(rest[0], rest[1], rest[2], int(rest[3]), int(rest[4]), rest[5], int(rest[6]))
+                  if kind == "train"
+                  else child_memory(rest[0], rest[1], rest[2] or None, int(rest[3]), rest[4]))
         print(json.dumps(result))
         return
     work = Path(a.work)
@@ -203,18 +240,18 @@ def main() -> None:
     train_runs = []
     if not a.memory_only:
         data = write_task(work / "sub3.jsonl")
-        for method in ("base", "lora", "full"):
+        for method in a.methods.split(","):
             out = work / method
             if out.exists():
                 import shutil
 
                 shutil.rmtree(out)
             train_runs.append(run_child(["--child", "train", method, str(data), str(out), str(a.steps), str(a.n),
-                                         a.device]))
+                                         a.device, str(a.batch_size)]))
             print(json.dumps(train_runs[-1]), flush=True)
     memory_runs = []
-    for method in ("lora-bf16", "qlora-int8", "qlora-int4", "qlora-nf4"):
-        memory_runs.append(run_child(["--child", "memory", method, a.device, a.preset or "", "3"]))
+    for method in () if a.no_memory else ("lora", "qlora-int8", "qlora-int4", "qlora-nf4"):
+        memory_runs.append(run_child(["--child", "memory", method, a.device, a.preset or "", "3", a.override]))
         print(json.dumps(memory_runs[-1]), flush=True)
     print_tables(train_runs, memory_runs)
     if a.json:
