@@ -48,6 +48,6 @@ def export_tflite(src: str | Path, out: str | Path, sequence: int = TFLITE_SEQUE
     edge.export(str(file))
     with torch.no_grad():
         ref = model(ids).numpy()
-    got = edge(ids)
+    got = edge(ids.to(torch.int32))  # the converted graph takes int32 token ids (LiteRT has no int64 inputs here)
     err = float(abs(got - ref).max() / abs(ref).max())
     return {"tflite": str(file), "bytes": file.stat().st_size, "sequence": sequence, "max_rel_error": err}
