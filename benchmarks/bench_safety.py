@@ -473,6 +473,38 @@ def measure_benign_text(docs: list[str]) -> dict:
             "redacted_examples": {k: sorted(set(v))[:5] for k, v in sorted(found.items())}}
 
 
+def measure_components(tmp: Path, n: int = 200) -> dict:
+    """CPU time (this thread's, so other load on the machine does not count) of the shield's work for one HTTP
+    request: screening a 400-character prompt, redacting a one-token answer, one audit append (done by the
+    writer thread, batched)."""
+    from r1kit.safety import SafetyConfig, Shield
+
+    cfg = SafetyConfig.from_yaml("configs/safety.yaml")
+    cfg.audit.db = str(tmp / "components.db")
+    shield = Shield(cfg)
+    screening = shield.screen([HTTP_PROMPT], request_id="x", model="m", params={"max_tokens": 1})
+    row = {"request_id": "x", "prompt": HTTP_PROMPT, "response": "Lisbon", "verdict": screening.verdict.to_dict()}
+
+    def cpu_ms(work, repeats: int = n, per: int = 1) -> float:
+        spent = []
+        for _ in range(repeats):
+            c0 = time.thread_time()
+            work()
+            spent.append((time.thread_time() - c0) / per)
+        return round(statistics.median(spent) * 1e3, 4)
+
+    out = {"screen_ms": cpu_ms(lambda: shield.screen([HTTP_PROMPT], request_id="x", model="m")),
+           "redact_one_token_answer_ms": cpu_ms(lambda: screening.stream().push("Lisbon", final=True)),
+           "audit_append_batched_ms": cpu_ms(lambda: shield.audit.append_many([row] * 10), n // 10, 10)}
+    shield.close()
+    out["total_ms"] = round(sum(out.values()), 4)
+    return out
+
+
+HTTP_PROMPT = ("I am planning a trip to Lisbon in May with two friends. We like food, museums and walking. Could "
+               "you suggest a three-day plan with one day trip, and tell me what the weather is usually like? ") * 2
+
+
 def measure_http(requests: int, tmp: Path) -> dict:
     """Latency of one-token chat requests through the HTTP server (r1kit/nano, fp32, one thread) with the shield
     off, on (configs/safety.yaml), and on with the audit log; the servers run side by side and the requests
@@ -491,11 +523,10 @@ def measure_http(requests: int, tmp: Path) -> dict:
     audited = SafetyConfig.from_yaml("configs/safety.yaml")
     audited.audit.db = str(tmp / "bench_audit.db")
     shields = {"off": None, "on": Shield(SafetyConfig.from_yaml("configs/safety.yaml")), "on+audit": Shield(audited)}
-    prompt = ("I am planning a trip to Lisbon in May with two friends. We like food, museums and walking. Could "
-              "you suggest a three-day plan with one day trip, and tell me what the weather is usually like? ") * 2
-    body = json.dumps({"model": "r1kit/nano", "messages": [{"role": "user", "content": prompt}], "max_tokens": 1,
+    body = json.dumps({"model": "r1kit/nano", "messages": [{"role": "user", "content": HTTP_PROMPT}], "max_tokens": 1,
                        "temperature": 0})
     times: dict[str, list[float]] = {k: [] for k in shields}
+    cpu: dict[str, list[float]] = {k: [] for k in shields}  # process CPU (server and client share the process)
     with contextlib.ExitStack() as stack:
         conns = {}
         for name, shield in shields.items():
@@ -506,23 +537,28 @@ def measure_http(requests: int, tmp: Path) -> dict:
             conns[name] = http.client.HTTPConnection(base.removeprefix("http://"), timeout=60)
         for i in range(requests + 10):
             for name, conn in conns.items():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
                 reply = conn.getresponse()
                 reply.read()
                 assert reply.status == 200, reply.status
                 if i >= 10:  # warm-up
                     times[name].append(time.perf_counter() - t0)
+                    cpu[name].append(time.process_time() - c0)
     for shield in shields.values():
         if shield is not None:
             shield.close()
-    out = {k: {"p50_ms": round(_pct(v, 0.5) * 1e3, 3), "p99_ms": round(_pct(v, 0.99) * 1e3, 3)}
+    out = {k: {"p50_ms": round(_pct(v, 0.5) * 1e3, 3), "p99_ms": round(_pct(v, 0.99) * 1e3, 3),
+               "cpu_p50_ms": round(_pct(cpu[k], 0.5) * 1e3, 3), "cpu_mean_ms": round(statistics.mean(cpu[k]) * 1e3, 3)}
            for k, v in times.items()}
     for k in ("on", "on+audit"):
         out[k]["added_p50_ms"] = round(out[k]["p50_ms"] - out["off"]["p50_ms"], 3)
         out[k]["added_p99_ms"] = round(out[k]["p99_ms"] - out["off"]["p99_ms"], 3)
         paired = [a - b for a, b in zip(times[k], times["off"], strict=True)]  # the same round: drift cancels
         out[k]["added_paired_median_ms"] = round(statistics.median(paired) * 1e3, 3)
+        paired_cpu = [a - b for a, b in zip(cpu[k], cpu["off"], strict=True)]
+        out[k]["added_cpu_paired_median_ms"] = round(statistics.median(paired_cpu) * 1e3, 3)
+        out[k]["added_cpu_mean_ms"] = round(statistics.mean(paired_cpu) * 1e3, 3)
     out["requests"] = requests
     return out
 
@@ -550,13 +586,18 @@ def report(result: dict) -> None:
     b = result["benign_text"]
     print(f"\n== stdlib docstrings ({b['docstrings']}): input blocked {b['input_blocked']} "
           f"({b['input_blocked_rate']:.2%}); items redacted {b['redacted_items']}")
+    c = result["components"]
+    print(f"\n== shield CPU per HTTP request (ms): screen a 400-character prompt {c['screen_ms']}, redact a one-token "
+          f"answer {c['redact_one_token_answer_ms']}, audit append {c['audit_append_batched_ms']} (writer thread); "
+          f"total {c['total_ms']}")
     if "http" in result:
         h = result["http"]
         print(f"\n== HTTP, one-token chat requests (n={h['requests']} each), ms")
         for k in ("off", "on", "on+audit"):
-            added = (f"   added p50 {h[k]['added_p50_ms']}, p99 {h[k]['added_p99_ms']}, median of paired "
-                     f"differences {h[k]['added_paired_median_ms']}" if k != "off" else "")
-            print(f"  {k:9s} p50 {h[k]['p50_ms']}  p99 {h[k]['p99_ms']}{added}")
+            added = (f"\n            added: wall p50 {h[k]['added_p50_ms']}, p99 {h[k]['added_p99_ms']}, median of "
+                     f"paired differences {h[k]['added_paired_median_ms']}; CPU median of paired differences "
+                     f"{h[k]['added_cpu_paired_median_ms']}, mean {h[k]['added_cpu_mean_ms']}" if k != "off" else "")
+            print(f"  {k:9s} wall p50 {h[k]['p50_ms']}  p99 {h[k]['p99_ms']}; CPU p50 {h[k]['cpu_p50_ms']}{added}")
 
 
 def main() -> None:
@@ -581,8 +622,9 @@ def main() -> None:
     result = {"redteam": measure_redteam(read_jsonl(REDTEAM), judge), "judge": a.judge,
               "pii": measure_pii(pii), "peer": measure_peer(pii, a.peer_python),
               "benign_text": measure_benign_text(stdlib_docstrings(a.docstrings))}
-    if a.http_requests:
-        with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
+        result["components"] = measure_components(Path(tmp))
+        if a.http_requests:
             result["http"] = measure_http(a.http_requests, Path(tmp))
     report(result)
     if a.json:
