@@ -6,6 +6,8 @@ r1kit extra: it pins its own torch and pulls TensorFlow).
 When the converter is missing, or fails on the model, the command says so in one line (see ``export_tflite``).
 The model is made exportable exactly as for ONNX (``r1kit.export.onnx.make_exportable``) and converted for a
 fixed input shape [1, sequence] (TFLite graphs are static); ``ai-edge-litert``'s interpreter checks the logits.
+Tried here (litert-torch 0.10, ai-edge-litert 2.3.0): a dense Llama-shaped model converts and matches r1kit to
+3e-7; an MoE model converts but the interpreter cannot load it (the router's top-k becomes STABLEHLO_SORT).
 """
 
 from __future__ import annotations
