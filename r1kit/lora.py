@@ -237,8 +237,9 @@ class LoRAExperts(nn.Module):
         return torch._grouped_mm(h, b.to(xs.dtype).transpose(1, 2), offs=ends) * self.scaling[name]  # (P, out)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Grouped dispatch of base + adapter. x (N, C), weights/idx (N, k) -> (N, C)."""
         name = self.active
-        if name is None or self.merged == name:
+        if name is None or self.merged == name or idx.shape[0] == 0:
             return self.base_layer(x, weights, idx)
         if self.reference:
             return self.forward_reference(x, weights, idx)
