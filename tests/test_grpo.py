@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from r1kit.train.config import TrainConfigError
+from r1kit.train.config import TrainConfig, TrainConfigError
 from r1kit.train.grpo import group_advantages, grpo_loss, micro_batches, train_grpo
 from r1kit.train.rewards import Prompt
 from r1kit.train.rl_config import GRPOConfig
@@ -145,6 +145,9 @@ def test_config_validation_and_recipe():
     cfg = GRPOConfig.from_yaml("configs/grpo-nano.yaml")
     assert cfg.prompts_per_step * cfg.num_generations == cfg.generation_batch_size
     assert cfg.reward_funcs == ["accuracy", "format"]
+    rs = GRPOConfig.from_yaml("configs/rs-nano.yaml")
+    sft = TrainConfig.from_yaml("configs/rs-nano-sft.yaml")
+    assert sft.data.chat_jsonl == f"{rs.out_dir}/samples.jsonl" and sft.init_from == rs.init_from
 
 
 # ---------------------------------------------------------------------------------------------------- rollouts
@@ -267,3 +270,14 @@ def test_rejection_sampling_keeps_verified_shortest_and_writes_sft_format():
     example = encode_conversation(json.loads(chat_line(problem.question, right))["messages"], tok)
     ids, mask = chat_example(problem, tok)  # the SFT stage's own encoding of this problem
     assert list(example.ids) == ids and [int(m) for m in example.loss_mask] == mask
+
+
+def test_cli_rl_refuses_bad_recipes(tmp_path, capsys):
+    from r1kit.__main__ import main
+
+    for text, message in (("num_generation: 8\n", "unknown key(s) ['num_generation']"),
+                          ("num_generations: 1\n", "num_generations = 1: must be >= 2"),
+                          ("task: prompts.txt\n", "task = 'prompts.txt'")):
+        (tmp_path / "r.yaml").write_text(text)
+        assert main(["rl", "--config", str(tmp_path / "r.yaml")]) == 2
+        assert message in capsys.readouterr().err
