@@ -1,6 +1,12 @@
 """Package finished training runs as the bundled model r1kit/nano, with its measured card.
 
     python scripts/package_nano.py runs/nano runs/nano-sft [--n 200]
+    python scripts/package_nano.py --rl runs/nano-grpo --base runs/nano-before-rl [--n 200]
+
+The second form adds the RL stage (configs/grpo-nano.yaml, `r1kit rl`) on top of the packaged SFT model `--base`
+(a copy of r1kit/nano taken before RL, whose training_summary.json holds stages 1-2 and their evaluation): it
+copies the RL run's final model, keeps the stage 1-2 loss plot, adds the RL curves (rl.png), evaluates the result
+the same way and writes the card with every kind and the perplexity before and after RL.
 
 The runs are the stages in order (configs/nano.yaml, then configs/nano-sft.yaml). Copies the last stage's
 final checkpoint (config, bf16 safetensors, tokenizer) into r1kit/nano/, plots the loss curves of all
@@ -22,17 +28,26 @@ from r1kit.api import BUNDLED_DIR, R1Model
 from r1kit.eval import eval_arithmetic, eval_perplexity
 from r1kit.model.config import format_count
 from r1kit.train.data import KINDS
-from r1kit.train.plots import plot_metrics
+from r1kit.train.plots import plot_metrics, plot_rl_metrics
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", type=Path, nargs="+", help="the training runs, stage by stage")
+    ap.add_argument("runs", type=Path, nargs="*", help="the training runs, stage by stage")
     ap.add_argument("--n", type=int, default=200, help="held-out problems per arithmetic kind")
     ap.add_argument("--out", type=Path, default=BUNDLED_DIR / "nano")
+    ap.add_argument("--rl", type=Path, default=None, help="the GRPO run (r1kit rl) to package on top of --base")
+    ap.add_argument("--base", type=Path, default=None, help="with --rl: the packaged model RL started from")
     a = ap.parse_args()
+    if a.rl is not None:
+        if a.base is None:
+            sys.exit("--rl needs --base (the packaged model the RL run started from)")
+        package_rl(a.rl, a.base, a.out, a.n)
+        return
+    if not a.runs:
+        sys.exit("give the training runs stage by stage, or --rl RUN --base FOLDER")
     final = a.runs[-1] / "final"
     missing = [f for f in FILES if not (final / f).is_file()]
     if missing:
@@ -120,6 +135,123 @@ Reproduce: `r1kit train --config configs/nano.yaml --out-dir runs/nano`, then
 It is a toy for trying the stack end to end, not a general assistant.
 """)
     print(json.dumps(summary["eval"], indent=2))
+
+
+def copy_final(final: Path, out: Path) -> None:
+    missing = [f for f in FILES if not (final / f).is_file()]
+    if missing:
+        sys.exit(f"{final}: missing {missing}; did the run finish?")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in FILES:
+        shutil.copy2(final / f, out / f)
+
+
+def rl_stage(run: Path) -> dict:
+    """The RL run's figures from its metrics.jsonl and config.json: steps, rollout tokens, time, curve ends."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    cfg = json.loads((run / "config.json").read_text())
+    first, last = rows[:10], rows[-10:]
+
+    def mean(rs: list, key: str) -> float:
+        return round(sum(r[key] for r in rs) / len(rs), 4)
+
+    return {"run": str(run), "recipe": "configs/grpo-nano.yaml", "steps": rows[-1]["step"],
+            "completions": rows[-1]["step"] * cfg["generation_batch_size"],
+            "rollout_tokens": sum(r["tokens"] for r in rows), "step_time_s": round(rows[-1]["elapsed_s"]),
+            "rollout_time_s": round(sum(r["rollout_s"] for r in rows)),
+            "reward_first10": mean(first, "reward"), "reward_last10": mean(last, "reward"),
+            "accuracy_first10": mean(first, "accuracy"), "accuracy_last10": mean(last, "accuracy"),
+            "config": {k: cfg[k] for k in ("num_generations", "generation_batch_size", "learning_rate", "beta",
+                                           "epsilon", "epsilon_high", "loss_type", "scale_rewards", "temperature",
+                                           "reward_funcs", "reward_weights", "arithmetic_kinds")}}
+
+
+def package_rl(run: Path, base: Path, out: Path, n: int) -> None:
+    """Bundle the GRPO run's final model on top of `base` (see the module doc)."""
+    before = json.loads((base / "training_summary.json").read_text())
+    copy_final(run / "final", out)
+    if (base / "loss.png").resolve() != (out / "loss.png").resolve():
+        shutil.copy2(base / "loss.png", out / "loss.png")
+    plot_rl_metrics(run / "metrics.jsonl", out / "rl.png")
+    model = R1Model.from_pretrained(out, device="cpu", dtype="fp32")
+    arithmetic = eval_arithmetic(model, list(KINDS), n=n)
+    ppl = eval_perplexity(model)
+    stage = rl_stage(run)
+    summary = {**before, "recipe": [*before["recipe"], stage["recipe"]],
+               "stages": [*before["stages"], {k: v for k, v in stage.items() if k != "config"}],
+               "rl": stage,
+               "eval_before_rl": before["eval"],
+               "eval": {**before["eval"], "arithmetic": arithmetic["accuracy"], "arithmetic_n_per_kind": n,
+                        "stdlib_perplexity": round(ppl["perplexity"], 3), "perplexity_tokens": ppl["tokens"]},
+               "examples": arithmetic["examples"][::3]}
+    (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "README.md").write_text(rl_card(summary))
+    print(json.dumps({"before": before["eval"], "after": summary["eval"]}, indent=2))
+
+
+def rl_card(s: dict) -> str:
+    """The model card of the SFT + RL model: stages, before/after table, curves, recipe."""
+    rl, b, e = s["rl"], s["eval_before_rl"], s["eval"]
+    rows = "\n".join(f"| {k} | {b['arithmetic'][k]:.1%} | {v:.1%} | {v - b['arithmetic'][k]:+.1%} |"
+                     for k, v in e["arithmetic"].items())
+    ex = s["examples"][0]
+    c = rl["config"]
+    return f"""# r1kit/nano
+
+The model r1kit bundles: a DeepSeek-V3-shaped MoE in miniature, trained from scratch by r1kit's own recipes
+on a {s['machine']} machine (2 cores), in three stages as DeepSeek-R1 was post-trained:
+
+1. **Pretraining** (`configs/nano.yaml`, {s['stages'][0]['steps']} steps, {s['stages'][0]['tokens'] / 1e6:.1f}M tokens):
+   the Python {s['stdlib_of_python']} standard library's source and generated arithmetic problems answered in
+   the R1 format, with step-by-step `<think>` traces.
+2. **SFT** (`configs/nano-sft.yaml`, {s['stages'][1]['steps']} steps, {s['stages'][1]['tokens'] / 1e6:.1f}M tokens):
+   loss on the assistant tokens, more weight on the kinds stage 1 got wrong most. Stages 1-2 took
+   {s['train_time_s'] / 60:.0f} minutes of training steps; final train loss {s['final_train_loss']}, validation
+   loss {s['final_val_loss']} (loss.png).
+3. **RL: GRPO with verifiable rewards** (`configs/grpo-nano.yaml`, `r1kit rl`): {rl['steps']} steps of
+   {c['generation_batch_size'] // c['num_generations']} training problems x {c['num_generations']} sampled
+   completions ({rl['completions']} completions, {rl['rollout_tokens'] / 1e6:.2f}M generated tokens) through
+   r1kit's engine at temperature {c['temperature']}; rewards {c['reward_funcs']} with weights
+   {c['reward_weights']} (accuracy: the integer after `</think>` equals the answer; format: one think block,
+   then a non-empty answer); loss `{c['loss_type']}`, epsilon {c['epsilon']} / {c['epsilon_high']}, beta
+   {c['beta']}, learning rate {c['learning_rate']}; prompt mix {c['arithmetic_kinds']} (training problems only).
+   {rl['step_time_s'] / 60:.0f} minutes of steps ({rl['rollout_time_s'] / 60:.0f} of them generating). Mean
+   reward of the first / last 10 steps: {rl['reward_first10']} / {rl['reward_last10']}; sampled accuracy
+   {rl['accuracy_first10']:.1%} / {rl['accuracy_last10']:.1%} (rl.png).
+
+Architecture: MLA attention, 1 shared + 8 routed experts (top-2, sigmoid scores, group-limited routing,
+auxiliary-loss-free balancing, kept on during RL), one multi-token-prediction depth (not trained by RL);
+{format_count(s['params_total'])} parameters, {format_count(s['params_active'])} active per token; bf16 safetensors.
+Held-out problems never appear in any stage.
+
+## Held-out evaluation (greedy, {e['arithmetic_n_per_kind']} problems per kind, fp32)
+
+| kind | after SFT | after RL | change |
+|---|---:|---:|---:|
+{rows}
+
+Perplexity on held-out standard-library code: {b['stdlib_perplexity']} after SFT, {e['stdlib_perplexity']}
+after RL ({e['perplexity_tokens']} tokens scored in {e['perplexity_windows']} windows of
+{e['perplexity_window']} spread evenly over all {e['perplexity_of_tokens']} held-out tokens;
+`r1kit eval r1kit/nano --task perplexity`, defined in r1kit/eval).
+
+![RL curves](rl.png)
+
+Example ({ex['question']}):
+```
+<think>
+{ex['reasoning']}
+</think>
+{ex['answer']}
+```
+
+Reproduce: `r1kit train --config configs/nano.yaml --out-dir runs/nano`, then
+`r1kit train --config configs/nano-sft.yaml --out-dir runs/nano-sft`, then
+`python scripts/package_nano.py runs/nano runs/nano-sft`, then `cp -r r1kit/nano runs/nano-before-rl`,
+`r1kit rl --config configs/grpo-nano.yaml --out-dir runs/nano-grpo` and
+`python scripts/package_nano.py --rl runs/nano-grpo --base runs/nano-before-rl`.
+It is a toy for trying the stack end to end, not a general assistant.
+"""
 
 
 if __name__ == "__main__":
