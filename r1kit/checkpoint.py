@@ -31,6 +31,7 @@ from r1kit.model.config import ConfigError, ModelConfig, rope_type
 from r1kit.model.transformer import FP32_TENSORS, Transformer
 from r1kit.quant import checkpoint as quant_checkpoint
 from r1kit.quant import quantize_model
+from r1kit.quant.compressed import swap_structure
 
 log = logging.getLogger("r1kit")
 
@@ -354,7 +355,6 @@ def _compressed_structure(model: Transformer, path: Path) -> dict[str, torch.dty
     record = model.config.extra["hf_config"].get("compression")
     if not isinstance(record, dict) or not record.get("structure"):
         return {}
-    from r1kit.compress.modules import swap_structure  # here: r1kit.compress's driver imports this module
 
     swap_structure(model, record, str(path / "config.json"))
     return quant_checkpoint.quantized_tensors(model)

@@ -13,7 +13,7 @@ import torch
 
 from r1kit.checkpoint import load_model, save_model
 from r1kit.compress import CompressError, compress, lowrank, prune, structured
-from r1kit.compress.modules import ClusteredLinear, LowRankLinear
+from r1kit.quant.compressed import ClusteredLinear, LowRankLinear
 
 NANO = Path(__file__).resolve().parents[1] / "r1kit" / "nano"
 

@@ -19,8 +19,8 @@ import math
 import torch
 from torch import nn
 
-from r1kit.compress.modules import CLUSTER_LEVELS, ClusteredLinear, LowRankLinear, set_module
 from r1kit.model.attention import MLAttention
+from r1kit.quant.compressed import CLUSTER_LEVELS, ClusteredLinear, LowRankLinear, set_module
 
 
 def factorable(model: nn.Module) -> dict[str, nn.Linear]:
