@@ -53,7 +53,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from r1kit.fileio import atomic_write
-from r1kit.model.moe import Experts
+from r1kit.model.moe import Experts, experts_loop
 from r1kit.quant.experts import QuantizedExperts
 from r1kit.quant.linear import QuantizedLinear
 
@@ -268,13 +268,7 @@ class LoRAExperts(nn.Module):
             gu = gu + self.delta_weight(self.active, "gate_up_proj")
             dn = dn + self.delta_weight(self.active, "down_proj")
         gu, dn = gu.to(x.dtype), dn.to(x.dtype)
-        out = torch.zeros_like(x)
-        for n in range(x.shape[0]):
-            for j in range(idx.shape[1]):
-                e = int(idx[n, j])
-                gate, up = F.linear(x[n], gu[e]).split(self.hidden)
-                out[n] += weights[n, j].to(x.dtype) * F.linear(F.silu(gate) * up, dn[e])
-        return out
+        return experts_loop(x, weights, idx, gu, dn, self.hidden)
 
     def extra_repr(self) -> str:
         ranks = {n: p["gate_up_proj"].shape[1] for n, p in self.lora_A.items()}

@@ -29,7 +29,7 @@ from r1kit.fileio import atomic_folder
 from r1kit.model.transformer import Transformer
 from r1kit.quant import quantize_model
 from r1kit.quant.qat import convert_qat, prepare_qat
-from r1kit.train.config import _build
+from r1kit.train.config import build_dataclass
 
 log = logging.getLogger("r1kit.compress")
 DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "nano-sft.yaml"
@@ -240,7 +240,7 @@ def parse_options(method: str, options: dict[str, Any]) -> Any:
         raise CompressError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
     cls = METHODS[method][0]
     try:
-        return _build(cls, options, f"--method {method} options")
+        return build_dataclass(cls, options, f"--method {method} options")
     except CompressError as e:
         raise CompressError(f"--method {method}: {e}") from None
     except ValueError as e:

@@ -139,13 +139,20 @@ class Experts(nn.Module):
 
     def forward_reference(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The plain loop over tokens and their k experts (the definition the fast path must match)."""
-        out = torch.zeros_like(x)
-        for n in range(x.shape[0]):
-            for j in range(idx.shape[1]):
-                e = int(idx[n, j])
-                gate, up = F.linear(x[n], self.gate_up_proj[e]).split(self.hidden)
-                out[n] += weights[n, j].to(x.dtype) * F.linear(F.silu(gate) * up, self.down_proj[e])
-        return out
+        return experts_loop(x, weights, idx, self.gate_up_proj, self.down_proj, self.hidden)
+
+
+def experts_loop(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up: torch.Tensor,
+                 down: torch.Tensor, hidden: int) -> torch.Tensor:
+    """The reference SwiGLU experts: x (N, C), weights/idx (N, k), gate_up (E, 2H, C), down (E, C, H) -> (N, C),
+    one token and one expert at a time. Every grouped/quantized/adapted expert path is tested against it."""
+    out = torch.zeros_like(x)
+    for n in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            e = int(idx[n, j])
+            gate, up = F.linear(x[n], gate_up[e]).split(hidden)
+            out[n] += weights[n, j].to(x.dtype) * F.linear(F.silu(gate) * up, down[e])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- balancing aids

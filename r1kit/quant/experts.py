@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1kit import kernels
-from r1kit.model.moe import dispatch_active
+from r1kit.model.moe import dispatch_active, experts_loop
 from r1kit.quant.formats import (
     FP8_DTYPE,
     INT4_GROUP_SIZES,
@@ -213,13 +213,7 @@ class QuantizedExperts(nn.Module):
     def forward_reference(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Dequantize every expert, then the plain loop over tokens and their k experts."""
         gu, dn = self.dequantize(x.dtype)
-        out = torch.zeros_like(x)
-        for n in range(x.shape[0]):
-            for j in range(idx.shape[1]):
-                e = int(idx[n, j])
-                gate, up = F.linear(x[n], gu[e]).split(self.hidden)
-                out[n] += weights[n, j].to(x.dtype) * F.linear(F.silu(gate) * up, dn[e])
-        return out
+        return experts_loop(x, weights, idx, gu, dn, self.hidden)
 
     def extra_repr(self) -> str:
         extra = f", group_size={self.group_size}" if self.group_size else ""

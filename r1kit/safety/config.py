@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 INPUT_DETECTORS = ("injection", "jailbreak", "extraction", "obfuscation", "unicode", "secrets", "length",
                    "repetition", "deny")
 PII_TYPES = ("api_key", "email", "iban", "cn_id", "card", "ssn", "phone", "ip")
@@ -102,26 +100,23 @@ class SafetyConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "safety config") -> SafetyConfig:
-        from r1kit.train.config import TrainConfigError, _build  # the one key/type checker
+        from r1kit.train.config import TrainConfigError, build_dataclass  # the one key/type checker
 
         try:
-            return _build(cls, d, where)
+            return build_dataclass(cls, d, where)
         except TrainConfigError as e:
             raise SafetyConfigError(str(e)) from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> SafetyConfig:
         """Read a YAML file; SafetyConfigError naming the file and key for anything wrong."""
-        path = Path(path)
-        if not path.is_file():
-            raise SafetyConfigError(f"{path}: no such safety config file")
+        from r1kit.train.config import TrainConfigError, read_yaml_mapping  # the one YAML reader
+
         try:
-            d = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise SafetyConfigError(f"{path}: not valid YAML ({e})") from None
-        if not isinstance(d, dict | None):
-            raise SafetyConfigError(f"{path}: the top level must be a mapping, got {type(d).__name__}")
-        return cls.from_dict(d or {}, str(path))
+            d = read_yaml_mapping(path, allow_empty=True)
+        except TrainConfigError as e:
+            raise SafetyConfigError(str(e)) from None
+        return cls.from_dict(d, str(path))
 
 
 def load_config(spec: SafetyConfig | dict | str | Path | None) -> SafetyConfig:

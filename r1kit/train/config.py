@@ -213,7 +213,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> TrainConfig:
-        return _build(cls, d, where)
+        return build_dataclass(cls, d, where)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
@@ -221,26 +221,34 @@ class TrainConfig:
         return read_recipe(cls, path, overrides)
 
 
-def read_recipe(cls: type, path: str | Path, overrides: dict[str, Any]) -> Any:
-    """Dataclass `cls` (TrainConfig, GRPOConfig, ...) from a YAML recipe, every key checked; `overrides`
-    (top-level keys) win over the file. TrainConfigError naming the file for an unreadable or empty one."""
+def read_yaml_mapping(path: str | Path, allow_empty: bool = False) -> dict[str, Any]:
+    """The top-level mapping of a YAML file; TrainConfigError naming the file if it is missing, unreadable, not a
+    mapping, or (unless allow_empty) empty. The one reader of every r1kit YAML (recipes, fine-tune, safety)."""
     path = Path(path)
     if not path.is_file():
         raise TrainConfigError(f"{path}: no such config file")
     try:
-        d = yaml.safe_load(path.read_text())
+        d = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise TrainConfigError(f"{path}: not valid YAML ({e})") from None
     except UnicodeDecodeError:
         raise TrainConfigError(f"{path}: not a text file (not UTF-8)") from None
     if d is None or d == {}:
+        if allow_empty:
+            return {}
         raise TrainConfigError(f"{path}: the recipe is empty (no keys); see configs/*.yaml for a complete one")
     if not isinstance(d, dict):
         raise TrainConfigError(f"{path}: the top level must be a mapping of keys, got {type(d).__name__}")
-    return _build(cls, {**d, **overrides}, str(path))
+    return d
 
 
-def _build(cls: type, d: dict[str, Any], where: str) -> Any:
+def read_recipe(cls: type, path: str | Path, overrides: dict[str, Any]) -> Any:
+    """Dataclass `cls` (TrainConfig, GRPOConfig, ...) from a YAML recipe, every key checked; `overrides`
+    (top-level keys) win over the file."""
+    return build_dataclass(cls, {**read_yaml_mapping(path), **overrides}, str(path))
+
+
+def build_dataclass(cls: type, d: dict[str, Any], where: str) -> Any:
     """Instantiate dataclass `cls` from a dict, checking every key and the basic type of every value."""
     if not isinstance(d, dict):
         raise TrainConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
@@ -253,7 +261,7 @@ def _build(cls: type, d: dict[str, Any], where: str) -> Any:
     for name, value in d.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, {} if value is None else value, f"{where}: {name}")
+            kwargs[name] = build_dataclass(hint, {} if value is None else value, f"{where}: {name}")
         else:
             kwargs[name] = _check_type(value, hint, f"{where}: {name}")
     try:

@@ -374,22 +374,6 @@ def distill_step(student: Transformer, teacher: Transformer | None, opt: torch.o
     return DistillStep(*sums, n_on / s.gradient_accumulation, grad_norm, tokens, time.perf_counter() - t0)
 
 
-@torch.no_grad()
-def validation_loss(model: Transformer, batches: list[tuple[torch.Tensor, ...]], precision: str) -> float:
-    """Mean masked cross-entropy of the student on the fixed validation batches (held-out reference traces)."""
-    from r1kit.train.loop import autocast, masked_ce
-
-    was_training = model.training
-    model.eval()
-    device = model.embed_tokens.weight.device
-    total = 0.0
-    for x, y, mask, doc in batches:
-        with autocast(precision, device):
-            total += float(masked_ce(model(x.to(device), doc_ids=doc.to(device)), y.to(device), mask.to(device)))
-    model.train(was_training)
-    return total / max(1, len(batches))
-
-
 # ---------------------------------------------------------------------------------------------------- the run
 
 
@@ -457,7 +441,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, dev
             if run.step % s.log_interval == 0 or run.step == end:
                 _log_step(file, run.step, run, r, lr)
             if run.step % s.eval_interval == 0 or run.step == total:
-                val = validation_loss(student, val_batches, s.precision)
+                val = loop.evaluate(student, val_batches, s.precision)
                 file.write(json.dumps({"step": run.step, "val_loss": val, "tokens": run.tokens}) + "\n")
                 file.flush()
                 if bar is not None:

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from r1kit.train.config import TrainConfig, TrainConfigError
+from r1kit.train.config import TrainConfig, TrainConfigError, read_yaml_mapping
 
 log = logging.getLogger("r1kit")
 
@@ -53,25 +52,12 @@ def parse_targets(text: str) -> str | list[str]:
     return parts if len(parts) > 1 else text
 
 
-def _read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise TrainConfigError(f"{path}: no such config file")
-    try:
-        d = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise TrainConfigError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(d, dict):
-        raise TrainConfigError(f"{path}: the top level must be a mapping of keys")
-    return d
-
-
 def finetune_config(base: str, data: str, out: str, config: str | None = None, **flags: Any) -> TrainConfig:
     """The TrainConfig `r1kit finetune` runs: FINETUNE_DEFAULTS, then the --config YAML, then the flags given
     (None = not given), then init_from = base, data.chat_jsonl = data, out_dir = out."""
     recipe = copy.deepcopy(FINETUNE_DEFAULTS)
     if config is not None:
-        for key, value in _read_yaml(config).items():
+        for key, value in read_yaml_mapping(config).items():
             if isinstance(value, dict) and isinstance(recipe.get(key), dict):
                 recipe[key].update(value)
             else:

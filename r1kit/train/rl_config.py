@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from r1kit.train.config import LoRASection, TrainConfigError, _build, read_recipe
+from r1kit.train.config import LoRASection, TrainConfigError, build_dataclass, read_recipe
 
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo")  # token-level, sequence-level, Dr. GRPO's constant normaliser
 SCALE_REWARDS = ("group", "none")
@@ -126,7 +126,7 @@ class GRPOConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> GRPOConfig:
-        return _build(cls, d, where)
+        return build_dataclass(cls, d, where)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> GRPOConfig:
