@@ -571,8 +571,13 @@ def cmd_serve(a: argparse.Namespace) -> None:
              http_socket.getsockname()[1], f", gRPC on port {grpc_server.port}" if grpc_server else "",
              ", API key required" if api_key else "")
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully; handled here, the
-    # process then exits 0 (a drained, clean stop) instead of dying by SIGTERM.
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    # process then exits 0 (a drained, clean stop) instead of dying by SIGTERM. A SIGTERM that lands before
+    # uvicorn has installed its own handler asks the server to stop (it then returns before serving).
+    def on_sigterm(signum, frame) -> None:
+        if not server.should_exit:
+            server.handle_exit(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         server.run(sockets=[http_socket])
     finally:
