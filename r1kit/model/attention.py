@@ -33,6 +33,7 @@ from torch import nn
 
 from r1kit import kernels
 from r1kit.model.config import ModelConfig, rope_type
+from r1kit.model.hooks import HookPoint, explicit_attention
 
 # ---------------------------------------------------------------------------------------------------- norm
 
@@ -333,6 +334,7 @@ class GQAttention(nn.Module):
         self.k_proj = nn.Linear(c, self.n_kv * d, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(c, self.n_kv * d, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * d, c, bias=False)
+        self.hook_pattern, self.hook_z = HookPoint(), HookPoint()  # blocks.{L}.attn.* (r1kit.model.hooks)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device
                   ) -> tuple[torch.Tensor, ...]:
@@ -363,8 +365,11 @@ class GQAttention(nn.Module):
             k_cache[:, :, pos:pos + T] = k
             v_cache[:, :, pos:pos + T] = v
             k, v = k_cache[:, :, :pos + T], v_cache[:, :, :pos + T]  # (B, Hkv, S, D)
-        y = _sdpa(q, k, v, mask, self.scale)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        if self.hook_pattern.fns:  # the pattern is wanted: the explicit softmax instead of the fused kernel
+            y = explicit_attention(q, k, v, mask, self.scale, self.hook_pattern)
+        else:
+            y = _sdpa(q, k, v, mask, self.scale)  # (B, H, T, D)
+        return self.o_proj(self.hook_z(y.transpose(1, 2)).reshape(B, T, -1))
 
     def forward_paged(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: PagedBatch,
                       kv: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -416,6 +421,8 @@ class MLAttention(nn.Module):
         sc = cfg.rope_scaling or {}
         if rope_type(sc) == "yarn" and sc.get("mscale_all_dim"):
             self.scale *= _yarn_mscale(sc["factor"], sc["mscale_all_dim"]) ** 2
+        # blocks.{L}.attn.* (r1kit.model.hooks)
+        self.hook_pattern, self.hook_z, self.hook_kv_latent = HookPoint(), HookPoint(), HookPoint()
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device
                   ) -> tuple[torch.Tensor, ...]:
@@ -446,10 +453,11 @@ class MLAttention(nn.Module):
                 cache: tuple[torch.Tensor, ...] | None = None, pos: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         q_nope, q_pe, entry = self._project(x, rope)
+        entry = self.hook_kv_latent(entry)
         if cache is not None:
             cache[0][:, pos:pos + T] = entry
             entry = cache[0][:, :pos + T]  # (B, S, c + dr)
-        y = self._attend(q_nope, q_pe, entry, mask)  # (B, T, H, dv)
+        y = self.hook_z(self._attend(q_nope, q_pe, entry, mask))  # (B, T, H, dv)
         return self.o_proj(y.reshape(B, T, -1))
 
     def forward_paged(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: PagedBatch,
@@ -481,7 +489,8 @@ class MLAttention(nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)), dim=-1)  # (B, S, H, dqk)
         q = torch.cat((q_nope, q_pe), dim=-1)  # (B, T, H, dqk)
-        y = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale)
+        attend = (lambda *a: explicit_attention(*a, self.hook_pattern)) if self.hook_pattern.fns else _sdpa
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale)
         return y.transpose(1, 2)
 
     def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, entry: torch.Tensor, mask: torch.Tensor | None
@@ -502,6 +511,6 @@ class MLAttention(nn.Module):
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        probs = scores.float().softmax(-1).to(q.dtype)
+        probs = self.hook_pattern(scores.float().softmax(-1)).to(q.dtype)  # (B, H, T, S)
         o_lat = torch.bmm(probs.view(B, H * T, S), entry[..., :self.kv_lora_rank]).view(B, H, T, -1)
         return torch.einsum("bhtc,hvc->bthv", o_lat.to(dtype), w[:, self.nope:])

@@ -33,6 +33,7 @@ from torch import nn
 
 from r1kit import kernels
 from r1kit.model.config import ModelConfig
+from r1kit.model.hooks import HookPoint
 
 
 class MLP(nn.Module):
@@ -291,13 +292,17 @@ class MoE(nn.Module):
         self.load: torch.Tensor | None = None  # (E,) tokens the router sent to each expert (before dropping)
         self.dropped: torch.Tensor | None = None  # () (token, expert) pairs dropped by the capacity limit
         self.aux_loss: torch.Tensor | None = None  # () alpha * sequence_aux_loss, None when alpha == 0
+        # blocks.{L}.moe.* (r1kit.model.hooks): scores (N, E), chosen ids (N, k), their weights (N, k)
+        self.hook_router_scores, self.hook_topk_experts = HookPoint(), HookPoint()
+        self.hook_expert_weights = HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (N, C)
-        scores = self.gate.score(flat)  # (N, E)
+        scores = self.hook_router_scores(self.gate.score(flat))  # (N, E)
         weights, idx = self.gate.route(scores)  # (N, k) each
+        idx, weights = self.hook_topk_experts(idx), self.hook_expert_weights(weights)
         keep = None
         if self.training:
             self.load = torch.bincount(idx.flatten(), minlength=self.experts.n_experts).detach()

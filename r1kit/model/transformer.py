@@ -27,6 +27,7 @@ from r1kit.model.attention import (
     document_positions,
 )
 from r1kit.model.config import ModelConfig
+from r1kit.model.hooks import HookFn, HookPoint, hook_points, run_with_cache, run_with_hooks
 from r1kit.model.moe import MLP, CrossExpertAttention, Experts, MoE, Router
 from r1kit.model.mtp import MTPLayer
 from r1kit.model.sparse_attention import GlobalTokens, make_attention
@@ -48,17 +49,23 @@ class Block(nn.Module):
         self.self_attn = make_attention(cfg, sparse)  # GQA or MLA; sparse: cfg.sparse_attention's pattern
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+        # identities until r1kit.model.hooks attaches a function (blocks.{L}.hook_*)
+        self.hook_resid_pre, self.hook_attn_out, self.hook_resid_mid = HookPoint(), HookPoint(), HookPoint()
+        self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint()
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 cache: tuple[torch.Tensor, ...] | None = None, pos: int = 0) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, pos)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = self.hook_resid_pre(x)
+        x = self.hook_resid_mid(x + self.hook_attn_out(self.self_attn(self.input_layernorm(x), rope, mask, cache, pos)))
+        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.post_attention_layernorm(x))))
 
     def forward_paged(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: PagedBatch,
                       kv: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The same block on a flat packed batch x (1, N, C) with this layer's paged KV pool."""
-        x = x + self.self_attn.forward_paged(self.input_layernorm(x), rope, batch, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = self.hook_resid_pre(x)
+        x = self.hook_resid_mid(x + self.hook_attn_out(self.self_attn.forward_paged(self.input_layernorm(x), rope,
+                                                                                     batch, kv)))
+        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.post_attention_layernorm(x))))
 
 
 class Transformer(nn.Module):
@@ -78,6 +85,7 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPLayer(cfg.hidden_size, cfg.rms_norm_eps, Block(cfg, moe_mtp))
                                  for _ in range(cfg.num_mtp_layers))
         self.rotary = RotaryEmbedding(cfg)
+        self.hook_embed = HookPoint()  # the token embeddings (B, T, C); the rest: blocks.{L}.* (r1kit.model.hooks)
         self.gradient_checkpointing = False  # recompute each block in backward instead of storing activations
 
     # ------------------------------------------------------------------------------------------ weights
@@ -138,14 +146,16 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
-                return_hidden: bool = False, doc_ids: torch.Tensor | None = None
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                return_hidden: bool = False, doc_ids: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only.
 
         With a cache the T tokens are placed after the cache.pos tokens already there, and cache.pos
         advances by T. With return_hidden, also returns the final hidden states before the norm (B, T, C),
         which the MTP modules consume. doc_ids (B, T), for packed training rows without a cache: each token
         attends only within its own document and positions restart at each document (see document_mask).
+        inputs_embeds (B, T, C), when given, replaces embed_tokens(ids): the token embeddings with media
+        embeddings merged in at their placeholders (r1kit.multimodal); ids then only give the shape.
         """
         if doc_ids is not None:
             if cache is not None or last_only:
@@ -163,7 +173,7 @@ class Transformer(nn.Module):
         positions = torch.arange(pos, pos + T, device=ids.device)[None]  # (1, T)
         if pad is not None:
             positions = (positions - pad[:, None]).clamp(min=0)  # (B, T): left padding shifts each row
-        x = self.embed_tokens(ids)  # (B, T, C)
+        x = self.hook_embed(self.embed_tokens(ids) if inputs_embeds is None else inputs_embeds)  # (B, T, C)
         rope = self.rotary(positions, x.dtype)
         mask = attention_mask(B, T, pos, pad, ids.device)
         for i, layer in enumerate(self.layers):
@@ -207,7 +217,7 @@ class Transformer(nn.Module):
         if batch.max_ctx_len > self.config.max_position_embeddings:
             raise ContextLengthError(f"{batch.max_ctx_len} tokens exceed the model's context "
                                      f"(max_position_embeddings = {self.config.max_position_embeddings})")
-        x = self.embed_tokens(ids)[None]  # (1, N, C)
+        x = self.hook_embed(self.embed_tokens(ids)[None])  # (1, N, C)
         rope = self.rotary(batch.positions[None], x.dtype)  # (1, N, D/2) each
         for layer, kv in zip(self.layers, kv_pool, strict=True):
             x = layer.forward_paged(x, rope, batch, kv)
@@ -244,6 +254,20 @@ class Transformer(nn.Module):
         """Mean next-token cross-entropy of logits(ids) against targets (B, T)."""
         logits = self(ids)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def hook_points(self) -> dict[str, HookPoint]:
+        """Every named hook point ("blocks.0.attn.hook_pattern", ...); see r1kit.model.hooks."""
+        return hook_points(self)
+
+    def run_with_hooks(self, ids: torch.Tensor, hooks: list[tuple[str, HookFn]], **kwargs) -> torch.Tensor:
+        """forward(ids, **kwargs) with hooks = [(name, fn(tensor, hook) -> tensor | None)] attached for this call."""
+        return run_with_hooks(self, ids, hooks, **kwargs)
+
+    def run_with_cache(self, ids: torch.Tensor, names=None, detach: bool = True, **kwargs
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(logits, {name: activation}) of forward(ids, **kwargs); names: None (all), a list or a filter."""
+        return run_with_cache(self, ids, names, detach, **kwargs)
 
     def set_mla_impl(self, impl: str) -> None:
         """Choose the MLA path: "naive", "absorb" or "auto" (absorb when decoding)."""
