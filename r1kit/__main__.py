@@ -339,8 +339,18 @@ def cmd_train(a: argparse.Namespace) -> None:
     if a.max_steps is not None:
         overrides["token_budget"] = None
     cfg = TrainConfig.from_yaml(a.config, **overrides)
-    summary = train(cfg, resume=a.resume, device=a.device)
-    print(json.dumps(summary, indent=2))
+    if a.continual_from:  # continual learning from a previous run (r1kit.train.continual)
+        d = cfg.to_dict()
+        cfg = TrainConfig.from_dict({**d, "continual": {**d["continual"], "from_run": a.continual_from}}, a.config)
+    if a.distributed:  # under torchrun: DDP or FSDP2 (r1kit.train.distributed)
+        d = cfg.to_dict()
+        cfg = TrainConfig.from_dict({**d, "distributed": {**d["distributed"], "mode": a.distributed}}, a.config)
+    from r1kit.train.distributed import job, restarted
+
+    with job():  # a failing rank is named in the log; torchrun --max-restarts resumes from the last checkpoint
+        summary = train(cfg, resume=a.resume or restarted(), device=a.device)
+    if summary.get("rank", 0) == 0:
+        print(json.dumps(summary, indent=2))
 
 
 def cmd_rl(a: argparse.Namespace) -> None:
@@ -706,6 +716,45 @@ def cmd_demo(a: argparse.Namespace) -> None:
               f"tokens: {reply.prompt_tokens} prompt + {reply.completion_tokens} generated")
 
 
+def cmd_explain(a: argparse.Namespace) -> None:
+    """Explain a generation: attributions to the prompt, attention paths, expert routes, ablation, counterfactuals;
+    JSON (--json), PNGs and a self-contained report.html (--out)."""
+    from r1kit.interpret import ExplainConfig, explain, to_json
+    from r1kit.interpret.report import write_report
+
+    cfg = ExplainConfig.from_dict({k: v for k, v in dict(max_new_tokens=a.max_new_tokens, ig_steps=a.ig_steps,
+                                                          ablation=a.ablation, max_quadratic_tokens=a.max_tokens,
+                                                          methods=a.methods.split(",") if a.methods else None
+                                                          ).items() if v is not None}, "r1kit explain")
+    result = explain(_load(a), a.prompt, a.target, chat=a.chat, corrupt=a.corrupt, config=cfg)
+    if a.json:
+        from r1kit.fileio import atomic_write
+
+        text = json.dumps(to_json(result), indent=1)
+        atomic_write(Path(a.json), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    files = write_report(result, Path(a.out)) if a.out else []
+    print(f"prompt tokens: {result['prompt_tokens']}\ngenerated: {result['generated_tokens']}")
+    for path in [a.json] * bool(a.json) + [str(f) for f in files]:
+        print(f"wrote {path}")
+
+
+def _explain_args(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--target", default=None, help="the continuation to explain (default: the greedy generation)")
+    p.add_argument("--out", default=None, metavar="DIR", help="write report.html and the PNGs here")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the result as JSON")
+    p.add_argument("--chat", action="store_true", help="render the prompt with the model's chat template first")
+    p.add_argument("--corrupt", default=None, metavar="TEXT",
+                   help="a corrupted prompt of the same token length: activation patching against it")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="generated target length (default 16)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated: rollout,flow,grad_x_attention,integrated_gradients (default all)")
+    p.add_argument("--ig-steps", type=int, default=None, help="integrated-gradients points (default 32)")
+    p.add_argument("--ablation", default=None, choices=("zero", "mean"), help="head ablation (default zero)")
+    p.add_argument("--max-tokens", type=int, default=None, help="limit for the quadratic methods (default 256)")
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable[[argparse.ArgumentParser], None]]] = {
     "info": (cmd_info, lambda p: (p.add_argument("model", help="checkpoint folder or preset name"),
                                   p.add_argument("--json", action="store_true"),
@@ -746,6 +795,10 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable[[argpar
     "train": (cmd_train, lambda p: (p.add_argument("--config", required=True, help="YAML recipe"),
                                     p.add_argument("--resume", action="store_true"),
                                     p.add_argument("--out-dir", default=None), p.add_argument("--max-steps", type=int),
+                                    p.add_argument("--distributed", choices=("ddp", "fsdp"), default=None,
+                                                   help="under torchrun: data parallel (ddp) or sharded (fsdp)"),
+                                    p.add_argument("--continual-from", default=None, metavar="PREVIOUS_RUN",
+                                                   help="continual learning from this run or model folder"),
                                     p.add_argument("--device", default="cpu"))),
     "rl": (cmd_rl, lambda p: (p.add_argument("--config", required=True, help="YAML recipe (GRPOConfig)"),
                               p.add_argument("--mode", choices=("grpo", "rejection-sampling"), default="grpo"),
@@ -765,6 +818,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable[[argpar
                                         p.add_argument("--max-steps", type=int, default=None),
                                         p.add_argument("--device", default="cpu"))),
     "eval": (cmd_eval, _eval_args),
+    "explain": (cmd_explain, _explain_args),
     "demo": (cmd_demo, lambda p: p.add_argument("--device", default="auto")),
     "serve": (cmd_serve, _serve_args),
     "audit": (cmd_audit, lambda p: (p.add_argument("action", choices=["verify", "show"]), p.add_argument("db"),

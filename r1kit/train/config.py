@@ -69,11 +69,47 @@ class LoRASection:
 
 
 @dataclass
+class ContinualSection:
+    """Continual learning (r1kit.train.continual): on when from_run is set (`r1kit train --continual-from RUN`)."""
+
+    from_run: str | None = None  # the previous run (its final/ and final/continual/) or a model folder
+    previous_recipe: str | None = None  # the previous task's recipe when from_run is not a run (e.g. r1kit/nano)
+    previous_task: str | None = None  # its name (default: the folder's name), when from_run has no continual files
+    task: str | None = None  # this task's name (default: the out_dir's name)
+    fisher: str = "empirical"  # "empirical" (the data's labels) | "sampled" (labels drawn from the model)
+    fisher_rows: int = 64  # rows (sequences) the diagonal Fisher is estimated on
+    ewc_lambda: float = 0.0  # EWC penalty weight: lambda/2 * sum F (theta - theta*)^2 (0 = off)
+    ewc_decay: float = 1.0  # online EWC: F <- ewc_decay * F_old + F_task at the end of each task
+    freeze: str | None = None  # elastic freezing by importance: "layer" | "head" | "expert" | "weight"
+    freeze_fraction: float = 0.0  # the top fraction of units (of single weights, for "weight") affected
+    freeze_lr_scale: float = 0.0  # their update scale: 0 = frozen, (0, 1] = learning rate scaled
+    replay_ratio: float = 0.0  # fraction of each batch's rows replayed from earlier tasks (0 = off)
+    replay_examples: int = 2048  # replay buffer bound in rows (shared evenly by the tasks)
+    replay_bytes: int = 64 * 2**20  # replay buffer bound in bytes
+    generative_replay: int = 0  # problems the previous model answers; the verified answers join the buffer
+    lwf_alpha: float = 0.0  # LwF distillation weight towards the previous model (0 = off)
+    lwf_temperature: float = 2.0
+
+
+@dataclass
+class DistributedSection:
+    """Training on several processes under torchrun (r1kit.train.distributed); mode none: one process."""
+
+    mode: str = "none"  # "none" | "ddp" | "fsdp"; `r1kit train --distributed` sets it
+    backend: str | None = None  # None: by device (gloo on CPU, nccl on CUDA, hccl on Ascend NPUs)
+    timeout_s: float = 120.0  # a collective waiting longer than this ends the job (a dead or stuck rank)
+    cpu_offload: bool = False  # fsdp: keep the sharded parameters, gradients and optimizer state on the CPU
+    expert_parallel: bool = False  # ddp: routed experts split across ranks, tokens exchanged by all_to_all
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     augment: AugmentSection = field(default_factory=AugmentSection)
     lora: LoRASection = field(default_factory=LoRASection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
+    continual: ContinualSection = field(default_factory=ContinualSection)
     init_from: str | None = None  # start from this trained model folder (weights + tokenizer): a second stage
     seq_len: int = 256
     batch_size: int = 16
@@ -140,6 +176,19 @@ class TrainConfig:
         self._validate_data()
         self._validate_augment()
         self._validate_lora()
+        self._validate_distributed()
+        self._validate_continual()
+
+    def _validate_distributed(self) -> None:
+        d = self.distributed
+        if d.mode not in ("none", "ddp", "fsdp"):
+            raise TrainConfigError(f"distributed.mode = {d.mode!r}: must be none, ddp or fsdp")
+        if d.backend not in (None, "gloo", "nccl", "hccl"):
+            raise TrainConfigError(f"distributed.backend = {d.backend!r}: must be gloo, nccl, hccl or None")
+        if d.timeout_s <= 0:
+            raise TrainConfigError(f"distributed.timeout_s = {d.timeout_s!r}: must be > 0")
+        if d.expert_parallel and d.mode != "ddp":
+            raise TrainConfigError(f"distributed.expert_parallel: needs mode ddp (mode is {d.mode!r})")
 
     def _validate_lora(self) -> None:
         lo = self.lora
@@ -157,6 +206,27 @@ class TrainConfig:
         if not (t is None or (isinstance(t, str) and t) or (isinstance(t, list) and t
                                                               and all(isinstance(x, str) for x in t))):
             raise TrainConfigError(f"lora.target_modules = {t!r}: a regular expression or a list of module names")
+
+    def _validate_continual(self) -> None:
+        c = self.continual
+        for name in ("ewc_decay", "freeze_fraction", "freeze_lr_scale", "replay_ratio"):
+            if not 0 <= getattr(c, name) <= 1:
+                raise TrainConfigError(f"continual.{name} = {getattr(c, name)!r}: must be in [0, 1]")
+        for name in ("ewc_lambda", "lwf_alpha", "generative_replay"):
+            if getattr(c, name) < 0:
+                raise TrainConfigError(f"continual.{name} = {getattr(c, name)!r}: must be >= 0 (0 = off)")
+        for name in ("fisher_rows", "replay_examples", "replay_bytes"):
+            if getattr(c, name) < 1:
+                raise TrainConfigError(f"continual.{name} = {getattr(c, name)!r}: must be >= 1")
+        if c.fisher not in ("empirical", "sampled"):
+            raise TrainConfigError(f"continual.fisher = {c.fisher!r}: must be empirical or sampled")
+        if c.freeze not in (None, "layer", "head", "expert", "weight"):
+            raise TrainConfigError(f"continual.freeze = {c.freeze!r}: must be layer, head, expert, weight or None")
+        if c.lwf_temperature <= 0:
+            raise TrainConfigError(f"continual.lwf_temperature = {c.lwf_temperature!r}: must be > 0")
+        if c.from_run and self.init_from is None:  # a continual run starts from the previous run's model
+            root = Path(c.from_run)
+            self.init_from = str(root / "final") if (root / "final" / "config.json").is_file() else str(root)
 
     def _validate_data(self) -> None:
         d = self.data

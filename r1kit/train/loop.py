@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,7 @@ from r1kit.model.moe import MoE
 from r1kit.model.transformer import Transformer
 from r1kit.tokenizer import Tokenizer
 from r1kit.train.config import TrainConfig
+from r1kit.train.distributed import Parallel, full_model, remove_checkpoint, save_checkpoint, setup_parallel
 from r1kit.train.plots import plot_expert_load, plot_metrics
 
 log = logging.getLogger("r1kit")
@@ -131,12 +133,20 @@ def evaluate(model: Transformer, batches: list[tuple[torch.Tensor, ...]], precis
 
 
 def checkpoint_files(out_dir: Path) -> list[Path]:
-    """Training checkpoints of a run, oldest first."""
-    return sorted((out_dir / "checkpoints").glob("step_*.pt"))
+    """Training checkpoints of a run, oldest first: step_N.pt files, or step_N.dcp folders of a distributed run."""
+    return sorted([*(out_dir / "checkpoints").glob("step_*.pt"), *(out_dir / "checkpoints").glob("step_*.dcp")])
 
 
 def load_training_checkpoint(file: Path) -> dict[str, Any]:
-    """Read one checkpoint (weights-only: no arbitrary unpickling); a damaged file raises TrainingError."""
+    """Read one checkpoint (weights-only: no arbitrary unpickling); a damaged file raises TrainingError.
+    A distributed checkpoint (step_N.dcp) gives its trainer state and ``dcp``, the folder its weights load from."""
+    if file.is_dir():
+        from r1kit.train.distributed import DistributedError, read_checkpoint_meta
+
+        try:
+            return read_checkpoint_meta(file)
+        except DistributedError as e:
+            raise TrainingError(str(e)) from None
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, ...: all mean "damaged"
@@ -162,7 +172,7 @@ def latest_usable_checkpoint(out_dir: Path) -> dict[str, Any] | None:
 
 # keys that may change between a run and its resumption; anything else would make it a different run
 _RESUMABLE_CHANGES = {"max_steps", "token_budget", "out_dir", "eval_interval", "checkpoint_interval",
-                      "keep_checkpoints", "log_interval", "threads"}
+                      "keep_checkpoints", "log_interval", "threads", "distributed"}
 
 
 def _check_same_recipe(saved: dict[str, Any], now: dict[str, Any], out: Path) -> None:
@@ -270,27 +280,36 @@ class RunState:
 
 
 def restore_run(state: dict[str, Any] | None, out: Path, model: Transformer, opt: torch.optim.Optimizer,
-                data: Any, cfg: TrainConfig | None = None) -> RunState:
+                data: Any, cfg: TrainConfig | None = None, par: Parallel | None = None) -> RunState:
     """Load a checkpoint's weights, optimizer, data position and RNG, and cut metrics.jsonl back to its step.
 
-    Without a checkpoint (a new run) the run starts at step 0 with no metrics.jsonl.
+    Without a checkpoint (a new run) the run starts at step 0 with no metrics.jsonl. Distributed (`par`): every
+    rank loads its part of a DCP checkpoint; rank 0 alone touches metrics.jsonl.
     """
     metrics_file = out / "metrics.jsonl"
+    main = par is None or par.is_main
     if state is None:
-        metrics_file.unlink(missing_ok=True)
+        if main:
+            metrics_file.unlink(missing_ok=True)
         return RunState()
+    if "dcp" in state:
+        from r1kit.train.distributed import load_checkpoint
+
+        load_checkpoint(state["dcp"], model, opt)
+        state = {**state, "model": None, "optimizer": None}
     try:
         lora = cfg is not None and cfg.lora.r
-        missing = set(model.load_state_dict(state["model"], strict=not lora).missing_keys)
-        if lora and missing & set(model_state(model, cfg)):  # with LoRA the checkpoint holds the adapters only
-            raise KeyError(f"missing {sorted(missing & set(model_state(model, cfg)))[:5]}")
-        opt.load_state_dict(state["optimizer"])
+        if state["model"] is not None:
+            missing = set(model.load_state_dict(state["model"], strict=not lora).missing_keys)
+            if lora and missing & set(model_state(model, cfg)):  # with LoRA the checkpoint holds the adapters only
+                raise KeyError(f"missing {sorted(missing & set(model_state(model, cfg)))[:5]}")
+            opt.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise TrainingError(f"{out / 'checkpoints'}: the checkpoint does not fit this model ({e})") from None
     data.load_state_dict(state["data"])
     torch.set_rng_state(state["rng"])
     run = RunState(state["step"], state["tokens"], state.get("elapsed", 0.0))
-    if metrics_file.exists():  # drop what the killed run logged after its last checkpoint
+    if main and metrics_file.exists():  # drop what the killed run logged after its last checkpoint
         kept = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= run.step]
         metrics_file.write_text("".join(line + "\n" for line in kept))
     log.info("resumed %s at step %d (%d tokens)", out, run.step, run.tokens)
@@ -311,42 +330,58 @@ class StepResult:
     loads: list[torch.Tensor]  # per MoE layer: the tokens each expert received, (E,)
     dropped: list[int]  # per MoE layer: (token, expert) pairs over the capacity
     maxvio: list[float]  # per MoE layer: max load / mean load - 1
+    extra: dict[str, float] = dataclasses.field(default_factory=dict)  # continual learning's terms (ewc_loss, ...)
 
 
 def run_step(model: Transformer, opt: torch.optim.Optimizer, data: Any, layers: list[MoE], cfg: TrainConfig,
-             lr: float, device: torch.device) -> StepResult:
+             lr: float, device: torch.device, continual: Any = None, par: Parallel | None = None) -> StepResult:
     """One optimizer step: forward and backward over gradient_accumulation micro-batches, clipping, AdamW at
-    `lr`, then the experts' bias balancing."""
+    `lr`, then the experts' bias balancing. `continual` (r1kit.train.continual.hook.ContinualHook) adds its loss
+    terms to each micro-batch and scales the update of the weights it freezes. `par` (r1kit.train.distributed):
+    `model` is then what the ranks train through (DDP's wrapper, or the FSDP2-sharded model), data gives this
+    rank's rows; the losses are weighted to the global batch's mean, gradients are reduced on the last
+    micro-batch only, and the logged means, tokens and expert loads are the whole job's."""
+    par = par or Parallel()
     for group in opt.param_groups:
         group["lr"] = lr
     loads = [torch.zeros(m.experts.n_experts, dtype=torch.long) for m in layers]
     dropped = [0] * len(layers)
     loss_sum, mtp_sum, aux_sum, tokens = 0.0, 0.0, 0.0, 0
     t0 = time.perf_counter()
-    for _ in range(cfg.gradient_accumulation):
+    for i in range(cfg.gradient_accumulation):
         x, y, mask, *doc = (t.to(device) for t in data.next_batch())
+        par.sync_gradients(model, last=i == cfg.gradient_accumulation - 1)
+        w, w_mtp = par.loss_weights(mask)  # 1.0 on one process
         with autocast(cfg.precision, device):
             loss, mtp = step_losses(model, x, y, mask, doc[0] if doc else None)
-            total_loss = loss if mtp is None else loss + cfg.mtp_loss_weight * mtp
+            total_loss = loss * w if mtp is None else loss * w + cfg.mtp_loss_weight * mtp * w_mtp
             aux = [m.aux_loss for m in layers if m.aux_loss is not None]
             if aux:
                 aux_loss = torch.stack(aux).sum()
                 total_loss = total_loss + aux_loss
                 aux_sum += float(aux_loss.detach())
+            if continual is not None and (extra := continual.extra_loss(model, x)) is not None:
+                total_loss = total_loss + extra
         (total_loss / cfg.gradient_accumulation).backward()
-        loss_sum += float(loss.detach())
-        mtp_sum += float(mtp.detach()) if mtp is not None else 0.0
+        loss_sum += float(loss.detach()) * w / par.world  # this rank's share of the global mean
+        mtp_sum += float(mtp.detach()) * w_mtp / par.world if mtp is not None else 0.0
         for i, m in enumerate(layers):
             loads[i] += m.load.cpu()
             dropped[i] += int(m.dropped)
-        tokens += x.numel()
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
+        tokens += x.numel() * par.world
+    (loss_sum, mtp_sum, aux_sum), loads, dropped = par.reduce_step([loss_sum, mtp_sum, aux_sum / par.world],
+                                                                   loads, dropped)
+    if continual is not None:
+        continual.before_step(model)
+    grad_norm = par.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
     opt.step()
     opt.zero_grad(set_to_none=True)
+    if continual is not None:
+        continual.after_step(model)
     maxvio = balance_experts(layers, loads, 0.0 if cfg.lora.r else cfg.moe_balance_rate)  # LoRA: the base is frozen
     n = cfg.gradient_accumulation
     return StepResult(lr, loss_sum / n, mtp_sum / n, aux_sum / n, grad_norm, tokens, time.perf_counter() - t0,
-                      loads, dropped, maxvio)
+                      loads, dropped, maxvio, continual.terms() if continual is not None else {})
 
 
 class MetricsLog:
@@ -365,7 +400,7 @@ class MetricsLog:
             return
         now = time.perf_counter()
         record = {"step": run.step, "loss": r.loss, "lr": r.lr, "tokens": run.tokens, "grad_norm": r.grad_norm,
-                  "tok_s": self.tokens_since / (now - self.since), "elapsed_s": run.elapsed}
+                  "tok_s": self.tokens_since / (now - self.since), "elapsed_s": run.elapsed, **r.extra}
         if self.moe:  # per MoE layer: MaxVio, the tokens each expert received and the pairs dropped this step
             record.update(mtp_loss=r.mtp_loss, maxvio=r.maxvio, load=[load.tolist() for load in r.loads],
                           dropped=r.dropped)
@@ -445,8 +480,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, device:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = choose(device, "fp32").device  # master weights fp32; `precision` sets the autocast dtype
+    par = setup_parallel(cfg, device)  # torchrun's job (distributed.mode ddp/fsdp), or one process
+    device = par.place(device)
     torch.manual_seed(cfg.seed)
-    tokenizer: Tokenizer = prepare_tokenizer(cfg, out / "tokenizer")
+    tokenizer: Tokenizer = par.main_first(lambda: prepare_tokenizer(cfg, out / "tokenizer"))
     train_data, val_data = build_corpus(cfg, tokenizer)
     val_batches = [val_data.next_batch() for _ in range(cfg.eval_batches)]
     if cfg.lora.r:
@@ -457,18 +494,26 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, device:
         load_initial_weights(model, cfg.init_from, device)
     if prepare is not None:
         prepare(model)
+    continual = None
+    if cfg.continual.from_run:  # the previous task's importance / replay buffer / model (r1kit.train.continual)
+        from r1kit.train.continual.hook import build_continual
+
+        continual = build_continual(cfg, model, tokenizer, device)
+        train_data = continual.wrap_data(train_data)
+    train_data, net = par.shard(train_data), par.wrap(model, cfg)  # this rank's rows; DDP / FSDP2 (in place)
     opt = make_optimizer(model, cfg)
-    run = restore_run(state, out, model, opt, train_data, cfg)
+    run = restore_run(state, out, model, opt, train_data, cfg, par)
+    par.barrier()  # metrics.jsonl is cut back by rank 0 before any rank reads it
     stopper = EarlyStopping.replay(cfg, out / "metrics.jsonl")
 
     layers, total = moe_layers(model), cfg.total_steps
     end = total if stop_after is None else min(total, run.step + stop_after)
-    bar = progress_bar(progress, total, run.step)
+    bar = progress_bar(progress and par.is_main, total, run.step)
     model.train()
-    with open(out / "metrics.jsonl", "a") as file:
+    with open(out / "metrics.jsonl" if par.is_main else os.devnull, "a") as file:
         metrics = MetricsLog(file, model, cfg)
         while run.step < end and not stopper.stopped:
-            r = run_step(model, opt, train_data, layers, cfg, lr_at(run.step, cfg), device)
+            r = run_step(net, opt, train_data, layers, cfg, lr_at(run.step, cfg), device, continual, par)
             run.step, run.tokens, run.elapsed = run.step + 1, run.tokens + r.tokens, run.elapsed + r.seconds
             if bar is not None:
                 bar.update(1)
@@ -481,25 +526,38 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, device:
                 if bar is not None:
                     bar.write(f"step {run.step}: val_loss {val:.4f}" + (" (early stop)" if stopper.stopped else ""))
             if run.step % cfg.checkpoint_interval == 0 or run.step == end or stopper.stopped:
-                save_training_checkpoint(out, cfg, model, opt, train_data, run.step, run.tokens, run.elapsed)
+                save_training_checkpoint(out, cfg, model, opt, train_data, run.step, run.tokens, run.elapsed, par)
     if bar is not None:
         bar.close()
     summary = {"steps": run.step, "tokens": run.tokens, "elapsed_s": run.elapsed,
-               "tok_s": run.tokens / max(run.elapsed, 1e-9), **stopper.summary()}
+               "tok_s": run.tokens / max(run.elapsed, 1e-9), "world_size": par.world, **stopper.summary()}
+    if par.world > 1:
+        summary["rank"] = par.rank
     if run.step == total or stopper.stopped:
-        summary.update(finalize(out, model, tokenizer, cfg))
+        whole = full_model(model, par)  # every rank takes part (FSDP gathers the shards); None off rank 0
+        if whole is not None:
+            summary.update(finalize(out, whole, tokenizer, cfg))
+        if continual is not None:
+            summary.update(continual.finalize(out / "final", model, train_data))
     return summary
 
 
 def save_training_checkpoint(out: Path, cfg: TrainConfig, model: Transformer, opt: torch.optim.Optimizer,
-                             data: Any, step: int, tokens: int, elapsed: float) -> Path:
-    """Write step_N.pt atomically, then drop the oldest beyond keep_checkpoints."""
-    file = out / "checkpoints" / f"step_{step:08d}.pt"
-    state = {"model": model_state(model, cfg), "optimizer": opt.state_dict(), "step": step, "tokens": tokens,
-             "elapsed": elapsed, "data": data.state_dict(), "rng": torch.get_rng_state(), "config": cfg.to_dict()}
-    atomic_write(file, lambda tmp: torch.save(state, tmp))
-    for old in checkpoint_files(out)[:-cfg.keep_checkpoints]:
-        old.unlink(missing_ok=True)
+                             data: Any, step: int, tokens: int, elapsed: float, par: Parallel | None = None) -> Path:
+    """Write step_N.pt atomically (distributed.mode ddp/fsdp: the step_N.dcp folder, every rank its shards), then
+    drop the oldest beyond keep_checkpoints."""
+    if cfg.distributed.mode != "none":
+        meta = {"step": step, "tokens": tokens, "elapsed": elapsed, "data": data.state_dict(),
+                "rng": torch.get_rng_state(), "config": cfg.to_dict()}
+        file = save_checkpoint(out / "checkpoints" / f"step_{step:08d}.dcp", model, opt, meta, par or Parallel())
+    else:
+        file = out / "checkpoints" / f"step_{step:08d}.pt"
+        state = {"model": model_state(model, cfg), "optimizer": opt.state_dict(), "step": step, "tokens": tokens,
+                 "elapsed": elapsed, "data": data.state_dict(), "rng": torch.get_rng_state(), "config": cfg.to_dict()}
+        atomic_write(file, lambda tmp: torch.save(state, tmp))
+    if par is None or par.is_main:
+        for old in checkpoint_files(out)[:-cfg.keep_checkpoints]:
+            remove_checkpoint(old)
     return file
 
 
