@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from r1kit.checkpoint import load_model, read_config, save_model
-from r1kit.compress import lowrank, prune, structured
+from r1kit.compress import calibrated, lowrank, prune, structured
 from r1kit.fileio import atomic_folder
 from r1kit.model.transformer import Transformer
 from r1kit.quant import quantize_model
@@ -33,6 +33,7 @@ from r1kit.train.config import build_dataclass
 
 log = logging.getLogger("r1kit.compress")
 DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "nano-sft.yaml"
+CALIBRATION_SEQ_LEN = 128  # GPTQ/AWQ: 32768 tokens = 256 sequences
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
@@ -51,6 +52,15 @@ class NoOptions:
 @dataclass
 class Int4Options:
     group_size: int = 64  # inputs per scale/zero: 32, 64, 128, 256
+    calibration: str | None = None  # None (round to nearest), "gptq" or "awq" (r1kit.compress.calibrated)
+    calibration_tokens: int = 32768  # training-side tokens, in sequences of 128, that GPTQ/AWQ calibrate on
+
+    def __post_init__(self) -> None:
+        if self.calibration is not None and self.calibration not in calibrated.CALIBRATIONS:
+            raise CompressError(f"calibration must be one of {', '.join(calibrated.CALIBRATIONS)}, "
+                                f"got {self.calibration!r}")
+        if self.calibration_tokens < 128:
+            raise CompressError(f"calibration_tokens must be >= 128 (one sequence), got {self.calibration_tokens}")
 
 
 @dataclass
@@ -164,6 +174,9 @@ class Job:
 
 def _quantize(job: Job, model: Transformer) -> tuple[Transformer, dict]:
     group = getattr(job.options, "group_size", 64)
+    if getattr(job.options, "calibration", None):
+        ids = calibration_ids(job.src, job.options.calibration_tokens, seq_len=CALIBRATION_SEQ_LEN)
+        return model, calibrated.calibrate_int4(model, job.options.calibration, group, ids)
     stats = quantize_model(model, job.method, group_size=group)
     return model, {"swapped": stats["swapped"], "weight_bytes_before": stats["weight_bytes_before"],
                    "weight_bytes_after": stats["weight_bytes_after"]}

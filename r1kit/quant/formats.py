@@ -79,13 +79,22 @@ def quantize_int4(w: torch.Tensor, group_size: int = 64, scale_dtype: torch.dtyp
     *lead, k = w.shape
     check_int4_group(k, group_size)
     g = w.detach().float().reshape(*lead, k // group_size, group_size)
+    scale, zero = int4_params(g, scale_dtype)
+    return pack_int4(int4_codes(g, scale[..., None], zero[..., None]).reshape(*lead, k)), scale, zero
+
+
+def int4_params(g: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Groups g (..., G) fp32 -> the int4 scale and zero (...,) in scale_dtype that quantize_int4 stores for them."""
     lo, hi = g.amin(-1), g.amax(-1)
     scale32 = torch.where(hi > lo, (hi - lo) / 15.0, torch.ones_like(hi))
     scale = scale32.to(scale_dtype)  # rounded *up*, so that the 16 levels still span [min, max]
     scale = torch.where(scale.float() < scale32, torch.nextafter(scale, torch.full_like(scale, math.inf)), scale)
-    zero = ((hi + lo) / 2).to(scale_dtype)
-    q = torch.round((g - zero.float()[..., None]) / scale.float()[..., None]) + 8
-    return pack_int4(q.clamp_(0, 15).reshape(*lead, k)), scale, zero
+    return scale, ((hi + lo) / 2).to(scale_dtype)
+
+
+def int4_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The int4 codes in [0, 15] (fp32) of fp32 weights w under scale and zero (broadcast against w)."""
+    return (torch.round((w - zero.float()) / scale.float()) + 8).clamp_(0, 15)
 
 
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
