@@ -9,11 +9,13 @@ Each method goes through the user's path (``r1kit.compress.compress``, i.e. ``r1
 parameter and buffer, shared ones once), batch-1 greedy decode tokens/s (a 16-token prompt, 48 new tokens, through
 the model's KV cache), held-out perplexity (r1kit.eval's definition; --max-tokens scored tokens, fewer than the
 model card's 50,000 to fit the CPU budget) and greedy accuracy on --n held-out arithmetic problems per kind.
-QAT rows need a fine-tune (minutes per step count on a CPU): they are read from --reuse DIR/qat-int8 and
-DIR/qat-int4 when there (``r1kit compress r1kit/nano DIR/qat-int4 --method qat-int4 --max-steps 80``), else run
-with --qat-steps (0 = skip them). The ONNX row: export to model.onnx (fp32), ORT logits against r1kit's, ORT's greedy
-continuation against r1kit's, and ORT decode tokens/s (no cache: every step runs the prefix) with and without
-ORT's int8 quantization.
+QAT rows and the fine-tune control (the same fine-tune without fake quantization, then post-training int4:
+what QAT must beat, separating QAT's gain from the fine-tune's own effect) need a fine-tune (minutes per step
+count on a CPU): they are read from --reuse DIR/qat-int8, DIR/qat-int4, DIR/finetune when there (``r1kit compress
+r1kit/nano DIR/qat-int4 --method qat-int4 --max-steps 100``), else run with --qat-steps (0 = skip them).
+int4 gptq / int4 awq are int4 with --calibration (r1kit.compress.calibrated). The ONNX row: export to model.onnx
+(fp32), ORT logits against r1kit's, ORT's greedy continuation against r1kit's, and ORT decode tokens/s (no cache:
+every step runs the prefix) with and without ORT's int8 quantization.
 """
 
 from __future__ import annotations
@@ -37,8 +39,12 @@ from r1kit.train.data import KINDS
 ROWS: dict[str, tuple[str, dict]] = {  # row -> (method, options), the most telling first (a cut-short run keeps them)
     "int8": ("int8", {}),
     "int4": ("int4", {}),
+    "int4 gptq": ("int4", {"calibration": "gptq"}),
+    "int4 awq": ("int4", {"calibration": "awq"}),
     "qat-int8": ("qat-int8", {}),
     "qat-int4": ("qat-int4", {}),
+    "fine-tune (control)": ("prune-unstructured", {"sparsity": 0.0}),  # QAT's fine-tune without quantization
+    "fine-tune + int4 (control)": ("int4", {}),  # ... then post-training int4: what QAT must beat
     "prune-2:4": ("prune-2:4", {}),
     "prune-structured": ("prune-structured", {"heads": 3, "mlp_keep": 0.75, "experts": 6}),
     "low-rank 0.95": ("low-rank", {"energy": 0.95}),
@@ -47,6 +53,11 @@ ROWS: dict[str, tuple[str, dict]] = {  # row -> (method, options), the most tell
     "fp8": ("fp8", {}),
 }
 COMBINED = "prune-structured + int4"
+ROWS[COMBINED] = ("int4", {})
+TRAINS = ("qat-int8", "qat-int4", "fine-tune (control)")  # rows that fine-tune --qat-steps steps (same recipe)
+CHAINED = {COMBINED: "prune-structured", "fine-tune + int4 (control)": "fine-tune (control)"}  # row -> its source row
+FOLDERS = {"int4 gptq": "int4-gptq", "int4 awq": "int4-awq", "fine-tune (control)": "finetune",
+           "fine-tune + int4 (control)": "finetune-int4", COMBINED: "structured-int4"}
 PROMPT, NEW = 16, 48
 
 
@@ -82,21 +93,23 @@ def measure(folder: Path, ids: torch.Tensor, prompt: torch.Tensor, a: argparse.N
 
 
 def build(row: str, src: Path, root: Path, a: argparse.Namespace) -> Path | None:
-    """The row's checkpoint: reused from --reuse, or written now (None: a QAT row without --qat-steps)."""
-    method, options = ROWS.get(row, ("int4", {}))
-    name = row.split()[0] if row != COMBINED else "structured-int4"
-    if a.reuse and (Path(a.reuse) / name / "config.json").is_file():
-        return Path(a.reuse) / name
-    out = root / name
-    if method.startswith("qat"):
+    """The row's checkpoint: reused from --reuse (or this run), or written now (None: a row that fine-tunes
+    without --qat-steps). A chained row compresses its source row's checkpoint further."""
+    method, options = ROWS[row]
+    name = FOLDERS.get(row, row.split()[0])
+    for folder in ([Path(a.reuse) / name] if a.reuse else []) + [root / name]:
+        if (folder / "config.json").is_file():
+            return folder
+    if row in TRAINS:
         if not a.qat_steps:
             return None
-        options = {"max_steps": a.qat_steps, "batch_size": 4, "work_dir": str(root / f"{name}-run")}
-    if row == COMBINED:
-        compress(src, root / "structured-tmp", *ROWS["prune-structured"])
-        src = root / "structured-tmp"
-    compress(src, out, method, options)
-    return out
+        options = {**options, "max_steps": a.qat_steps, "batch_size": 4, "work_dir": str(root / f"{name}-run")}
+    if row in CHAINED:
+        src = build(CHAINED[row], src, root, a)
+        if src is None:
+            return None
+    compress(src, root / name, method, options)
+    return root / name
 
 
 def onnx_row(src: Path, root: Path, prompt: torch.Tensor, threads: int) -> dict:
@@ -165,13 +178,13 @@ def main() -> None:
         root = Path(tmp)
         onnx = None if a.no_onnx else onnx_row(src, root, prompt, a.threads)  # first: the export's verification
         write_json(a, rows, onnx)
-        for name in ["bf16 (reference)", *ROWS, COMBINED]:
+        for name in ["bf16 (reference)", *ROWS]:
             if only and name not in only and name != "bf16 (reference)":
                 continue
             start = time.perf_counter()
             folder = src if name == "bf16 (reference)" else build(name, src, root, a)
             if folder is None:
-                rows[name] = {"skipped": "QAT: pass --qat-steps or --reuse"}
+                rows[name] = {"skipped": "fine-tunes: pass --qat-steps or --reuse"}
                 continue
             rows[name] = {**measure(folder, ids, prompt, a), "seconds": time.perf_counter() - start}
             print(f"{name}: {rows[name]['perplexity']:.2f} ppl, {rows[name]['seconds']:.0f} s", flush=True)
