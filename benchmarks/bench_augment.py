@@ -66,14 +66,15 @@ def finetune(data: Path, out: Path, steps: int, augment: bool, seed: int, thread
     return train(TrainConfig.from_dict(recipe), progress=False)
 
 
-def accuracy(model: R1Model, n: int, seed: int, max_new_tokens: int = 96) -> dict[str, float]:
-    """Greedy accuracy per phrasing on the same n held-out add2 problems."""
+def accuracy(model: R1Model, n: int, seed: int, max_new_tokens: int = 96,
+             phrasings: dict[str, str] | None = None) -> dict[str, float]:
+    """Greedy accuracy per phrasing (default: all of PHRASINGS) on the same n held-out add2 problems."""
     rng = random.Random(seed)
     problems = [sample_problem(rng, "add2", split="val") for _ in range(n)]
     tok, stop = model._tok(chat=True), model.stop_ids()
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0)
     result = {}
-    for name, phrasing in PHRASINGS.items():
+    for name, phrasing in (PHRASINGS if phrasings is None else phrasings).items():
         prompts = [tok.encode_chat([{"role": "user", "content": phrasing.format(a=p.a, b=p.b)}]) for p in problems]
         outs: list[list[int]] = [[] for _ in problems]
         for step in generate_tokens(model.model, prompts, params, stop):

@@ -4,6 +4,7 @@ on a chat JSONL (only adapters train, adapter-only checkpoints resume), merge, a
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,78 @@ def test_cli_errors_and_info(base, chat_file, tmp_path, capsys):
     q_out, kv_out = cfg.num_heads * cfg.gqa_head_dim, cfg.num_kv_heads * cfg.gqa_head_dim
     expected = cfg.num_layers * 4 * ((cfg.hidden_size + q_out) + (cfg.hidden_size + kv_out))
     assert info["lora_params"] == expected and info["lora_fraction"] == pytest.approx(expected / info["params_total"])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post_json(url: str, body: dict) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
+    import time
+    import urllib.request
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"r1kit serve exited {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"r1kit serve not healthy after {timeout} s: {log.read_text()[-2000:]}")
+
+
+def test_one_command_finetune_then_serve_the_adapter(tmp_path):
+    """The issue's user flow on the bundled model: `r1kit finetune r1kit/nano --data CHATS --out DIR` (one command),
+    then `r1kit serve r1kit/nano --adapter DIR` as a real server process. Its greedy chat answer over HTTP is
+    R1Model.from_pretrained("r1kit/nano", adapter=DIR)'s (reasoning and answer), and not the base model's."""
+    from r1kit.__main__ import main
+    from r1kit.api import R1Model
+
+    question = "Find the sum of {} and {}."  # a wording nano was never trained on
+    rows = [{"messages": [{"role": "user", "content": question.format(a, b)},
+                          {"role": "assistant", "reasoning_content": f"{a}+{b}={a + b}.", "content": str(a + b)}]}
+            for a, b in [(12, 30), (41, 7), (25, 25), (63, 18), (9, 70), (33, 44), (58, 21), (16, 16)]]
+    data, out = tmp_path / "chats.jsonl", tmp_path / "adapter"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["finetune", "r1kit/nano", "--data", str(data), "--out", str(out), "--max-steps", "3",
+                 "--batch-size", "2", "--gradient-accumulation", "1", "--seq-len", "64", "--warmup-steps", "1",
+                 "--learning-rate", "2e-2", "--validation-fraction", "0.25", "--precision", "fp32"]) in (0, None)
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+
+    port, log = _free_port(), tmp_path / "serve.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "r1kit", "serve", "r1kit/nano", "--adapter", str(out),
+                                 "--port", str(port), "--device", "cpu"], stdout=log_file, stderr=subprocess.STDOUT,
+                                env=env, cwd=ROOT)
+    try:
+        messages = [{"role": "user", "content": question.format(27, 31)}]  # not a training problem
+        adapted = R1Model.from_pretrained("r1kit/nano", device="cpu", adapter=out)  # while the server loads
+        expected = adapted.chat(messages, temperature=0, max_new_tokens=24)
+        adapted.set_adapter(None)
+        base = adapted.chat(messages, temperature=0, max_new_tokens=24)
+        assert (base.reasoning, base.content) != (expected.reasoning, expected.content)
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, proc, log)
+        reply = _post_json(url + "/v1/chat/completions", {"model": "r1kit/nano", "messages": messages,
+                                                          "temperature": 0, "max_tokens": 24})
+        message = reply["choices"][0]["message"]
+        assert (message.get("reasoning_content"), message["content"]) == (expected.reasoning,
+                                                                          expected.content)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
