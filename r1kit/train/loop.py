@@ -546,7 +546,7 @@ def save_training_checkpoint(out: Path, cfg: TrainConfig, model: Transformer, op
                              data: Any, step: int, tokens: int, elapsed: float, par: Parallel | None = None) -> Path:
     """Write step_N.pt atomically (distributed.mode ddp/fsdp: the step_N.dcp folder, every rank its shards), then
     drop the oldest beyond keep_checkpoints."""
-    if cfg.distributed.mode != "none":
+    if par is not None and par.mode != "none":  # cfg may be a GRPO/distill config, which has no distributed:
         meta = {"step": step, "tokens": tokens, "elapsed": elapsed, "data": data.state_dict(),
                 "rng": torch.get_rng_state(), "config": cfg.to_dict()}
         file = save_checkpoint(out / "checkpoints" / f"step_{step:08d}.dcp", model, opt, meta, par or Parallel())
