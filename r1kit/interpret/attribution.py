@@ -66,8 +66,12 @@ def attention_rollout(patterns: torch.Tensor, n_prompt: int) -> torch.Tensor:
 
 def attention_flow(patterns: torch.Tensor, n_prompt: int) -> torch.Tensor:
     """patterns (L, H, N, N) -> (G, P): max-flow from each query node (top layer) to each prompt node (input)."""
-    from scipy.sparse import csr_matrix
-    from scipy.sparse.csgraph import maximum_flow
+    try:
+        from scipy.sparse import csr_matrix
+        from scipy.sparse.csgraph import maximum_flow
+    except ImportError as e:
+        raise ImportError("attention flow needs scipy's max-flow: pip install 'r1kit[interpret]' (or leave 'flow' "
+                          "out of the methods)") from e
 
     A = residual_attention(patterns).numpy()  # (L, N, N)
     L, N, _ = A.shape
