@@ -1,12 +1,13 @@
 """Train, measure and bundle r1kit/nano-distill-qwen2.
 
-    python scripts/package_distill.py run [--device cuda] [--json runs/distill-eval.json]
-        both recipes (configs/distill-nano-baseline.yaml, configs/distill-nano.yaml; a finished run is kept),
-        then held-out arithmetic accuracy (r1kit.eval.eval_arithmetic: greedy, 200 per kind) of the distilled
-        student, the no-teacher baseline and the teacher, with the seconds each stage took.
-    python scripts/package_distill.py package [--json runs/distill-eval.json]
-        copies runs/distill-nano/final into r1kit/nano-distill-qwen2 with a loss plot of both runs and the model
-        card (README.md) holding the measured table.
+    python scripts/package_distill.py run [--device cuda] [--recipes baseline,distilled,ce] [--json J]
+        the recipes (RECIPES: configs/distill-nano-baseline.yaml, configs/distill-nano.yaml (CE + JSD),
+        configs/distill-nano-ce.yaml (CE only); a finished run is kept, a killed one resumed), then held-out
+        arithmetic accuracy (r1kit.eval.eval_arithmetic: greedy, 200 per kind) of each student and the teacher,
+        with the seconds each stage took.
+    python scripts/package_distill.py package [--bundle distilled|ce] [--json J] [--out DIR]
+        copies that recipe's final/ into r1kit/nano-distill-qwen2 (or DIR) with a loss plot of the runs and the
+        model card (README.md) holding the measured table.
 """
 
 from __future__ import annotations
@@ -16,24 +17,27 @@ import json
 import platform
 import shutil
 import subprocess
+import textwrap
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = {"baseline": ROOT / "configs/distill-nano-baseline.yaml", "distilled": ROOT / "configs/distill-nano.yaml"}
+RECIPES = {"baseline": ROOT / "configs/distill-nano-baseline.yaml", "distilled": ROOT / "configs/distill-nano.yaml",
+           "ce": ROOT / "configs/distill-nano-ce.yaml"}
+LABELS = {"distilled": "CE + JSD, lmbda 0.25", "ce": "teacher traces, CE only", "baseline": "baseline, no teacher"}
 BUNDLE = ROOT / "r1kit/nano-distill-qwen2"
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
-def train_both(device: str) -> dict[str, dict]:
-    """Run (or resume, or keep when finished) both recipes; each one's summary with its wall time."""
+def train_all(device: str, names: list[str]) -> dict[str, dict]:
+    """Run (or resume, or keep when finished) the named recipes; each one's summary with its wall time."""
     from r1kit.train.distill import DistillConfig, distill
 
     out = {}
-    for name, recipe in RECIPES.items():
-        cfg = DistillConfig.from_yaml(recipe)
+    for name in names:
+        cfg = DistillConfig.from_yaml(RECIPES[name])
         done = Path(cfg.student.out_dir) / "summary.json"
         if done.is_file() and json.loads(done.read_text()).get("steps") == cfg.student.total_steps:
             out[name] = json.loads(done.read_text())
@@ -48,14 +52,14 @@ def train_both(device: str) -> dict[str, dict]:
     return out
 
 
-def evaluate_all(device: str, teacher: str) -> dict[str, dict]:
-    """Held-out accuracy per kind (the one definition, r1kit.eval) of both students and the teacher."""
+def evaluate_all(device: str, teacher: str, names: list[str]) -> dict[str, dict]:
+    """Held-out accuracy per kind (the one definition, r1kit.eval) of the named students and the teacher."""
     from r1kit.api import R1Model
     from r1kit.eval import eval_arithmetic
     from r1kit.train.data import KINDS
     from r1kit.train.distill import DistillConfig
 
-    models = {name: str(Path(DistillConfig.from_yaml(r).student.out_dir) / "final") for name, r in RECIPES.items()}
+    models = {name: str(Path(DistillConfig.from_yaml(RECIPES[name]).student.out_dir) / "final") for name in names}
     models["teacher"] = teacher
     results = {}
     for name, path in models.items():
@@ -72,8 +76,12 @@ def cmd_run(a: argparse.Namespace) -> None:
     torch.manual_seed(0)
     machine = (torch.cuda.get_device_name() if a.device.startswith("cuda") else
                f"{platform.machine()}, {torch.get_num_threads()} threads")
-    runs = train_both(a.device)
-    evals = evaluate_all(a.device, a.teacher)
+    names = a.recipes.split(",")
+    unknown = sorted(set(names) - set(RECIPES))
+    if unknown:
+        raise SystemExit(f"--recipes: unknown {unknown}; known: {sorted(RECIPES)}")
+    runs = train_all(a.device, names)
+    evals = evaluate_all(a.device, a.teacher, names)
     Path(a.json).write_text(json.dumps({"machine": machine, "device": a.device, "runs": runs, "eval": evals},
                                        indent=2))
 
@@ -81,8 +89,8 @@ def cmd_run(a: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------------- package
 
 
-def plot_runs(png: Path) -> None:
-    """Training and validation loss of both runs against steps, one PNG."""
+def plot_runs(png: Path, names: list[str]) -> None:
+    """Training and validation loss of the named runs against steps, one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,14 +99,14 @@ def plot_runs(png: Path) -> None:
     from r1kit.train.distill import DistillConfig
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, recipe in RECIPES.items():
-        rows = [json.loads(line) for line in (Path(DistillConfig.from_yaml(recipe).student.out_dir)
+    for name in names:
+        rows = [json.loads(line) for line in (Path(DistillConfig.from_yaml(RECIPES[name]).student.out_dir)
                                               / "metrics.jsonl").read_text().splitlines()]
         train = [r for r in rows if "loss" in r]
         val = [r for r in rows if "val_loss" in r]
         axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label=f"{name}: training loss")
-        if name == "distilled":
-            axes[0].plot([r["step"] for r in train], [r["kd_loss"] for r in train], label="distilled: JSD to teacher")
+        if any(r["kd_loss"] for r in train):
+            axes[0].plot([r["step"] for r in train], [r["kd_loss"] for r in train], label=f"{name}: JSD to teacher")
         axes[1].plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label=name)
     axes[0].set_yscale("log")
     axes[1].set_yscale("log")
@@ -116,27 +124,41 @@ def plot_runs(png: Path) -> None:
 ABLATIONS = {"seq": "sequence-level only (CE on the teacher's traces)", "fkl": "forward KL + CE, off-policy"}
 
 
-def card(results: dict, ablations: dict | None) -> str:
-    """The model card: what it is, the measured table (and the ablations run beside it), how it was made."""
+def loss_step(cfg) -> str:
+    """Step 2 of the card's recipe: the bundled run's loss."""
+    lo = cfg.loss
+    if not lo.kd_weight:
+        return (f"Sequence-level only: cross-entropy on those traces (weight {lo.ce_weight}); no divergence to the "
+                "teacher's logits (kd_weight 0, lmbda 0): the teacher's part ended with the traces.")
+    return (f"Logit-level: cross-entropy on those traces (weight {lo.ce_weight}) plus GKD's generalised JSD to the "
+            f"teacher's logits (weight {lo.kd_weight}, beta {lo.beta}, temperature {lo.temperature}), with a "
+            f"fraction lmbda = {lo.lmbda} of the micro-batches on-policy (the student samples, the teacher scores).")
+
+
+def card(results: dict, ablations: dict | None, bundle: str) -> str:
+    """The model card of recipe `bundle`: what it is, the measured table (every evaluated recipe and the
+    ablations run beside it), how it was made."""
     from r1kit.train.data import KINDS
     from r1kit.train.distill import DistillConfig
 
     ev, runs = results["eval"], results["runs"]
-    cfg = DistillConfig.from_yaml(RECIPES["distilled"])
-    stats = json.loads((ROOT / "runs/distill-nano/traces.json").read_text())["stats"]
+    cfg = DistillConfig.from_yaml(RECIPES[bundle])
+    recipe = RECIPES[bundle].relative_to(ROOT)
+    stats = json.loads((Path(cfg.student.out_dir) / "traces.json").read_text())["stats"]
     teacher_commit = (ROOT / "runs/teacher-nano/COMMIT").read_text().strip()
-    cols = {"distilled (this model)": ev["distilled"]["accuracy"]}
-    cols.update({ABLATIONS[k]: v["accuracy"] for k, v in (ablations or {}).items()})
+    students = [n for n in ("distilled", "ce") if n in ev]
+    cols = {f"{LABELS[n]}{' (this model)' if n == bundle else ''}": ev[n]["accuracy"] for n in students}
+    cols.update({ABLATIONS[k]: v["accuracy"] for k, v in (ablations or {}).items() if not (k == "seq" and "ce" in ev)})
     cols.update({"baseline, no teacher": ev["baseline"]["accuracy"], "teacher r1kit/nano": ev["teacher"]["accuracy"]})
     head = "| kind | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols)
     rows = "\n".join(f"| {k} | " + " | ".join(f"{c[k]:.1%}" for c in cols.values()) + " |" for k in KINDS)
     mean = "| mean | " + " | ".join(f"{sum(c.values()) / len(c):.1%}" for c in cols.values()) + " |"
-    d, b, s, lo = runs["distilled"], runs["baseline"], cfg.student, cfg.loss
+    d, b, s = runs[bundle], runs["baseline"], cfg.student
     return f"""# r1kit/nano-distill-qwen2
 
-A dense Qwen2-architecture student ({ev['distilled']['params'] / 1e6:.2f}M parameters: 4 layers, hidden 192, 6 query /
+A dense Qwen2-architecture student ({ev[bundle]['params'] / 1e6:.2f}M parameters: 4 layers, hidden 192, 6 query /
 2 key-value heads, tied embeddings) distilled from r1kit/nano (a DeepSeek-V3-shaped MoE, 8.67M parameters) by
-`r1kit distill --config configs/distill-nano.yaml`. Hugging Face format: `transformers.AutoModelForCausalLM` and
+`r1kit distill --config {recipe}`. Hugging Face format: `transformers.AutoModelForCausalLM` and
 `AutoTokenizer` load this folder (`model_type: qwen2`; nano's 4096-token tokenizer, its R1 chat template and
 bos/eos), and their greedy continuation equals r1kit's (tests/test_nano_distill.py). tokenizer_config.json carries an
 `auto_map` naming PreTrainedTokenizerFast: transformers 5 otherwise builds Qwen2Tokenizer for any qwen2 checkpoint,
@@ -148,7 +170,7 @@ Teacher: r1kit/nano as of commit {teacher_commit[:7]} (snapshot runs/teacher-nan
 
 Same student architecture, the same {stats['prompts']} training problems, {s.max_steps} steps of {s.batch_size} x
 {s.seq_len} tokens and the same schedule in every column; the baseline trains on the problems' reference traces
-(configs/distill-nano-baseline.yaml), the others on the teacher's verified traces only.
+(configs/distill-nano-baseline.yaml), the others on the teacher's verified traces only and differ only in `loss:`.
 
 {head}
 {rows}
@@ -157,44 +179,45 @@ Same student architecture, the same {stats['prompts']} training problems, {s.max
 The teacher is the ceiling of what its traces teach: it solved {stats['kept_by_kind']['mul2x2']} of the mul2x2
 problems, so no distilled student learns mul2x2, and dropping those ~1,050 multiplication traces also costs mul2x1
 (fewer multiplication examples). On addition and subtraction the distilled students reach or pass the teacher. The
-reference traces are a better teacher still (correct on every problem), so here the no-teacher baseline wins. Of the
-distillation losses, plain sequence-level SFT did best at equal steps, and adding GKD's JSD with on-policy batches did
-worst; the other columns were run with the same code and recipe except `loss:` (lmbda 0 and kd_weight 0; lmbda 0 and
-beta 0), their weights are not bundled.
+reference traces are a better teacher still (correct on every problem), so here the no-teacher baseline wins.
+Columns other than this model's were run with the same code and recipe except `loss:`; their weights are not bundled.
 
 ## Recipe
 
 1. Sequence-level: the teacher answered {stats['prompts']} training problems (never held-out ones), greedy, through
    r1kit's engine; {stats['kept']} verified traces were kept (right answer in R1's format), per kind
    {', '.join(f"{k} {v}" for k, v in stats['kept_by_kind'].items())}.
-2. Logit-level: cross-entropy on those traces (weight {lo.ce_weight}) plus GKD's generalised JSD to the teacher's
-   logits (weight {lo.kd_weight}, beta {lo.beta}, temperature {lo.temperature}), with a fraction lmbda =
-   {lo.lmbda} of the micro-batches on-policy (the student samples, the teacher scores).
+2. {textwrap.fill(loss_step(cfg), 114, subsequent_indent="   ")}
 3. {s.max_steps} steps of {s.batch_size} x {s.seq_len} tokens (packed, per-document attention), AdamW, lr
    {s.learning_rate} with warmup and cosine decay, fp32.
 
-Ran on one {results['machine']} ({results['device']}), not on the 2 shared CPU cores this was planned for
-(those were saturated by other runs: the teacher generated 13.6 tokens/s there, ~1,180 on an idle 2-core machine):
-teacher traces {d['trace_seconds']} s ({stats['tok_s']} tokens/s), distillation {d['train_seconds']} s of steps,
-baseline {b['train_seconds']} s; evaluation {ev['distilled']['seconds']} s per student. The teacher's column
-reproduces r1kit/nano's own card. loss.png: both runs' training objective and their cross-entropy on held-out
-reference traces. It is a toy for trying the stack end to end, not a general assistant.
+Ran on {results['machine']} ({results['device']}): teacher traces {d['trace_seconds']} s ({stats['tok_s']} tokens/s),
+this student {d['train_seconds']} s of steps, baseline {b['train_seconds']} s; evaluation {ev[bundle]['seconds']} s
+per student. The teacher's column reproduces r1kit/nano's own card. loss.png: the runs' training objective and their
+cross-entropy on held-out reference traces. It is a toy for trying the stack end to end, not a general assistant.
 """
 
 
 def cmd_package(a: argparse.Namespace) -> None:
+    from r1kit.train.distill import DistillConfig
+
     results = json.loads(Path(a.json).read_text())
-    final = ROOT / "runs/distill-nano/final"
-    BUNDLE.mkdir(exist_ok=True)
+    if a.bundle not in results["eval"]:
+        raise SystemExit(f"--bundle {a.bundle}: {a.json} has no evaluation of it (evaluated: "
+                         f"{sorted(results['eval'])}); run `package_distill.py run --recipes ...,{a.bundle}` first")
+    final = Path(DistillConfig.from_yaml(RECIPES[a.bundle]).student.out_dir) / "final"
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
     for name in FILES:
-        shutil.copy2(final / name, BUNDLE / name)
-    plot_runs(BUNDLE / "loss.png")
+        shutil.copy2(final / name, out / name)
+    plot_runs(out / "loss.png", [n for n in RECIPES if n in results["runs"]])
     ablations = json.loads(Path(a.ablations).read_text()) if a.ablations else None
-    (BUNDLE / "README.md").write_text(card(results, ablations))
+    (out / "README.md").write_text(card(results, ablations, a.bundle))
     summary = {k: v for k, v in results.items() if k != "eval"}
+    summary["bundled"] = a.bundle
     summary["eval"] = {n: {"accuracy": e["accuracy"], "seconds": e["seconds"]} for n, e in results["eval"].items()}
-    (BUNDLE / "training_summary.json").write_text(json.dumps(summary, indent=2))
-    print(subprocess.run(["ls", "-la", str(BUNDLE)], capture_output=True, text=True).stdout)
+    (out / "training_summary.json").write_text(json.dumps(summary, indent=2))
+    print(subprocess.run(["ls", "-la", str(out)], capture_output=True, text=True).stdout)
 
 
 def main() -> None:
@@ -204,7 +227,10 @@ def main() -> None:
     r.add_argument("--device", default="cpu")
     r.add_argument("--teacher", default="runs/teacher-nano")
     r.add_argument("--json", default="runs/distill-eval.json")
+    r.add_argument("--recipes", default="baseline,distilled,ce", help=f"comma-separated, of {sorted(RECIPES)}")
     k = sub.add_parser("package")
+    k.add_argument("--bundle", default="distilled", choices=["distilled", "ce"], help="the recipe whose student ships")
+    k.add_argument("--out", default=str(BUNDLE), help="the bundle folder (default r1kit/nano-distill-qwen2)")
     k.add_argument("--json", default="runs/distill-eval.json")
     k.add_argument("--ablations", default=None, help="JSON of other loss settings' accuracy (same recipe otherwise)")
     a = p.parse_args()
