@@ -576,7 +576,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
         grpc_server = serve_grpc(service, a.grpc_port, a.host, api_key=api_key)
     server = build_server(service, host=a.host, port=a.port, api_key=api_key, shutdown_timeout=a.shutdown_timeout,
-                          on_exit=(lambda: grpc_server.stop(a.shutdown_timeout)) if grpc_server else None)
+                          on_exit=(lambda: grpc_server.stop(a.shutdown_timeout)) if grpc_server else None,
+                          sessions=_serve_sessions(a))
     log.info("serving %s on http://%s:%d (OpenAI API at /v1, chat page at /)%s%s", service.model_name, a.host,
              http_socket.getsockname()[1], f", gRPC on port {grpc_server.port}" if grpc_server else "",
              ", API key required" if api_key else "")
@@ -596,6 +597,15 @@ def cmd_serve(a: argparse.Namespace) -> None:
         service.shutdown(drain=False)
         if service.shield is not None:
             service.shield.close()  # the queued audit records, and a last signed checkpoint
+
+
+def _serve_sessions(a: argparse.Namespace):
+    """The server's session store (r1kit.sessions) with --sessions, else None."""
+    if a.sessions is None:
+        return None
+    from r1kit.sessions import SessionConfig, SessionStore
+
+    return SessionStore(SessionConfig(policy=a.sessions, max_turns=a.session_max_turns))
 
 
 def _serve_shield(a: argparse.Namespace):
@@ -685,6 +695,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--audit-content", default=None, choices=["hash", "full"],
                    help="store prompt/response text (full) or only SHA-256 hashes (hash, the default)")
     p.add_argument("--audit-key", default=None, metavar="FILE", help="Ed25519 key file (default: PATH.key)")
+    p.add_argument("--sessions", default=None, choices=["truncate", "summarize", "refuse"],
+                   help="keep chats server-side under a session_id; what to do with the oldest turns when the "
+                        "context fills (r1kit.sessions)")
+    p.add_argument("--session-max-turns", type=int, default=32, help="turns a session keeps (with --sessions)")
     add_engine_args(p)
 
 
