@@ -47,6 +47,8 @@ ROWS: dict[str, tuple[str, dict]] = {  # row -> (method, options), the most tell
     "fine-tune + int4 (control)": ("int4", {}),  # ... then post-training int4: what QAT must beat
     "prune-2:4": ("prune-2:4", {}),
     "prune-structured": ("prune-structured", {"heads": 3, "mlp_keep": 0.75, "experts": 6}),
+    "experts 8->6 dropped": ("prune-structured", {"experts": 6}),
+    "experts 8->6 merged": ("prune-structured", {"experts": 6, "expert_reduce": "merge"}),
     "low-rank 0.95": ("low-rank", {"energy": 0.95}),
     "cluster 16": ("cluster", {"clusters": 16}),
     "prune-unstructured 50%": ("prune-unstructured", {"sparsity": 0.5}),
@@ -57,6 +59,7 @@ ROWS[COMBINED] = ("int4", {})
 TRAINS = ("qat-int8", "qat-int4", "fine-tune (control)")  # rows that fine-tune --qat-steps steps (same recipe)
 CHAINED = {COMBINED: "prune-structured", "fine-tune + int4 (control)": "fine-tune (control)"}  # row -> its source row
 FOLDERS = {"int4 gptq": "int4-gptq", "int4 awq": "int4-awq", "fine-tune (control)": "finetune",
+           "experts 8->6 dropped": "experts6-drop", "experts 8->6 merged": "experts6-merge",
            "fine-tune + int4 (control)": "finetune-int4", COMBINED: "structured-int4"}
 PROMPT, NEW = 16, 48
 

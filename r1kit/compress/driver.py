@@ -117,6 +117,7 @@ class StructuredOptions:
     mlp_keep: float | None = None  # fraction of MLP / expert channels kept
     experts: int | None = None  # routed experts kept per MoE layer
     expert_score: str = "frequency"  # "frequency" or "norm" (routing weight x output norm)
+    expert_reduce: str = "drop"  # "drop" the other experts, or "merge" them into the most similar kept ones
     calibration_tokens: int = 8192  # training-side tokens the experts are ranked on
 
     def __post_init__(self) -> None:
@@ -124,6 +125,8 @@ class StructuredOptions:
             raise CompressError("prune-structured needs at least one of heads, mlp_keep, experts")
         if self.expert_score not in ("frequency", "norm"):
             raise CompressError(f"expert_score must be 'frequency' or 'norm', got {self.expert_score!r}")
+        if self.expert_reduce not in ("drop", "merge"):
+            raise CompressError(f"expert_reduce must be 'drop' or 'merge', got {self.expert_reduce!r}")
 
 
 @dataclass
@@ -212,7 +215,7 @@ def _prune(job: Job, model: Transformer | None) -> tuple[Transformer, dict]:
 def _structured(job: Job, model: Transformer) -> tuple[Transformer, dict]:
     o = job.options
     ids = calibration_ids(job.src, o.calibration_tokens) if o.experts is not None else None
-    return structured.prune_structured(model, o.heads, o.mlp_keep, o.experts, o.expert_score, ids)
+    return structured.prune_structured(model, o.heads, o.mlp_keep, o.experts, o.expert_score, ids, o.expert_reduce)
 
 
 def _low_rank(job: Job, model: Transformer) -> tuple[Transformer, dict]:

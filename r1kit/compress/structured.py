@@ -14,7 +14,8 @@ block) keeps the same counts, since the config has one value per shape, but each
 * experts: by routing frequency ("frequency": tokens routed to the expert on calibration text) or by output-norm
   importance ("norm": the sum over its tokens of routing weight * ||expert output||). The router keeps the
   survivors' rows and balancing biases; group-limited routing (n_group > 1) becomes plain top-k over the
-  survivors (n_group = topk_group = 1), recorded in the compression record.
+  survivors (n_group = topk_group = 1), recorded in the compression record. With expert_reduce="merge" the
+  others are merged into the most similar survivors instead (r1kit.compress.merge), the router re-mapped.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from r1kit.compress.merge import merge_experts
 from r1kit.model.attention import GQAttention, MLAttention
 from r1kit.model.moe import MLP, MoE
 from r1kit.model.transformer import Block, Transformer
@@ -96,9 +98,11 @@ def _prune_expert_channels(sd: dict[str, torch.Tensor], p: str, hidden: int, kee
 
 
 @torch.no_grad()
-def expert_importance(model: Transformer, ids: torch.Tensor, score: str) -> dict[str, torch.Tensor]:
+def expert_importance(model: Transformer, ids: torch.Tensor, score: str,
+                      inputs: dict[str, torch.Tensor] | None = None, max_rows: int = 1024) -> dict[str, torch.Tensor]:
     """MoE prefix -> (E,) importance of each expert on calibration tokens ids (B, T): "frequency" (tokens routed
-    to it) or "norm" (sum of routing weight * ||expert output|| over its tokens)."""
+    to it) or "norm" (sum of routing weight * ||expert output|| over its tokens). With `inputs`, also fills it
+    with MoE prefix -> up to max_rows (N, C) of the layer's inputs, spread over the calibration tokens."""
     if score not in ("frequency", "norm"):
         raise ValueError(f"expert_score must be 'frequency' or 'norm', got {score!r}")
     found: dict[str, torch.Tensor] = {}
@@ -117,6 +121,8 @@ def expert_importance(model: Transformer, ids: torch.Tensor, score: str) -> dict
                 imp[e] = (weights[tok, slot].float() * y.float().norm(dim=-1)).sum()
         prefix = names[moe] + "."
         found[prefix] = found.get(prefix, torch.zeros_like(imp)) + imp
+        if inputs is not None:
+            inputs[prefix] = flat[:: max(1, flat.shape[0] // max_rows)][:max_rows].detach().clone()
 
     handles = [m.register_forward_hook(hook) for m in names]
     try:
@@ -170,16 +176,22 @@ def _new_sizes(cfg: Any, heads: int | None, mlp_keep: float | None, experts: int
 @torch.no_grad()
 def prune_structured(model: Transformer, heads: int | None = None, mlp_keep: float | None = None,
                      experts: int | None = None, expert_score: str = "frequency",
-                     calibration: torch.Tensor | None = None) -> tuple[Transformer, dict[str, Any]]:
+                     calibration: torch.Tensor | None = None, expert_reduce: str = "drop"
+                     ) -> tuple[Transformer, dict[str, Any]]:
     """A new, smaller Transformer: `heads` attention heads per layer, `mlp_keep` of the MLP channels, `experts`
-    routed experts per MoE layer (ranked on `calibration` token ids (B, T)). Returns (model, what changed)."""
+    routed experts per MoE layer (ranked on `calibration` token ids (B, T); the others dropped, or with
+    expert_reduce="merge" merged into the kept ones: r1kit.compress.merge). Returns (model, what changed)."""
     cfg = model.config
     if cfg.sparse_attention is not None:
         raise ValueError("prune-structured: sparse-attention models are not supported")
     new = _new_sizes(cfg, heads, mlp_keep, experts)
     if experts is not None and calibration is None:
         raise ValueError("prune-structured: pruning experts needs calibration token ids")
-    importance = expert_importance(model, calibration, expert_score) if experts is not None else {}
+    if expert_reduce not in ("drop", "merge"):
+        raise ValueError(f"prune-structured: expert_reduce must be 'drop' or 'merge', got {expert_reduce!r}")
+    inputs: dict[str, torch.Tensor] | None = {} if expert_reduce == "merge" else None
+    importance = expert_importance(model, calibration, expert_score, inputs) if experts is not None else {}
+    merged: dict[str, Any] = {}
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for p, block in _blocks(model).items():
         if heads is not None:
@@ -188,7 +200,9 @@ def prune_structured(model: Transformer, heads: int | None = None, mlp_keep: flo
         if isinstance(mlp, MLP) and mlp_keep is not None:
             _prune_mlp(sd, p + "mlp.", new["intermediate_size"])
         if isinstance(mlp, MoE):
-            if experts is not None:
+            if experts is not None and inputs is not None:
+                merged[p + "mlp."] = merge_experts(sd, p + "mlp.", importance[p + "mlp."], experts, inputs[p + "mlp."])
+            elif experts is not None:
                 _prune_experts(sd, p + "mlp.", importance[p + "mlp."], experts)
             if mlp_keep is not None:
                 _prune_expert_channels(sd, p + "mlp.experts.", mlp.experts.hidden, new["moe_intermediate_size"])
@@ -203,6 +217,8 @@ def prune_structured(model: Transformer, heads: int | None = None, mlp_keep: flo
         pruned.lm_head.weight = pruned.embed_tokens.weight
     report = {"config": {k: v for k, v in new.items()},
               "params_before": model.num_params(), "params_after": pruned.num_params()}
+    if merged:
+        report["merged_experts"] = merged  # MoE prefix -> {kept expert: [experts merged into it]}
     if importance:
         report["expert_importance"] = {p: [round(float(x), 4) for x in v] for p, v in importance.items()}
     return pruned.cast(model.embed_tokens.weight.dtype).eval(), report
