@@ -55,6 +55,7 @@ ROWS: dict[str, tuple[str, dict]] = {  # row -> (method, options), the most tell
     "fp8": ("fp8", {}),
 }
 COMBINED = "prune-structured + int4"
+REF = "bf16 (reference)"
 ROWS[COMBINED] = ("int4", {})
 TRAINS = ("qat-int8", "qat-int4", "fine-tune (control)")  # rows that fine-tune --qat-steps steps (same recipe)
 CHAINED = {COMBINED: "prune-structured", "fine-tune + int4 (control)": "fine-tune (control)"}  # row -> its source row
@@ -167,6 +168,8 @@ def main() -> None:
     p.add_argument("--qat-steps", type=int, default=0, help="fine-tune steps for QAT rows not in --reuse (0: skip)")
     p.add_argument("--only", default=None, help="comma-separated rows to run (default: all)")
     p.add_argument("--no-onnx", action="store_true")
+    p.add_argument("--reference-json", default=None,
+                   help="take the bf16 reference row from this earlier --json output instead of measuring it again")
     p.add_argument("--json", default=None, help="write every figure here")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -181,8 +184,10 @@ def main() -> None:
         root = Path(tmp)
         onnx = None if a.no_onnx else onnx_row(src, root, prompt, a.threads)  # first: the export's verification
         write_json(a, rows, onnx)
+        if a.reference_json:
+            rows[REF] = {**json.loads(Path(a.reference_json).read_text())["rows"][REF], "from": a.reference_json}
         for name in ["bf16 (reference)", *ROWS]:
-            if only and name not in only and name != "bf16 (reference)":
+            if (only and name not in only and name != REF) or name in rows:
                 continue
             start = time.perf_counter()
             folder = src if name == "bf16 (reference)" else build(name, src, root, a)
