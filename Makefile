@@ -3,7 +3,7 @@
 #   make venv    create .venv and install r1kit (runtime deps only)
 #   make dev     venv + test/lint tools ('.[dev]')
 #   make run     the main job: python -m r1kit demo
-#   make test    pytest + ruff (pass extra pytest args via PYTEST_ARGS="-k foo -x");
+#   make test    pytest on 2 workers + ruff (PYTEST_ARGS="-k foo -x" replaces the default "-n 2 --dist worksteal");
 #                also installs Debian's chromium for the chat page test (scripts/install_browser.sh) and
 #                bubblewrap for the code sandbox (scripts/install_sandbox.sh) and wordnet-base for EDA's
 #                synonyms (scripts/install_wordnet.sh)
@@ -18,7 +18,8 @@ PYTHON := $(BIN)/python
 PIP := $(PYTHON) -m pip
 # Pinned so pip takes the local CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_VERSION ?= 2.13.0
-PYTEST_ARGS ?=
+# two pytest workers (pytest-xdist): the suite is half subprocesses and servers, so it nearly halves on 2 cores
+PYTEST_ARGS ?= -n 2 --dist worksteal
 # Only lint the directories that exist (benchmarks/ may be absent in a fresh checkout).
 LINT_PATHS := $(wildcard r1kit tests benchmarks scripts)
 
