@@ -143,6 +143,58 @@ class Experts(nn.Module):
         return experts_loop(x, weights, idx, self.gate_up_proj, self.down_proj, self.hidden)
 
 
+class ExpertParallelExperts(nn.Module):
+    """Expert parallelism: this rank holds routed experts [rank * E/W, (rank + 1) * E/W) of the E, and a forward
+    exchanges tokens with the other ranks (all_to_all_single: dispatch, then combine) so that every (token, expert)
+    pair runs on the rank that holds its expert, through the same grouped matmul as `Experts`. Every rank of the
+    process group must call forward together. Outputs and gradients equal `Experts` on one process; an expert
+    weight's gradient sums the contributions of the tokens of all ranks. Swapped in for `MoE.experts` by
+    r1kit.train.distributed; `n_experts` stays E (the router and the loads count all experts)."""
+
+    def __init__(self, experts: Experts, rank: int, world: int, group: object = None):
+        super().__init__()
+        if experts.n_experts % world:
+            raise ValueError(f"expert parallelism: {experts.n_experts} experts do not divide across {world} ranks")
+        self.n_experts, self.hidden = experts.n_experts, experts.hidden
+        self.rank, self.world, self.group = rank, world, group
+        self.local = experts.n_experts // world
+        own = slice(rank * self.local, (rank + 1) * self.local)
+        self.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[own].clone())  # (E/W, 2I, C)
+        self.down_proj = nn.Parameter(experts.down_proj.detach()[own].clone())  # (E/W, C, I)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x (N, C), weights/idx (N, k) with global expert ids -> (N, C)."""
+        import torch.distributed as dist
+        from torch.distributed.nn.functional import all_to_all_single
+
+        k = idx.shape[1]
+        flat = idx.flatten()  # (N*k,)
+        order = flat.argsort(stable=True)  # pairs sorted by expert, hence by the rank that holds it
+        token = order // k
+        send = torch.bincount(flat[order] // self.local, minlength=self.world)  # (W,) pairs for each rank
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)
+        send_n, recv_n = send.tolist(), recv.tolist()
+        rows = all_to_all_single(x.new_empty(sum(recv_n), x.shape[1]), x[token], recv_n, send_n, self.group)
+        experts = flat.new_empty(sum(recv_n))  # the local expert of each received row
+        dist.all_to_all_single(experts, flat[order] % self.local, recv_n, send_n, group=self.group)
+        ys = self._grouped(rows, experts)  # (R, C)
+        back = all_to_all_single(x.new_empty(flat.numel(), x.shape[1]), ys, send_n, recv_n, self.group)  # (N*k, C)
+        back = back * weights.flatten()[order, None].to(back.dtype)
+        return torch.zeros_like(x).index_add_(0, token, back)
+
+    def _grouped(self, rows: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """The local experts on the received rows (R, C), each row's expert in `experts` (R,) -> (R, C)."""
+        if not rows.shape[0]:
+            return rows
+        order = experts.argsort(stable=True)
+        ends = torch.bincount(experts, minlength=self.local).cumsum(0).to(torch.int32)  # (E/W,)
+        h = torch._grouped_mm(rows[order], self.gate_up_proj.transpose(1, 2), offs=ends)  # (R, 2I)
+        gate, up = h.split(self.hidden, dim=-1)
+        ys = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=ends)  # (R, C)
+        return torch.empty_like(ys).index_copy_(0, order, ys)
+
+
 def experts_loop(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up: torch.Tensor,
                  down: torch.Tensor, hidden: int) -> torch.Tensor:
     """The reference SwiGLU experts: x (N, C), weights/idx (N, k), gate_up (E, 2H, C), down (E, C, H) -> (N, C),

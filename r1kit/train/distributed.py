@@ -176,7 +176,7 @@ class DDPModel(nn.parallel.DistributedDataParallel):
 
 
 def shard_fsdp(model: nn.Module, cfg: Any) -> nn.Module:
-    """FSDP2 (torchtitan's layout): ``fully_shard`` each transformer block and MTP depth, then the root; bf16
+    """FSDP2 (torchtitan's layout): ``fully_shard`` each transformer block (also MTP's), then the root; bf16
     compute with fp32 gradient reduction under precision bf16; optional CPU offload. In place."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -186,7 +186,7 @@ def shard_fsdp(model: nn.Module, cfg: Any) -> nn.Module:
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if cfg.precision == "bf16" else MixedPrecisionPolicy())
     offload = CPUOffloadPolicy() if cfg.distributed.cpu_offload else OffloadPolicy()
-    for block in [*model.layers, *model.mtp]:
+    for block in [*model.layers, *(depth.block for depth in model.mtp)]:  # MTP's norms/projection: the root's
         fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload)
     fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)
     return model
