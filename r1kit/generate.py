@@ -107,9 +107,9 @@ class SamplingParams:
                               "(each is searched for on every token)")
 
     def _validate_structured(self, bad: Callable[[str, str], GenerationError]) -> None:
-        """The shape of ``structured`` (what r1kit.structured compiles): one of the four kinds with its field."""
+        """The shape of ``structured`` (what r1kit.structured compiles): one of its kinds with its field."""
         spec, kinds = self.structured, {"json_object": None, "json_schema": ("schema", dict), "regex": ("pattern", str),
-                                        "choice": ("choices", list)}
+                                        "choice": ("choices", list), "grammar": ("grammar", str)}
         if not isinstance(spec, dict) or spec.get("type") not in kinds:
             raise bad("structured", f"must be a dict whose 'type' is one of {', '.join(kinds)}")
         field_type = kinds[spec["type"]]
@@ -231,11 +231,13 @@ def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | No
 
 @torch.inference_mode()
 def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                    stop_ids: Sequence[int] = ()) -> Iterator[list[int | None]]:
+                    stop_ids: Sequence[int] = (), embed_prompt: Callable[[torch.Tensor], torch.Tensor] | None = None
+                    ) -> Iterator[list[int | None]]:
     """Generate for a batch of prompts; yields, per step, the new token of each row (None once a row is done).
 
     A row is done after emitting a stop id (the stop id is yielded) or its token budget. Rows are left-padded
-    into one KV cache of exactly the size needed.
+    into one KV cache of exactly the size needed. embed_prompt, when given, maps the padded prompt ids (B, T) to
+    their input embeddings (B, T, C) for the prefill (media merged at placeholders: r1kit.multimodal).
     """
     if not prompts:
         raise GenerationError("generate_tokens: no prompts")
@@ -267,7 +269,8 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], params
             seen[:, 0] = torch.tensor([0 in p for p in prompts], device=device)
     stop = set(stop_ids)
     done = [False] * B
-    logits = model(ids, cache, last_only=True)[:, -1]
+    extra = {"inputs_embeds": embed_prompt(ids)} if embed_prompt is not None else {}
+    logits = model(ids, cache, last_only=True, **extra)[:, -1]
     for step in range(max(budgets)):
         token = sample(logits, params, seen, generator)  # (B,)
         out = token.tolist()  # the one host transfer per step

@@ -37,6 +37,10 @@ USER_TAG = "<｜User｜>"
 ASSISTANT_TAG = "<｜Assistant｜>"
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
+# Media placeholders (r1kit.multimodal): DeepSeek's image token, and an audio one in the same style; each is
+# expanded to the encoder's number of embeddings, which replace it in the input sequence.
+IMAGE_TOKEN = "<｜image｜>"
+AUDIO_TOKEN = "<｜audio｜>"
 
 DEEPSEEK_SPECIAL_TOKENS = [
     DEEPSEEK_BOS, DEEPSEEK_EOS, USER_TAG, ASSISTANT_TAG, THINK_OPEN, THINK_CLOSE, DEEPSEEK_PAD
