@@ -46,6 +46,10 @@ def _load_recipe(path: Path):
         return SafetyConfig.from_yaml(path)
     if name in ("finetune-default.yaml", "lora-nano.yaml"):
         return finetune_config("r1kit/nano", "train.jsonl", "runs/unused", str(path))
+    if name.startswith("nano-vl"):
+        from r1kit.multimodal.train import VLRecipe
+
+        return VLRecipe.from_yaml(path)
     return TrainConfig.from_yaml(path)
 
 
