@@ -50,6 +50,7 @@ test: dev
 	sh scripts/install_browser.sh
 	sh scripts/install_sandbox.sh
 	sh scripts/install_wordnet.sh
+	sh scripts/install_espeak.sh
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 	$(BIN)/ruff check $(LINT_PATHS)
 
