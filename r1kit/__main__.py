@@ -353,6 +353,33 @@ def cmd_train(a: argparse.Namespace) -> None:
         print(json.dumps(summary, indent=2))
 
 
+def cmd_plan(a: argparse.Namespace) -> None:
+    """Size a distributed training job: memory per GPU and communication per step under DDP, FSDP, FSDP + EP."""
+    from r1kit.model.config import format_count, preset
+    from r1kit.train.plan import Counts, format_plan, plan
+
+    counts = Counts.of(preset(a.preset))
+    plans = plan(counts, a.gpus, a.seq_len, a.micro_batch, a.ep, a.checkpointing)
+    if a.json:
+        print(json.dumps([p.to_dict() for p in plans], indent=2))
+        return
+    title = (f"{a.preset}: {format_count(counts.params)} parameters ({format_count(counts.expert_params)} in routed "
+             f"experts), {a.gpus} GPUs, micro-batch {a.micro_batch} x {a.seq_len} tokens"
+             + (", activation checkpointing" if a.checkpointing else ""))
+    print(format_plan(plans, a.gpu_memory, title))
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", required=True, help="a model preset (r1kit info lists them)")
+    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU (1e9 bytes)")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per step")
+    p.add_argument("--ep", type=int, default=None, help="expert-parallel degree (default: largest that divides)")
+    p.add_argument("--checkpointing", action="store_true", help="full activation checkpointing")
+    p.add_argument("--json", action="store_true")
+
+
 def cmd_rl(a: argparse.Namespace) -> None:
     """RL from a YAML recipe (configs/grpo-nano.yaml): GRPO with verifiable rewards, or rejection-sampling SFT
     (--mode rejection-sampling); --resume continues a killed GRPO run exactly."""
@@ -806,6 +833,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable[[argpar
                                       p.add_argument("--format", default="onnx", help="onnx or tflite"),
                                       p.add_argument("--int8", action="store_true",
                                                      help="onnx: also model.int8.onnx (ORT dynamic int8 MatMuls)"))),
+    "plan": (cmd_plan, _plan_args),
     "train": (cmd_train, lambda p: (p.add_argument("--config", required=True, help="YAML recipe"),
                                     p.add_argument("--resume", action="store_true"),
                                     p.add_argument("--out-dir", default=None), p.add_argument("--max-steps", type=int),
