@@ -326,7 +326,7 @@ def cmd_export(a: argparse.Namespace) -> None:
     """Export a checkpoint to ONNX (input_ids -> logits; --int8 adds ORT's int8 quantization) or TFLite."""
     from r1kit.export import export_checkpoint
 
-    result = export_checkpoint(a.model, a.out, a.format, int8=a.int8)
+    result = export_checkpoint(a.model, a.out, a.format, int8=a.int8, with_cache=a.with_cache)
     print(f"wrote {a.out}: {json.dumps(result)}")
 
 
@@ -832,7 +832,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable[[argpar
                                       p.add_argument("out", help="folder for model.onnx (or model.tflite)"),
                                       p.add_argument("--format", default="onnx", help="onnx or tflite"),
                                       p.add_argument("--int8", action="store_true",
-                                                     help="onnx: also model.int8.onnx (ORT dynamic int8 MatMuls)"))),
+                                                     help="onnx: also model.int8.onnx (ORT dynamic int8 MatMuls)"),
+                                      p.add_argument("--with-cache", action="store_true",
+                                                     help="onnx: the graph also takes and returns the KV cache"))),
     "plan": (cmd_plan, _plan_args),
     "train": (cmd_train, lambda p: (p.add_argument("--config", required=True, help="YAML recipe"),
                                     p.add_argument("--resume", action="store_true"),

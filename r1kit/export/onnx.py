@@ -5,13 +5,16 @@
     OrtGreedy("nano-onnx/model.onnx").generate([[0, 5, 7]], max_new_tokens=16)
 
 The graph: ``input_ids`` int64 [batch, sequence] -> ``logits`` float [batch, sequence, vocab] (the whole causal
-forward, no KV cache: each decode step runs the prefix again). Before tracing, the model is made exportable
-without changing what it computes: MLA runs its naive path (the absorbed one is picked by sequence length, a
-branch on a dynamic shape), and each MoE ``Experts`` becomes ``ExportableExperts``, whose dispatch has no
-data-dependent shapes: every expert runs on every token and a dense (tokens, experts) matrix of router weights
-(zero off the top-k) combines them; tested equal to the grouped dispatch. Quantized, low-rank and clustered
-layers trace through their reference paths. An exporter failure is reported as one error naming the module
-being traced, not the exporter's trace.
+forward, no KV cache: each decode step runs the prefix again). With ``with_cache`` (``--with-cache``) it also takes
+each layer's cache ``past.{i}.latent`` (MLA: the compressed latent and rotary key) or ``past.{i}.key`` /
+``past.{i}.value`` (GQA), of any past length (0 for the prompt), and returns ``present.{i}.*`` with the new
+tokens' entries appended, so that decoding is incremental; OrtGreedy drives either kind. Before tracing, the
+model is made exportable without changing what it computes: MLA runs its naive path (the absorbed one is picked
+by sequence length, a branch on a dynamic shape), and each MoE ``Experts`` becomes ``ExportableExperts``, whose
+dispatch has no data-dependent shapes: every expert runs on every token and a dense (tokens, experts) matrix of
+router weights (zero off the top-k) combines them; tested equal to the grouped dispatch. Quantized, low-rank
+and clustered layers trace through their reference paths. An exporter failure is reported as one error naming
+the module being traced, not the exporter's trace.
 """
 
 from __future__ import annotations
@@ -81,6 +84,51 @@ class ExportGraph(nn.Module):
         return m.lm_head(m.norm(x))  # (B, T, V)
 
 
+def cache_layout(model: Transformer) -> list[list[tuple[str, int]]]:
+    """Per decoder layer, its KV cache tensors as (name, sequence dim): MLA [("latent", 1)] (the compressed latent
+    and the rotary key, (B, S, kv_lora_rank + rope)), GQA [("key", 2), ("value", 2)] ((B, Hkv, S, D) each)."""
+    out = []
+    for layer in model.layers:
+        a, b = (layer.self_attn.new_cache(1, n, torch.float32, torch.device("meta")) for n in (2, 3))
+        dims = [next(d for d, (x, y) in enumerate(zip(t2.shape, t3.shape, strict=True)) if x != y)
+                for t2, t3 in zip(a, b, strict=True)]
+        names = ["latent"] if len(dims) == 1 else ["key", "value"]
+        out.append(list(zip(names, dims, strict=True)))
+    return out
+
+
+class CachedExportGraph(nn.Module):
+    """The exported function with a KV cache: input_ids (B, T) and every layer's past cache (B, P, ...) ->
+    logits (B, T, V) and every layer's present cache (P + T along its sequence dim). The T new tokens take
+    positions P .. P + T - 1; each layer's own cached attention writes them into [past, room for T] exactly as in
+    r1kit's KVCache decoding (the same modules), so ORT decoding is incremental."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model, self.layout = model, cache_layout(model)
+
+    def forward(self, input_ids: torch.Tensor, past: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        m, T = self.model, input_ids.shape[1]
+        P = past[0].shape[self.layout[0][0][1]]  # cached tokens
+        positions = torch.arange(T, device=input_ids.device)[None] + P  # (1, T)
+        keys = torch.arange(P + T, device=input_ids.device)  # (S,)
+        mask = (keys[None, :] <= positions[0, :, None])[None, None]  # (1, 1, T, P + T)
+        x = m.embed_tokens(input_ids)  # (B, T, C)
+        rope = m.rotary(positions, x.dtype)
+        presents: list[torch.Tensor] = []
+        it = iter(past)
+        for layer, tensors in zip(m.layers, self.layout, strict=True):
+            bufs = []
+            for _, d in tensors:
+                p = next(it)
+                room = list(p.shape)
+                room[d] = T
+                bufs.append(torch.cat((p, p.new_zeros(room)), dim=d))  # [past, T empty slots]
+            x = layer(x, rope, mask, tuple(bufs), P)  # writes the new entries at P .. P + T - 1
+            presents += bufs
+        return (m.lm_head(m.norm(x)), *presents)
+
+
 def make_exportable(model: Transformer) -> Transformer:
     """In place: MLA's naive path, ExportableExperts for every Experts (quantized experts are refused by name)."""
     model.set_mla_impl("naive")
@@ -114,11 +162,15 @@ def _failing_module(error: Exception) -> str:
     return where
 
 
-def export_onnx(model: Transformer, out: str | Path, opset: int = 18, example_len: int = 8) -> Path:
+def export_onnx(model: Transformer, out: str | Path, opset: int = 18, example_len: int = 8,
+                with_cache: bool = False) -> Path:
     """Write `out`/model.onnx: input_ids [batch, sequence] -> logits [batch, sequence, vocab], dynamic in both.
 
-    The model is exported in its current dtype (fp32 for a logits match within 1e-4). Raises ExportError when
-    onnx/onnxscript are missing or the model cannot be traced (naming the module).
+    with_cache: the graph also takes ``past.{i}.latent`` (MLA: [batch, past, kv_lora_rank + rope]) or
+    ``past.{i}.key`` / ``past.{i}.value`` (GQA: [batch, kv_heads, past, head_dim]) for each layer i and returns
+    ``present.{i}.*`` (past + sequence long); a first call passes past length 0. The model is exported in its
+    current dtype (fp32 for a logits match within 1e-4). Raises ExportError when onnx/onnxscript are missing or
+    the model cannot be traced (naming the module).
     """
     try:
         import onnx  # noqa: F401 - the exporter needs both
@@ -127,16 +179,31 @@ def export_onnx(model: Transformer, out: str | Path, opset: int = 18, example_le
         raise ExportError(f"ONNX export needs the 'export' extra (pip install 'r1kit[export]'): {e}") from None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if with_cache and model.config.sparse_attention is not None:
+        raise ExportError("--with-cache: sparse-attention models are not supported (their cache is not a KV list)")
     make_exportable(model.eval())
     ids = torch.randint(0, model.config.vocab_size, (2, example_len))
     ctx = model.config.max_position_embeddings
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", min=2, max=ctx)
+    batch = torch.export.Dim("batch")
+    seq = torch.export.Dim("sequence", min=1 if with_cache else 2, max=ctx)
+    graph, args, names, outputs = ExportGraph(model), (ids,), [INPUT], [OUTPUT]
+    shapes: dict[str, Any] = {"input_ids": {0: batch, 1: seq}}
+    if with_cache:
+        graph, past_len = CachedExportGraph(model), torch.export.Dim("past", min=0, max=ctx)
+        cache = model.new_cache(2, example_len)
+        args = (ids[:, :2], [t[(slice(None),) * d + (slice(0, example_len - 2),)].contiguous()
+                             for lay, tensors in zip(cache.layers, graph.layout, strict=True)
+                             for t, (_, d) in zip(lay, tensors, strict=True)])
+        flat = [(i, n, d) for i, tensors in enumerate(graph.layout) for n, d in tensors]
+        shapes["past"] = [{0: batch, d: past_len} for _, _, d in flat]
+        names += [f"past.{i}.{n}" for i, n, _ in flat]
+        outputs += [f"present.{i}.{n}" for i, n, _ in flat]
     file = out / "model.onnx"
     try:
         with torch.no_grad():
-            program = torch.onnx.export(ExportGraph(model).eval(), (ids,), dynamo=True, input_names=[INPUT],
-                                        output_names=[OUTPUT], dynamic_shapes={"input_ids": {0: batch, 1: seq}},
-                                        opset_version=opset, external_data=False, verbose=False)
+            program = torch.onnx.export(graph.eval(), args, dynamo=True, input_names=names, output_names=outputs,
+                                        dynamic_shapes=shapes, opset_version=opset, external_data=False,
+                                        verbose=False)
     except Exception as e:  # noqa: BLE001 - any exporter failure becomes one line naming the module
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"cannot export: tracing failed in {_failing_module(e)}: {first[:300]}") from None
@@ -154,7 +221,9 @@ def quantize_onnx_int8(file: str | Path, out: str | Path) -> Path:
 
 
 class OrtGreedy:
-    """Greedy decoding with ONNX Runtime on an exported model.onnx (no cache: every step runs the whole prefix)."""
+    """Greedy decoding with ONNX Runtime on an exported model.onnx. A graph exported with_cache is driven
+    incrementally (the prompt once, then one token per step with the returned cache); a plain one runs the whole
+    prefix every step."""
 
     def __init__(self, file: str | Path, threads: int | None = None):
         import onnxruntime as ort
@@ -163,12 +232,38 @@ class OrtGreedy:
         if threads:
             opts.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(file), opts, providers=["CPUExecutionProvider"])
+        self.past = [i for i in self.session.get_inputs() if i.name.startswith("past.")]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def cached(self) -> bool:
+        return bool(self.past)
+
+    def empty_cache(self, batch: int) -> list[Any]:
+        """Past tensors of length 0 for `batch` rows (each input's fixed dims from the graph)."""
+        import numpy as np
+
+        def dims(shape: list) -> list[int]:  # [batch, (heads,) past, width]: symbolic names -> batch / 0
+            return [batch if i == 0 else (d if isinstance(d, int) else 0) for i, d in enumerate(shape)]
+
+        return [np.zeros(dims(i.shape), dtype=np.float32) for i in self.past]
+
+    def step(self, ids: Any, cache: list[Any]) -> tuple[Any, list[Any]]:
+        """ids (B, T) after the cached tokens -> (logits (B, T, V), the new cache). Cached graphs only."""
+        import numpy as np
+
+        feed = {INPUT: np.asarray(ids, dtype=np.int64), **{i.name: c for i, c in zip(self.past, cache, strict=True)}}
+        logits, *present = self.session.run(self.outputs, feed)
+        return logits, present
 
     def logits(self, ids: Any) -> Any:
         """ids int64 (B, T) (numpy or nested lists) -> logits numpy (B, T, V)."""
         import numpy as np
 
-        return self.session.run([OUTPUT], {INPUT: np.asarray(ids, dtype=np.int64)})[0]
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.cached:
+            return self.step(ids, self.empty_cache(ids.shape[0]))[0]
+        return self.session.run([OUTPUT], {INPUT: ids})[0]
 
     def generate(self, ids: Any, max_new_tokens: int, eos_id: int | None = None) -> list[list[int]]:
         """Continue each row of ids (B, T) greedily by max_new_tokens tokens (a row stops at eos_id)."""
@@ -176,18 +271,25 @@ class OrtGreedy:
 
         ids = np.asarray(ids, dtype=np.int64)
         done = np.zeros(ids.shape[0], dtype=bool)
+        cache = self.empty_cache(ids.shape[0]) if self.cached else None
+        new = ids
         for _ in range(max_new_tokens):
-            nxt = self.logits(ids)[:, -1].argmax(-1)  # (B,)
+            if cache is not None:
+                logits, cache = self.step(new, cache)  # only the tokens not yet cached
+            else:
+                logits = self.logits(ids)
+            nxt = logits[:, -1].argmax(-1)  # (B,)
             if eos_id is not None:
                 nxt = np.where(done, eos_id, nxt)
                 done |= nxt == eos_id
-            ids = np.concatenate([ids, nxt[:, None]], axis=1)
+            ids, new = np.concatenate([ids, nxt[:, None]], axis=1), nxt[:, None]
             if done.all():
                 break
         return ids.tolist()
 
 
-def export_checkpoint(src: str | Path, out: str | Path, fmt: str = "onnx", int8: bool = False) -> dict[str, Any]:
+def export_checkpoint(src: str | Path, out: str | Path, fmt: str = "onnx", int8: bool = False,
+                      with_cache: bool = False) -> dict[str, Any]:
     """`r1kit export`: load checkpoint `src` in fp32 and write `out` in `fmt` (plus its tokenizer files)."""
     from r1kit.api import resolve_model_path
     from r1kit.checkpoint import load_model
@@ -200,8 +302,8 @@ def export_checkpoint(src: str | Path, out: str | Path, fmt: str = "onnx", int8:
         raise ExportError(f"unknown format {fmt!r}; formats: onnx, tflite")
     src = resolve_model_path(src)
     model = load_model(src, "cpu", torch.float32)
-    file = export_onnx(model, out)
-    result: dict[str, Any] = {"onnx": str(file), "bytes": file.stat().st_size}
+    file = export_onnx(model, out, with_cache=with_cache)
+    result: dict[str, Any] = {"onnx": str(file), "bytes": file.stat().st_size, "with_cache": with_cache}
     if int8:
         q = quantize_onnx_int8(file, Path(out) / "model.int8.onnx")
         result.update(int8=str(q), int8_bytes=q.stat().st_size)
