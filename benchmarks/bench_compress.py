@@ -116,7 +116,7 @@ def build(row: str, src: Path, root: Path, a: argparse.Namespace) -> Path | None
     return root / name
 
 
-def onnx_row(src: Path, root: Path, prompt: torch.Tensor, threads: int) -> dict:
+def onnx_row(src: Path, root: Path, prompt: torch.Tensor, threads: int, with_cache: bool = False) -> dict:
     from r1kit.checkpoint import load_model
     from r1kit.export import OrtGreedy, export_onnx
     from r1kit.export.onnx import quantize_onnx_int8
@@ -125,11 +125,12 @@ def onnx_row(src: Path, root: Path, prompt: torch.Tensor, threads: int) -> dict:
     check = torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(check).numpy()
-    _, r1_greedy = decode_tok_s(load_model(src, "cpu", torch.float32), prompt)
+    r1_tok_s, r1_greedy = decode_tok_s(load_model(src, "cpu", torch.float32), prompt)  # fp32, as exported
     start = time.perf_counter()
-    file = export_onnx(model, root / "onnx")
+    file = export_onnx(model, root / "onnx", with_cache=with_cache)
     export_s = time.perf_counter() - start
-    row = {"export_seconds": export_s, "onnx_bytes": file.stat().st_size}
+    row = {"export_seconds": export_s, "onnx_bytes": file.stat().st_size, "with_cache": with_cache,
+           "r1kit_fp32_decode_tok_s": r1_tok_s}
     for name, f in (("fp32", file), ("int8", quantize_onnx_int8(file, root / "onnx" / "model.int8.onnx"))):
         ort = OrtGreedy(f, threads=threads)
         got = ort.logits(check.numpy())
@@ -168,6 +169,7 @@ def main() -> None:
     p.add_argument("--qat-steps", type=int, default=0, help="fine-tune steps for QAT rows not in --reuse (0: skip)")
     p.add_argument("--only", default=None, help="comma-separated rows to run (default: all)")
     p.add_argument("--no-onnx", action="store_true")
+    p.add_argument("--onnx-with-cache", action="store_true", help="export the graph with its KV cache inputs/outputs")
     p.add_argument("--reference-json", default=None,
                    help="take the bf16 reference row from this earlier --json output instead of measuring it again")
     p.add_argument("--json", default=None, help="write every figure here")
@@ -182,7 +184,7 @@ def main() -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="r1kit-bench-compress-") as tmp:
         root = Path(tmp)
-        onnx = None if a.no_onnx else onnx_row(src, root, prompt, a.threads)  # first: the export's verification
+        onnx = None if a.no_onnx else onnx_row(src, root, prompt, a.threads, a.onnx_with_cache)  # first: the export
         write_json(a, rows, onnx)
         if a.reference_json:
             rows[REF] = {**json.loads(Path(a.reference_json).read_text())["rows"][REF], "from": a.reference_json}
@@ -207,10 +209,11 @@ def main() -> None:
     print_table(rows, a.kinds)
     if onnx:
         print(f"\nONNX (fp32 export, {onnx['export_seconds']:.0f} s, {onnx['onnx_bytes'] / 2**20:.1f} MiB): "
-              f"r1kit cached decode {rows['bf16 (reference)']['decode_tok_s']:.1f} tok/s")
+              f"r1kit fp32 cached decode {onnx['r1kit_fp32_decode_tok_s']:.1f} tok/s")
         for k in ("fp32", "int8"):
             o = onnx[k]
-            print(f"  ORT {k}: {o['bytes'] / 2**20:.1f} MiB, {o['decode_tok_s']:.1f} tok/s (no cache), max |logit "
+            cache = "with KV cache" if onnx["with_cache"] else "no cache"
+            print(f"  ORT {k}: {o['bytes'] / 2**20:.1f} MiB, {o['decode_tok_s']:.1f} tok/s ({cache}), max |logit "
                   f"error| / max |logit| {o['max_rel_logit_error']:.2e}, greedy {NEW} tokens equal to r1kit's: "
                   f"{o['greedy_equal_to_r1kit']} ({o['greedy_agreement']:.0%})")
     write_json(a, rows, onnx)
