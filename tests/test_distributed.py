@@ -28,7 +28,7 @@ MODELS = {"dense": {"preset": "tiny-dense", "overrides": {"num_layers": 2, "max_
           "moe": {"preset": "tiny-moe", "overrides": {"num_layers": 2, "max_position_embeddings": 64}}}
 
 
-def recipe(out: Path, model: str = "dense", mode: str = "none") -> TrainConfig:
+def recipe(out: Path, model: str = "dense", mode: str = "none", expert_parallel: bool = False) -> TrainConfig:
     """A tiny fp32 recipe; max_steps is far away so that runs stop by stop_after (no finalize, no plots)."""
     return TrainConfig.from_dict({
         "model": MODELS[model],
@@ -37,18 +37,18 @@ def recipe(out: Path, model: str = "dense", mode: str = "none") -> TrainConfig:
         "seq_len": 32, "batch_size": 4, "gradient_accumulation": 2, "learning_rate": 3e-3, "warmup_steps": 1,
         "max_steps": 100, "precision": "fp32", "eval_interval": 100, "eval_batches": 1, "checkpoint_interval": 2,
         "log_interval": 1, "threads": 1, "moe_balance_rate": 0.01, "out_dir": str(out),
-        "distributed": {"mode": mode, "timeout_s": 30.0}})
+        "distributed": {"mode": mode, "timeout_s": 30.0, "expert_parallel": expert_parallel}})
 
 
 def run(root: Path, name: str, model: str = "dense", mode: str = "none", steps: int = STEPS,
-        resume: bool = False) -> list[dict]:
+        resume: bool = False, expert_parallel: bool = False) -> list[dict]:
     """Train `steps` steps in root/name (the shared tokenizer copied in first); its metrics.jsonl step records."""
     from r1kit.train.loop import train
 
     out = root / name
     if not (out / "tokenizer").exists() and (root / "tokenizer").exists():
         shutil.copytree(root / "tokenizer", out / "tokenizer")
-    train(recipe(out, model, mode), resume=resume, progress=False, stop_after=steps)
+    train(recipe(out, model, mode, expert_parallel), resume=resume, progress=False, stop_after=steps)
     return curve(out)
 
 
@@ -133,6 +133,7 @@ def worker(root: Path) -> None:
             results["grads"][f"{mode}_{model_name}"] = grads_check(model_name, mode, Parallel(mode, par.rank, WORLD))
             run(root, f"{mode}_{model_name}", model_name, mode)
     results["expert_parallel"] = expert_parallel_check(par)
+    run(root, "ep_moe", "moe", "ddp", expert_parallel=True)
     run(root, "one_then_two", "dense", "fsdp", steps=STEPS // 2, resume=True)  # saved on 1 rank by pytest
     (root / f"results_rank{par.rank}.json").write_text(json.dumps(results))
     dist.barrier()
@@ -161,7 +162,7 @@ def job(tmp_path_factory):
     refs = {m: run(root, f"single_{m}", m) for m in ("dense", "moe")}
     shutil.copytree(root / "single_dense" / "tokenizer", root / "tokenizer")
     run(root, "one_then_two", "dense", "fsdp", steps=STEPS // 2)  # saved on 1 process, resumed on 2 below
-    for name in ("ddp_dense", "fsdp_dense", "ddp_moe", "fsdp_moe", "kill"):  # the ranks must not race to copy it
+    for name in ("ddp_dense", "fsdp_dense", "ddp_moe", "fsdp_moe", "ep_moe", "kill"):  # not copied by 2 ranks at once
         shutil.copytree(root / "tokenizer", root / name / "tokenizer")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
            __file__, str(root)]
@@ -186,9 +187,10 @@ def assert_same_curve(got: list[dict], want: list[dict], rtol: float) -> None:
     for a, b in zip(got, want, strict=True):
         assert a["tokens"] == b["tokens"]
         assert a["loss"] == pytest.approx(b["loss"], rel=rtol), (a["step"], a["loss"], b["loss"])
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=rtol), (a["step"], a["grad_norm"], b["grad_norm"])
 
 
-@pytest.mark.parametrize("name", ["ddp_dense", "fsdp_dense", "ddp_moe", "fsdp_moe"])
+@pytest.mark.parametrize("name", ["ddp_dense", "fsdp_dense", "ddp_moe", "fsdp_moe", "ep_moe"])
 def test_two_ranks_train_the_single_process_curve(job, name):
     mode, model = name.split("_")
     got = curve(job["root"] / name)

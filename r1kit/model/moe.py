@@ -149,9 +149,11 @@ class ExpertParallelExperts(nn.Module):
     pair runs on the rank that holds its expert, through the same grouped matmul as `Experts`. Every rank of the
     process group must call forward together. Outputs and gradients equal `Experts` on one process; an expert
     weight's gradient sums the contributions of the tokens of all ranks. Swapped in for `MoE.experts` by
-    r1kit.train.distributed; `n_experts` stays E (the router and the loads count all experts)."""
+    r1kit.train.distributed; `n_experts` stays E (the router and the loads count all experts). With a device
+    `mesh` the weights are DTensors sharded on dim 0 (torch.distributed.checkpoint then saves and reshards them as
+    the E experts, under the names of `Experts`); without one, plain tensors holding this rank's experts."""
 
-    def __init__(self, experts: Experts, rank: int, world: int, group: object = None):
+    def __init__(self, experts: Experts, rank: int, world: int, group: object = None, mesh: object = None):
         super().__init__()
         if experts.n_experts % world:
             raise ValueError(f"expert parallelism: {experts.n_experts} experts do not divide across {world} ranks")
@@ -159,8 +161,13 @@ class ExpertParallelExperts(nn.Module):
         self.rank, self.world, self.group = rank, world, group
         self.local = experts.n_experts // world
         own = slice(rank * self.local, (rank + 1) * self.local)
-        self.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[own].clone())  # (E/W, 2I, C)
-        self.down_proj = nn.Parameter(experts.down_proj.detach()[own].clone())  # (E/W, C, I)
+        gate_up = experts.gate_up_proj.detach()[own].clone()  # (E/W, 2I, C)
+        down = experts.down_proj.detach()[own].clone()  # (E/W, C, I)
+        if mesh is not None:
+            from torch.distributed.tensor import DTensor, Shard
+
+            gate_up, down = (DTensor.from_local(t, mesh, [Shard(0)], run_check=False) for t in (gate_up, down))
+        self.gate_up_proj, self.down_proj = nn.Parameter(gate_up), nn.Parameter(down)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x (N, C), weights/idx (N, k) with global expert ids -> (N, C)."""
@@ -187,11 +194,12 @@ class ExpertParallelExperts(nn.Module):
         """The local experts on the received rows (R, C), each row's expert in `experts` (R,) -> (R, C)."""
         if not rows.shape[0]:
             return rows
+        gate_up, down = (getattr(w, "to_local", lambda w=w: w)() for w in (self.gate_up_proj, self.down_proj))
         order = experts.argsort(stable=True)
         ends = torch.bincount(experts, minlength=self.local).cumsum(0).to(torch.int32)  # (E/W,)
-        h = torch._grouped_mm(rows[order], self.gate_up_proj.transpose(1, 2), offs=ends)  # (R, 2I)
+        h = torch._grouped_mm(rows[order], gate_up.transpose(1, 2), offs=ends)  # (R, 2I)
         gate, up = h.split(self.hidden, dim=-1)
-        ys = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=ends)  # (R, C)
+        ys = torch._grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=ends)  # (R, C)
         return torch.empty_like(ys).index_copy_(0, order, ys)
 
 

@@ -63,6 +63,7 @@ class Parallel:
     world: int = 1
     local_rank: int = 0
     timeout_s: float = 120.0
+    expert_parallel: bool = False  # ddp: the routed experts split across the ranks (ExpertParallelExperts)
 
     @property
     def is_main(self) -> bool:
@@ -141,17 +142,27 @@ class Parallel:
         return flat[:len(sums)].tolist(), loads, [int(v) for v in flat[len(sums):n].round()]
 
     def clip_grad_norm_(self, params: Iterable[nn.Parameter], max_norm: float) -> float:
-        """torch's clip_grad_norm_; with sharded (DTensor) gradients the norm is the whole model's."""
+        """torch's clip_grad_norm_; with sharded (DTensor) gradients the norm is the whole model's. Expert
+        parallel: the experts' gradients, which summed every rank's tokens, are first divided by the world size
+        (DDP averages the others), and the norm adds every rank's experts."""
         params = list(params)
-        if self.mode != "fsdp" or self.world == 1:
+        if self.world == 1 or (self.mode == "ddp" and not self.expert_parallel):
             return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         from torch.distributed.tensor import DTensor
 
-        total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        if isinstance(total, DTensor):
-            total = total.full_tensor()
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-        return float(total)
+        grads = [p.grad for p in params if p.grad is not None]
+        sharded = [g for g in grads if isinstance(g, DTensor)]
+        if self.expert_parallel:
+            for g in sharded:
+                g.div_(self.world)
+        plain = [g for g in grads if not isinstance(g, DTensor)]
+        norms = [torch.nn.utils.get_total_norm(group) for group in (sharded, plain)]
+        total = float(torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in norms]).norm())
+        coef = min(1.0, max_norm / (total + 1e-6))
+        if coef < 1.0:
+            for g in grads:
+                g.mul_(coef)
+        return total
 
     def wrap(self, model: nn.Module, cfg: Any) -> nn.Module:
         """What the loop calls for the training forward: the model itself (one process, or FSDP2, which shards
@@ -160,8 +171,24 @@ class Parallel:
             return model
         if self.mode == "fsdp":
             return shard_fsdp(model, cfg)
+        if self.expert_parallel:
+            split_experts(model, self)
         device_ids = [self.local_rank] if next(model.parameters()).device.type == "cuda" else None
         return DDPModel(model, device_ids=device_ids, forward_sync_buffers=False)
+
+
+def split_experts(model: nn.Module, par: Parallel) -> None:
+    """Expert parallelism under DDP: each MoE layer's routed experts replaced by this rank's E/W of them
+    (ExpertParallelExperts, DTensor weights sharded on dim 0), which DDP then leaves alone. In place."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from r1kit.model.moe import ExpertParallelExperts, MoE
+
+    mesh = init_device_mesh(next(model.parameters()).device.type, (par.world,))
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        moe.experts = ExpertParallelExperts(moe.experts, par.rank, par.world, mesh=mesh)
+    ignored = [name for name, p in model.named_parameters() if ".experts." in name]
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
 
 
 class DDPModel(nn.parallel.DistributedDataParallel):
@@ -201,7 +228,7 @@ def setup_parallel(cfg: Any, device: torch.device) -> Parallel:
         return Parallel()
     env = os.environ
     par = Parallel(d.mode, int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)),
-                   d.timeout_s)
+                   d.timeout_s, d.expert_parallel)
     if cfg.batch_size % par.world:
         raise DistributedError(f"batch_size = {cfg.batch_size} is the global batch and does not divide across "
                                f"{par.world} ranks ({cfg.batch_size} % {par.world} = {cfg.batch_size % par.world}); "
@@ -319,7 +346,7 @@ def remove_checkpoint(path: Path) -> None:
 def full_model(model: nn.Module, par: Parallel) -> nn.Module | None:
     """The whole trained model as ordinary tensors on rank 0 (None elsewhere); every rank must call it (FSDP
     gathers the shards). One process and DDP: the model itself."""
-    if par.mode != "fsdp" or par.world == 1:
+    if par.world == 1 or (par.mode == "ddp" and not par.expert_parallel):
         return model if par.is_main else None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
