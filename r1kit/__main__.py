@@ -338,10 +338,11 @@ def cmd_train(a: argparse.Namespace) -> None:
     overrides = {k: v for k, v in (("out_dir", a.out_dir), ("max_steps", a.max_steps)) if v is not None}
     if a.max_steps is not None:
         overrides["token_budget"] = None
+    if a.continual_from:  # continual learning from a previous run (r1kit.train.continual); init_from follows it
+        from r1kit.train.config import read_yaml_mapping
+
+        overrides["continual"] = {**(read_yaml_mapping(a.config).get("continual") or {}), "from_run": a.continual_from}
     cfg = TrainConfig.from_yaml(a.config, **overrides)
-    if a.continual_from:  # continual learning from a previous run (r1kit.train.continual)
-        d = cfg.to_dict()
-        cfg = TrainConfig.from_dict({**d, "continual": {**d["continual"], "from_run": a.continual_from}}, a.config)
     if a.distributed:  # under torchrun: DDP or FSDP2 (r1kit.train.distributed)
         d = cfg.to_dict()
         cfg = TrainConfig.from_dict({**d, "distributed": {**d["distributed"], "mode": a.distributed}}, a.config)

@@ -226,7 +226,7 @@ class TrainConfig:
             raise TrainConfigError(f"continual.lwf_temperature = {c.lwf_temperature!r}: must be > 0")
         if c.from_run and self.init_from is None:  # a continual run starts from the previous run's model
             root = Path(c.from_run)
-            self.init_from = str(root / "final") if (root / "final" / "config.json").is_file() else str(root)
+            self.init_from = str(root) if (root / "tokenizer.json").is_file() else str(root / "final")  # model|run
 
     def _validate_data(self) -> None:
         d = self.data
