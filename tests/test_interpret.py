@@ -40,6 +40,13 @@ def test_rollout_and_flow_by_hand():
             assert abs(float(flow[g, j]) - hand) < 1e-5
 
 
+def test_chain_through_generation_by_hand():
+    full = torch.tensor([[2.0, 0.0, 0.0, 0.0],  # generated token 0: all from prompt token 0 (|row| = 2)
+                         [0.2, 0.1, 0.7, 0.0]])  # token 1: 0.7 through generated token 0
+    chained = attribution.chain_through_generation(full, 2)
+    torch.testing.assert_close(chained, torch.tensor([[2.0, 0.0], [0.9, 0.1]]))
+
+
 def test_top_paths_find_the_planted_path():
     pat = torch.zeros(2, 2, 4, 4)
     pat[:, :, torch.arange(4), torch.arange(4)] = 1.0  # everyone attends to itself ...
@@ -169,8 +176,9 @@ def test_explain_nano_schema_and_errors(nano):
     json.dumps({k: v for k, v in r.items() if k != "patterns"})
     with pytest.raises(TargetError, match="empty"):
         target_ids(nano, "")
-    with pytest.raises(TargetError, match="not a continuation this tokenizer can produce"):
-        target_ids(nano, "7+5=\u4e2d\u6587")
+    with pytest.raises(TargetError, match=r"after 'import o'.*' os'"):
+        target_ids(nano, "s", "import o")
+    assert target_ids(nano, "7+1", "What is 3") == nano.tokenizer.encode("7+1")
     with pytest.raises(QuadraticLimitError, match="limit of 8"):
         explain(nano, "What is 37+45?", chat=True, config=ExplainConfig(**FAST, max_quadratic_tokens=8))
 
@@ -182,15 +190,15 @@ def test_cli_explain_tiny_deepseek_and_qwen2(tmp_path, nano):
     from r1kit.api import random_checkpoint
 
     ckpt = random_checkpoint(tmp_path / "dsv3", "tiny-moe", tokenizer=nano.tokenizer, num_layers=2)
-    common = ["--device", "cpu", "--dtype", "fp32", "--max-new-tokens", "3", "--ig-steps", "2"]
+    common = ["--device", "cpu", "--dtype", "fp32", "--max-new-tokens", "3", "--methods", "rollout"]
     assert main(["explain", str(ckpt), "--prompt", "def f(x):", *common, "--json", str(tmp_path / "a.json")]) == 0
     a = json.loads((tmp_path / "a.json").read_text())
     assert len(a["generated_tokens"]) == 3 and a["expert_routes"][0][0]["layer"] == 1
     out = tmp_path / "q"
     assert main(["explain", "r1kit/nano-distill-qwen2", "--prompt", "What is 2+3?", "--chat", "--target", "2",
-                 *common, "--methods", "rollout,integrated_gradients", "--out", str(out)]) == 0
+                 *common, "--out", str(out)]) == 0
     page = (out / "report.html").read_text()
     assert "http://" not in page and "https://" not in page and "src=\"data:image/png;base64," in page
     assert (out / "attention_layer3.png").is_file() and (out / "ablation.png").is_file()
     assert not (out / "expert_routes.png").exists()  # dense model
-    assert main(["explain", "r1kit/nano-distill-qwen2", "--prompt", "x", "--target", "\u4e2d", *common]) == 2
+    assert main(["explain", "r1kit/nano-distill-qwen2", "--prompt", "import o", "--target", "s", *common]) == 2

@@ -12,6 +12,8 @@ Generated token i (at position P + i) is predicted at position q = P + i - 1; ev
   with the gradient of the target token's logit (its log-probability saturates when the model is sure).
 - `integrated_gradients` (Sundararajan et al. 2017) on the token embeddings (through the hook_embed point):
   straight line from a zero baseline, midpoint Riemann sum of `steps` points; attribution = (x - x0) . mean grad.
+- `chain_through_generation`: any of these over all input positions, with the share given to earlier generated
+  tokens passed on to the prompt tokens those came from.
 - `top_paths`: the best chains prompt token -> layer/head -> ... -> output by the product of the rollout's edge
   weights (beam search), each hop labelled with the head that attends most along it (or "residual").
 
@@ -55,17 +57,19 @@ def residual_attention(patterns: torch.Tensor) -> torch.Tensor:
     return 0.5 * patterns.mean(1) + 0.5 * eye
 
 
-def attention_rollout(patterns: torch.Tensor, n_prompt: int) -> torch.Tensor:
-    """patterns (L, H, N, N), n_prompt P -> (G, P) with G = N - P generated tokens."""
+def attention_rollout(patterns: torch.Tensor, n_prompt: int, full: bool = False) -> torch.Tensor:
+    """patterns (L, H, N, N), n_prompt P -> (G, P) with G = N - P generated tokens; (G, N) with full (every input
+    position, the earlier generated tokens included)."""
     A = residual_attention(patterns)
     R = torch.eye(A.shape[-1])
     for layer in A:
         R = layer @ R  # (N, N): output position <- input position
-    return R[n_prompt - 1:-1, :n_prompt]
+    return R[n_prompt - 1:-1, :None if full else n_prompt]
 
 
-def attention_flow(patterns: torch.Tensor, n_prompt: int) -> torch.Tensor:
-    """patterns (L, H, N, N) -> (G, P): max-flow from each query node (top layer) to each prompt node (input)."""
+def attention_flow(patterns: torch.Tensor, n_prompt: int, full: bool = False) -> torch.Tensor:
+    """patterns (L, H, N, N) -> (G, P): max-flow from each query node (top layer) to each prompt node (input);
+    (G, N) with full (flows to later positions are 0)."""
     try:
         from scipy.sparse import csr_matrix
         from scipy.sparse.csgraph import maximum_flow
@@ -84,9 +88,9 @@ def attention_flow(patterns: torch.Tensor, n_prompt: int) -> torch.Tensor:
         caps.append(np.round(A[layer, q, j] * 1e6).astype(np.int32))
     graph = csr_matrix((np.concatenate(caps), (np.concatenate(rows), np.concatenate(cols))),
                        shape=((L + 1) * N, (L + 1) * N))
-    out = torch.zeros(N - n_prompt, n_prompt)
+    out = torch.zeros(N - n_prompt, N if full else n_prompt)
     for g, q in enumerate(range(n_prompt - 1, N - 1)):
-        for j in range(n_prompt):
+        for j in range(q + 1 if full else n_prompt):
             out[g, j] = maximum_flow(graph, L * N + q, j, method="dinic").flow_value / 1e6
     return out
 
@@ -98,8 +102,9 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, n_prompt: int) -> to
     return lp.gather(-1, target[None, :, None].expand(lp.shape[0], -1, 1))[..., 0]
 
 
-def grad_x_attention(model: Transformer, ids: torch.Tensor, n_prompt: int) -> torch.Tensor:
-    """(G, P): Chefer et al.'s gradient-weighted attention rollout, one backward per generated token."""
+def grad_x_attention(model: Transformer, ids: torch.Tensor, n_prompt: int, full: bool = False) -> torch.Tensor:
+    """(G, P), or (G, N) with full: Chefer et al.'s gradient-weighted attention rollout, one backward per
+    generated token."""
     names = pattern_names(model)
     with torch.enable_grad():
         logits, cache = model.run_with_cache(ids, names=names, detach=False)
@@ -114,13 +119,14 @@ def grad_x_attention(model: Transformer, ids: torch.Tensor, n_prompt: int) -> to
             for a, grad in zip(patterns, grads, strict=True):
                 cam = (grad[0] * a[0]).detach().float().clamp(min=0).mean(0)  # (N, N)
                 R = R + cam @ R
-            rows.append(R[n_prompt - 1 + g, :n_prompt])
+            rows.append(R[n_prompt - 1 + g, :None if full else n_prompt])
     return torch.stack(rows)
 
 
-def integrated_gradients(model: Transformer, ids: torch.Tensor, n_prompt: int, steps: int = 32) -> torch.Tensor:
-    """(G, P): integrated gradients of each generated token's log-prob on the embeddings (zero baseline),
-    summed over the hidden channels. Midpoint Riemann sum with `steps` points, batched in one forward."""
+def integrated_gradients(model: Transformer, ids: torch.Tensor, n_prompt: int, steps: int = 32, full: bool = False
+                         ) -> torch.Tensor:
+    """(G, P), or (G, N) with full: integrated gradients of each generated token's log-prob on the embeddings
+    (zero baseline), summed over the hidden channels. Midpoint Riemann sum of `steps` points, one forward."""
     alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps  # (m,)
     embed = model.embed_tokens(ids).detach()  # (1, N, C)
     scaled = (alphas[:, None, None] * embed.float()).to(embed.dtype).requires_grad_(True)  # (m, N, C)
@@ -131,8 +137,25 @@ def integrated_gradients(model: Transformer, ids: torch.Tensor, n_prompt: int, s
         for g in range(logp.shape[0]):
             (grad,) = torch.autograd.grad(logp[g], scaled, retain_graph=g + 1 < logp.shape[0])
             attr = (embed[0].float() * grad.float().mean(0)).sum(-1)  # (N,)
-            rows.append(attr[:n_prompt])
+            rows.append(attr[:None if full else n_prompt])
     return torch.stack(rows)
+
+
+def chain_through_generation(full: torch.Tensor, n_prompt: int) -> torch.Tensor:
+    """(G, N) attributions over every input position -> (G, P) over the prompt, crediting what each row gives
+    an earlier generated token to the prompt tokens that token itself came from (its own chained row, scaled to
+    unit L1 norm): c[g] = full[g, :P] + sum_{g' < g} full[g, P + g'] * c[g'] / |c[g']|_1.
+
+    A reasoning model computes its answer from its own trace ("7+5=" copies the operands' digits); the direct
+    (G, P) rows cannot see a prompt token that reaches the answer only through a generated copy."""
+    G = full.shape[0]
+    chained = torch.zeros(G, n_prompt)
+    for g in range(G):
+        chained[g] = full[g, :n_prompt]
+        for h in range(g):
+            norm = chained[h].abs().sum().clamp_min(1e-12)
+            chained[g] += full[g, n_prompt + h] * chained[h] / norm
+    return chained
 
 
 def top_paths(patterns: torch.Tensor, n_prompt: int, k: int = 5) -> list[list[dict]]:

@@ -4,9 +4,9 @@
 
 The dict (written as JSON by `r1kit explain --json`; schema in the README, "Interpretability"):
     prompt, prompt_tokens [P strings], generated_tokens [G strings], target_given (bool),
-    attributions {method: (G, P) scores}, paths [G lists of paths], expert_routes [(P + G) lists of
-    {layer, experts, weights}], ablation {metric, how, heads [...], experts [...]}, patching (or None),
-    counterfactuals [...], limits {max_quadratic_tokens, ...}.
+    attributions {method: (G, P) scores; method_chained: the same through the generated tokens},
+    paths [G lists of paths], expert_routes [(P + G) lists of {layer, experts, weights}],
+    ablation {metric, how, heads [...], experts [...]}, patching (or None), counterfactuals [...], config {...}.
 """
 
 from __future__ import annotations
@@ -58,8 +58,10 @@ def prompt_ids(model, prompt: str, chat: bool) -> list[int]:
     return tok.encode_chat([{"role": "user", "content": prompt}]) if chat else model._encode(prompt)
 
 
-def target_ids(model, target: str) -> list[int]:
-    """Token ids of a given target; TargetError when the tokenizer cannot produce exactly that text."""
+def target_ids(model, target: str, prompt: str | None = None) -> list[int]:
+    """Token ids of a given target; TargetError when the tokenizer cannot produce exactly that text, or (given
+    the plain prompt text) when it would not split prompt + target at the boundary: "import o" + "s" is
+    tokenized "import", " os", so the model never continues "import o" with "s"."""
     tok = model._tok()
     if not target:
         raise TargetError("--target is empty: give the continuation to explain, or omit it to explain the "
@@ -71,6 +73,11 @@ def target_ids(model, target: str) -> list[int]:
                                                                                                    len(target)))
         raise TargetError(f"target {target!r} is not a continuation this tokenizer can produce: it decodes back "
                           f"as {back!r} (differs at character {at}: {target[at:at + 10]!r})")
+    if prompt is not None and model._encode(prompt + target) != model._encode(prompt) + ids:
+        whole = [tok.decode([i]) for i in model._encode(prompt + target)]
+        raise TargetError(f"target {target!r} is not a continuation this tokenizer can produce after {prompt!r}: "
+                          f"the whole text is tokenized {whole[-6:]} (last tokens), across the boundary; move the "
+                          f"boundary to a token edge")
     return ids
 
 
@@ -101,7 +108,8 @@ def explain(model, prompt: str, target: str | None = None, chat: bool = False, c
     cfg = config or ExplainConfig()
     tok, net = model._tok(chat), model.model
     p_ids = prompt_ids(model, prompt, chat)
-    g_ids = target_ids(model, target) if target is not None else greedy_ids(model, p_ids, cfg.max_new_tokens)
+    g_ids = (target_ids(model, target, None if chat else prompt) if target is not None
+             else greedy_ids(model, p_ids, cfg.max_new_tokens))
     ids = torch.tensor([p_ids + g_ids], device=model.device)  # (1, N)
     P, N = len(p_ids), ids.shape[1]
     check_length(N, cfg.max_quadratic_tokens, "explain (rollout, flow, paths, patching, substitution)")
@@ -128,12 +136,18 @@ def explain(model, prompt: str, target: str | None = None, chat: bool = False, c
 
 
 def attributions(net, ids: torch.Tensor, P: int, patterns: torch.Tensor, cfg: ExplainConfig) -> dict[str, list]:
-    """{method: (G, P) nested lists} for the configured methods."""
-    run = {"rollout": lambda: attribution.attention_rollout(patterns, P),
-           "flow": lambda: attribution.attention_flow(patterns, P),
-           "grad_x_attention": lambda: attribution.grad_x_attention(net, ids, P),
-           "integrated_gradients": lambda: attribution.integrated_gradients(net, ids, P, cfg.ig_steps)}
-    return {m: [[round(float(v), 6) for v in row] for row in run[m]()] for m in cfg.methods}
+    """{method: (G, P) nested lists, method + "_chained": the same passed through the generated tokens} for the
+    configured methods (see attribution.chain_through_generation)."""
+    run = {"rollout": lambda: attribution.attention_rollout(patterns, P, full=True),
+           "flow": lambda: attribution.attention_flow(patterns, P, full=True),
+           "grad_x_attention": lambda: attribution.grad_x_attention(net, ids, P, full=True),
+           "integrated_gradients": lambda: attribution.integrated_gradients(net, ids, P, cfg.ig_steps, full=True)}
+    out = {}
+    for m in cfg.methods:
+        full = run[m]()  # (G, N)
+        for name, matrix in ((m, full[:, :P]), (f"{m}_chained", attribution.chain_through_generation(full, P))):
+            out[name] = [[round(float(v), 6) for v in row] for row in matrix]
+    return out
 
 
 def _patching(model, net, p_ids: list[int], corrupt: str | None, chat: bool, names: list[str]) -> dict | None:

@@ -37,7 +37,9 @@ def _save(fig, png: Path) -> Path:
 
 
 def _labels(tokens: list[str]) -> list[str]:
-    return [t.replace("\n", "\\n") if t.strip() else repr(t) for t in tokens]
+    """Tick labels: newlines and blanks visible; DeepSeek's fullwidth bar and U+2581 as DejaVu Sans has them."""
+    plain = [t.replace("\uff5c", "|").replace("\u2581", "_") for t in tokens]
+    return [t.replace("\n", "\\n") if t.strip() else repr(t) for t in plain]
 
 
 def plot_attention(patterns: torch.Tensor, tokens: list[str], out: Path) -> list[Path]:
@@ -136,17 +138,17 @@ img{max-width:100%;border:1px solid #ddd;margin:.5em 0}#sources{font-size:.9em;c
 <h1>r1kit explain</h1><p>Method <select id="method"></select> &mdash; hover (or click) a generated token to colour the
 prompt by its sources.</p><h3>Prompt</h3><div id="prompt"></div><h3>Generated</h3><div id="generated"></div>
 <p id="sources"></p>__IMAGES__<script id="data" type="application/json">__DATA__</script><script>
-const R=JSON.parse(document.getElementById('data').textContent);const sel=document.getElementById('method');
+const $=id=>document.getElementById(id);const R=JSON.parse($('data').textContent);const sel=$('method');
 for(const m of Object.keys(R.attributions)){const o=document.createElement('option');o.value=m;o.textContent=m;
 sel.appendChild(o);}function span(t,cls){const s=document.createElement('span');s.className='tok '+cls;
-s.textContent=t;return s;}const P=R.prompt_tokens.map(t=>span(t,'src'));P.forEach(s=>prompt.appendChild(s));
+s.textContent=t;return s;}const P=R.prompt_tokens.map(t=>span(t,'src'));P.forEach(s=>$('prompt').appendChild(s));
 let cur=0;function show(g){cur=g;const row=R.attributions[sel.value][g];const mx=Math.max(1e-12,...row.map(Math.abs));
 P.forEach((s,i)=>{const v=row[i]/mx;s.style.background=v>=0?`rgba(220,40,40,${v})`:`rgba(40,80,220,${-v})`;
 s.title=`${sel.value}: ${row[i].toPrecision(3)}`;});G.forEach((s,i)=>s.classList.toggle('sel',i===g));
 const top=row.map((v,i)=>[v,i]).sort((a,b)=>b[0]-a[0]).slice(0,3).map(([v,i])=>JSON.stringify(R.prompt_tokens[i]));
-sources.textContent=`sources of ${JSON.stringify(R.generated_tokens[g])} (${sel.value}): ${top.join(', ')}`;}
+$('sources').textContent=`sources of ${JSON.stringify(R.generated_tokens[g])} (${sel.value}): ${top.join(', ')}`;}
 const G=R.generated_tokens.map((t,g)=>{const s=span(t,'gen');s.dataset.g=g;s.onmouseenter=()=>show(g);
-s.onclick=()=>show(g);generated.appendChild(s);return s;});sel.onchange=()=>show(cur);if(G.length)show(0);
+s.onclick=()=>show(g);$('generated').appendChild(s);return s;});sel.onchange=()=>show(cur);if(G.length)show(0);
 </script></body></html>"""
 
 
