@@ -144,7 +144,7 @@ class ScaleGroup:
 
 def _mlp_groups(name: str, mlp: nn.Module, norm: RMSNorm) -> list[ScaleGroup]:
     consumers: list[tuple[str, torch.Tensor]] = []
-    groups = []
+    groups, group_name = [], f"{name}.in"
     dense = mlp.shared_experts if isinstance(mlp, MoE) else mlp
     if isinstance(mlp, MoE):
         consumers += [(f"{name}.gate", mlp.gate.weight)] if isinstance(mlp.gate, Router) else []
@@ -155,7 +155,7 @@ def _mlp_groups(name: str, mlp: nn.Module, norm: RMSNorm) -> list[ScaleGroup]:
         consumers += [(f"{name}.gate_proj", dense.gate_proj.weight), (f"{name}.up_proj", dense.up_proj.weight)]
         groups.append(ScaleGroup(f"{name}.down_proj", dense.down_proj, [dense.up_proj.weight],
                                  [(f"{name}.down_proj", dense.down_proj.weight)]))
-    return [ScaleGroup(f"{name}.in", mlp, [norm.weight], consumers), *groups]
+    return [ScaleGroup(group_name, mlp, [norm.weight], consumers), *groups]
 
 
 def scale_groups(model: nn.Module) -> list[ScaleGroup]:
