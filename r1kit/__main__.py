@@ -139,12 +139,15 @@ def cmd_chat(a: argparse.Namespace) -> None:
     model = _load(a)
     system = [{"role": "system", "content": a.system}] if a.system else []
     history = list(system)
+    media = _media_parts(a)  # --image/--audio/--dicom: attached to the first message
     print(f"r1kit chat: {model.path} ({model.info()['params_total_h']} params). /reset, /exit", flush=True)
     while (line := _read_line("> ")) is not None:
         if line in ("/exit", "/quit"):
             return
         if line == "/reset":
             history = list(system)
+        elif line and media:
+            history, media = _media_turn(model, history, line, media, a), []
         elif line and a.tools:
             history = _agent_turn(model, history, line, a)
         elif line:
@@ -167,6 +170,29 @@ def _agent_turn(model, history: list[dict], line: str, a: argparse.Namespace) ->
     print(result.reply.content + ("" if result.stopped == "answer" else f" [stopped after {a.max_steps} steps]"),
           flush=True)
     return result.messages
+
+
+def _media_parts(a: argparse.Namespace) -> list[dict[str, str]]:
+    """Content parts of the --image, --audio and --dicom files (r1kit.multimodal), in that order."""
+    return ([{"type": "image", "image": f} for f in a.image or []]
+            + [{"type": "audio", "audio": f} for f in a.audio or []]
+            + [{"type": "dicom", "path": f} for f in a.dicom or []])
+
+
+def _media_turn(model, history: list[dict], line: str, media: list[dict], a: argparse.Namespace) -> list[dict]:
+    """A user line with the attachments: the answer, then the modality gate's weights."""
+    messages = [*history, {"role": "user", "content": [*media, {"type": "text", "text": line}]}]
+    reply = model.chat(messages, thinking=not a.no_think, **_sampling(a))
+    print(reply.content, flush=True)
+    print(f"[modality weights: {reply.modality_weights}]", flush=True)
+    return [*messages, {"role": "assistant", "content": reply.content}]
+
+
+def cmd_train_vl(a: argparse.Namespace) -> None:
+    """Train a vision-audio-language model in stages (align, instruct) from a YAML recipe (configs/nano-vl.yaml)."""
+    from r1kit.multimodal.train import VLRecipe, train_vl
+
+    print(f"model written to {train_vl(VLRecipe.from_yaml(a.config), resume=a.resume)}")
 
 
 def _tool_names(text: str) -> str:
@@ -241,7 +267,8 @@ def _stream_answer(model, messages: list[dict[str, str]], a: argparse.Namespace)
 
 
 def cmd_convert(a: argparse.Namespace) -> None:
-    """Rewrite a checkpoint as safetensors: dequantise FP8, convert pickle, change dtype, reshard."""
+    """Rewrite a checkpoint as safetensors: dequantise FP8, convert pickle, change dtype, reshard; or a GGUF file
+    (llama.cpp / Ollama) as a Hugging Face-format folder."""
     import shutil
 
     import torch
@@ -254,6 +281,14 @@ def cmd_convert(a: argparse.Namespace) -> None:
     formats = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
     if a.dtype not in formats:
         raise ValueError(f"convert: --dtype {a.dtype!r} is not one of {sorted(formats)}")
+    if src.is_file() and src.suffix.lower() == ".gguf":  # llama.cpp / Ollama: dequantized (r1kit.gguf)
+        from r1kit.gguf import convert_gguf
+
+        if a.dtype == "fp8":
+            raise ValueError("convert: a GGUF file converts to fp32, bf16 or fp16")
+        convert_gguf(src, out, formats[a.dtype])
+        print(f"wrote {out} ({a.dtype}, from GGUF)")
+        return
     model = load_model(src, "cpu", torch.float32, allow_pickle=a.allow_pickle)  # storage format != compute dtype
     save_model(model, out, dtype=formats[a.dtype], max_shard_bytes=int(a.shard_gb * 2**30), fp8=a.dtype == "fp8")
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
@@ -814,6 +849,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable[[argpar
                                                  help="built-in tools the model may call (calculator)"),
                                   p.add_argument("--max-steps", type=int, default=8,
                                                  help="with --tools: model turns per message"),
+                                  p.add_argument("--image", action="append", help="attach an image (repeatable)"),
+                                  p.add_argument("--audio", action="append", help="attach a WAV file (repeatable)"),
+                                  p.add_argument("--dicom", action="append", help="attach a DICOM file (repeatable)"),
                                   _sampling_args(p))),
     "convert": (cmd_convert, lambda p: (p.add_argument("src"), p.add_argument("out"),
                                         p.add_argument("--dtype", default="bf16", help="fp32, bf16, fp16, fp8"),
@@ -845,6 +883,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable[[argpar
                                     p.add_argument("--continual-from", default=None, metavar="PREVIOUS_RUN",
                                                    help="continual learning from this run or model folder"),
                                     p.add_argument("--device", default="cpu"))),
+    "train-vl": (cmd_train_vl, lambda p: (p.add_argument("--config", required=True, help="YAML recipe (VLRecipe)"),
+                                          p.add_argument("--resume", action="store_true"))),
     "rl": (cmd_rl, lambda p: (p.add_argument("--config", required=True, help="YAML recipe (GRPOConfig)"),
                               p.add_argument("--mode", choices=("grpo", "rejection-sampling"), default="grpo"),
                               p.add_argument("--sft-config", default=None,

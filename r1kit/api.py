@@ -31,7 +31,7 @@ from r1kit.model.transformer import Transformer
 from r1kit.safety.shield import Screening, Shield
 from r1kit.structured import Guide, GuideFactory
 from r1kit.tokenizer import TextStream, Tokenizer
-from r1kit.tools import ToolCall, ToolCallParser, check_tool_choice, check_tools
+from r1kit.tools import ToolCall, ToolCallParser, ToolError, check_tool_choice, check_tools
 
 log = logging.getLogger("r1kit")
 BUNDLED_DIR = Path(__file__).parent  # bundled models live in the package: r1kit/<name>
@@ -50,6 +50,10 @@ def resolve_model_path(name: str | os.PathLike) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         return path.resolve()
+    if path.is_file() and path.suffix.lower() == ".gguf":  # llama.cpp / Ollama: converted once into a cache folder
+        from r1kit.gguf import gguf_folder
+
+        return gguf_folder(path)
     text = str(name)
     if text.startswith("r1kit/"):
         bundled = BUNDLED_DIR.resolve() / text.removeprefix("r1kit/")
@@ -97,6 +101,7 @@ class ChatReply:
     prompt_tokens: int
     completion_tokens: int
     tool_calls: list[ToolCall] = dataclasses.field(default_factory=list)  # the calls the answer made (tools=)
+    modality_weights: dict[str, float] | None = None  # the modality gate's weights, with media (r1kit.multimodal)
 
     def __str__(self) -> str:
         return self.content
@@ -122,6 +127,7 @@ class R1Model:
         self.speculative_stats: SpeculativeStats | None = None  # of the last speculative generate()
         self._guides: GuideFactory | None = None  # structured outputs' grammar compiler (complete(structured=))
         self.shield: Shield | None = None  # r1kit.safety: input screening, output redaction, audit (opt-in)
+        self.multimodal: Any = None  # r1kit.multimodal.VisionAudioLM around self.model, for a model with encoders
 
     @property
     def config(self):
@@ -188,6 +194,10 @@ class R1Model:
         elif chat_template is not None:
             tokenizer.chat_template = load_chat_template(None, None, override=chat_template)
         loaded = cls(model, tokenizer, path, choice.reason, engine_config)
+        if (path / "multimodal").is_dir():
+            from r1kit.multimodal.model import VisionAudioLM
+
+            loaded.multimodal = VisionAudioLM.attach(model, path)
         if adapter is not None:
             loaded.load_adapter(adapter)
         if safety is not None:
@@ -463,10 +473,26 @@ class R1Model:
         ``tools`` (OpenAI function tools, rendered by the model's chat template) and ``tool_choice`` ("auto",
         "none", "required" or ``{"type": "function", "function": {"name": ...}}``): the calls the answer makes are
         in ``reply.tool_calls`` (`r1kit.tools.ToolCall`, not made while streaming); ToolError for a bad tool.
+        "required" and a named function are enforced: the answer is decoded under the grammar of a call.
         ``structured`` (a grammar spec, see r1kit.structured) constrains the answer, after ``</think>`` when the
         prompt opened ``<think>``.
+
+        Media (a model with encoders, e.g. r1kit/nano-vl): a user message's content may be a list of parts,
+        ``{"type": "text", "text": ...}``, ``{"type": "image", "image": PATH | BYTES | ARRAY | PIL.Image}``,
+        ``{"type": "audio", "audio": PATH | BYTES | ARRAY, "sample_rate": HZ}``, ``{"type": "dicom", "path": ...}``;
+        ``reply.modality_weights`` then holds the modality gate's weights (see r1kit.multimodal.chat).
         """
+        from r1kit.multimodal.chat import has_media
+
+        if has_media(messages):
+            reply = self._chat_media(messages, thinking, sampling)
+            return iter([reply.text]) if stream else reply
         parser = self._tool_parser(tools, tool_choice)
+        if parser is not None and (forced := parser.constraint()) is not None:
+            if sampling.get("structured") is not None:
+                raise ToolError(f"tool_choice = {tool_choice!r:.60} makes the answer a tool call: it does not "
+                                "combine with structured", "tool_choice")
+            sampling["structured"] = forced
         ids = self._tok(chat=True).encode_chat(list(messages), add_generation_prompt=True, thinking=thinking,
                                                tools=parser.offered if parser else None)
         if sampling.get("max_new_tokens") is None and sampling.get("max_length") is None:  # as much as fits
@@ -495,6 +521,24 @@ class R1Model:
         found = parser.parse(tokens[0], thinking) if parser is not None else None
         content, calls = found if found is not None else (content, [])
         return ChatReply(reasoning, content, text, usage["prompt_tokens"], usage["completion_tokens"], calls)
+
+    def _chat_media(self, messages: Sequence[dict[str, Any]], thinking: bool, sampling: dict[str, Any]) -> ChatReply:
+        """chat() with image / audio / DICOM parts: the plain KV-cache loop with the media merged into the prefill."""
+        from r1kit.multimodal.chat import encode_media_chat, generate_with_media, weights_dict
+        from r1kit.multimodal.model import MissingEncoderError
+
+        if self.multimodal is None:
+            raise MissingEncoderError(f"{self.path or 'this model'} is text-only: it has no image or audio encoder")
+        tokenizer = self._tok(chat=True)
+        prompt = encode_media_chat(self.multimodal, tokenizer, messages, thinking)
+        if sampling.get("max_new_tokens") is None and sampling.get("max_length") is None:
+            sampling["max_new_tokens"] = default_max_new_tokens(len(prompt.ids), self.config.max_position_embeddings,
+                                                                "chat")
+        rows, weights = generate_with_media(self.multimodal, [prompt], SamplingParams(**sampling), self.stop_ids())
+        text = tokenizer.decode(rows[0], skip_special_tokens=True)
+        reasoning, content = tokenizer.split_reasoning(text, thinking)
+        return ChatReply(reasoning, content, text, len(prompt.ids), len(rows[0]),
+                         modality_weights=weights_dict(weights[0]))
 
     def _guide(self, spec: dict | None, after_think: bool = False) -> Guide | None:
         """A grammar guide for a structured-output spec (the factory is built on first use), applied after the

@@ -6,7 +6,9 @@
 
 A spec (``SamplingParams.structured``, its shape checked by ``SamplingParams.validate``) is one of
 ``{"type": "json_object"}``, ``{"type": "json_schema", "schema": {...}}``, ``{"type": "regex", "pattern": "..."}``,
-``{"type": "choice", "choices": ["a", "b"]}``. Each request gets its own `Guide` (an llguidance matcher): before
+``{"type": "choice", "choices": ["a", "b"]}``, ``{"type": "grammar", "grammar": LARK}`` (llguidance's Lark
+dialect: what r1kit.tools builds to enforce tool_choice "required" or a named function).
+Each request gets its own `Guide` (an llguidance matcher): before
 a step samples, the constrained rows' logits outside the grammar's next-token mask are set to -inf (the other rows
 of the batch are untouched), and after it the sampled token advances the matcher; once the grammar is complete
 only the end-of-sequence tokens are allowed. For a reasoning request (``think_close_id``: the prompt opened
@@ -27,7 +29,7 @@ from typing import Any
 
 import torch
 
-SPEC_TYPES = ("json_object", "json_schema", "regex", "choice")
+SPEC_TYPES = ("json_object", "json_schema", "regex", "choice", "grammar")
 
 
 class StructuredError(ValueError):
@@ -101,6 +103,8 @@ def _grammar(spec_json: str) -> str:
                                                                      defaults={"whitespace_flexible": False})
         elif kind == "regex":
             grammar = llguidance.LLMatcher.grammar_from_regex(spec["pattern"])
+        elif kind == "grammar":
+            grammar = llguidance.LLMatcher.grammar_from_lark(spec["grammar"])
         else:
             grammar = llguidance.LLMatcher.grammar_from_lark(
                 "start: " + " | ".join(json.dumps(c) for c in spec["choices"]))
@@ -113,7 +117,8 @@ def _grammar(spec_json: str) -> str:
 
 def _what(spec: Mapping[str, Any]) -> str:
     return {"json_object": "response_format json_object", "json_schema": "response_format json_schema",
-            "regex": "guided_regex", "choice": "guided_choice"}.get(spec.get("type"), "the constraint")
+            "regex": "guided_regex", "choice": "guided_choice",
+            "grammar": "the grammar (tool_choice)"}.get(spec.get("type"), "the constraint")
 
 
 def apply_guides(logits: torch.Tensor, guides: Sequence[Guide | None]) -> torch.Tensor:

@@ -4,10 +4,13 @@
     choice = check_tool_choice(request.get("tool_choice"), tools)   # "auto" | "none" | "required" | a name
     fmt = tool_format(tokenizer)                                    # "deepseek" | "hermes" | "llama3"
     content, calls = parse_tool_calls(text, fmt, tools)             # calls: [ToolCall(id, name, arguments)]
-    ToolCallParser(tokenizer, tools, choice, stop_ids).parse(token_ids)   # the same from a completion's ids
+    parser = ToolCallParser(tokenizer, tools, choice, stop_ids)
+    parser.parse(token_ids)                                           # the same from a completion's ids
+    parser.constraint()       # "required" / a name: the grammar (SamplingParams.structured) that forces a call
 
-"required" and a named tool_choice are not enforced while decoding: a completion without a (matching) call comes
-back as content, finish_reason "stop".
+"required" and a named tool_choice are enforced while decoding: the answer (after ``</think>`` for a reasoning
+model) is constrained by r1kit.structured to one or more well-formed calls in the model's format whose arguments
+follow each tool's parameter schema (one call of the named function for a named choice; Llama-3: one call).
 
 Formats (what the model writes after the chat template rendered the tools):
   deepseek  ``<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\n{...}
@@ -165,6 +168,14 @@ class ToolCallParser:
         text, calls = parse_tool_calls(content, self.format, self.tools)
         return (text, calls) if calls else None
 
+    def constraint(self) -> dict[str, Any] | None:
+        """The grammar spec (``{"type": "grammar", "grammar": lark}``, r1kit.structured) that makes the answer a
+        call when tool_choice is "required" or names a function; None for "auto" and "none"."""
+        if self.choice in ("auto", "none") or not self.tools:
+            return None
+        return {"type": "grammar", "grammar": tool_call_grammar(self.tokenizer, self.format, self.tools,
+                                                                several=self.choice == "required")}
+
 
 _DEEPSEEK_CALL = re.compile(r"<｜tool▁call▁begin｜>\s*(?:(?P<type>\w+)<｜tool▁sep｜>(?P<name>[^\n<]+)\s*```(?:json)?\s*"
                             r"(?P<args>.*?)\s*```|(?P<name2>[^\n<]+?)<｜tool▁sep｜>(?P<args2>.*?))\s*<｜tool▁call▁end｜>",
@@ -226,6 +237,47 @@ def _call(name: Any, args: Any, names: set[str]) -> ToolCall | None:
     if not isinstance(args, dict):
         return None
     return ToolCall(name.strip(), json.dumps(args, ensure_ascii=False))
+
+
+# ---------------------------------------------------------------------------------------------------- grammar
+def tool_call_grammar(tokenizer: Any, fmt: str, tools: Sequence[Mapping[str, Any]], several: bool = True) -> str:
+    """A Lark grammar (llguidance's dialect) of the answer that is only tool calls in format ``fmt``: each a call
+    of one of ``tools`` whose arguments follow its parameter schema, compact JSON (``", "`` and ``": "``). A
+    marker that is one token of ``tokenizer`` is that token (special tokens cannot be spelled); ``several``: one
+    or more calls, else exactly one."""
+    def marker(text: str) -> str:
+        token = tokenizer.token_to_id(text)
+        return f"<[{token}]>" if token is not None else json.dumps(text)
+
+    more = '("\\n" call)*' if several else ""
+    if fmt == "deepseek":
+        rules = [f'start: {marker("<｜tool▁calls▁begin｜>")} call {more} {marker("<｜tool▁calls▁end｜>")}',
+                 "call: " + " | ".join(f"call_{i}" for i in range(len(tools)))]
+        for i, tool in enumerate(tools):
+            head = json.dumps(tool["function"]["name"] + "\n```json\n")
+            args = json.dumps({**_arguments_schema(tool), **_COMPACT})
+            rules += [f'call_{i}: {marker("<｜tool▁call▁begin｜>")} "function" {marker("<｜tool▁sep｜>")} {head} '
+                      f'args_{i} "\\n```" {marker("<｜tool▁call▁end｜>")}', f"args_{i}: %json {args}"]
+        return "\n".join(rules) + "\n"
+    key = "parameters" if fmt == "llama3" else "arguments"
+    body = "body: %json " + json.dumps({"anyOf": [{
+        "type": "object", "properties": {"name": {"const": t["function"]["name"]}, key: _arguments_schema(t)},
+        "required": ["name", key], "additionalProperties": False} for t in tools], **_COMPACT})
+    if fmt == "llama3":
+        return f"start: body\n{body}\n"
+    if fmt == "hermes":
+        return (f"start: call {more}\n"
+                f'call: {marker("<tool_call>")} "\\n" body "\\n" {marker("</tool_call>")}\n{body}\n')
+    raise ValueError(f"tool format {fmt!r}: expected one of {TOOL_FORMATS}")
+
+
+_COMPACT = {"x-guidance": {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}}
+
+
+def _arguments_schema(tool: Mapping[str, Any]) -> dict[str, Any]:
+    """A tool's parameter schema (an object without properties when it declares none)."""
+    return dict(tool["function"].get("parameters") or {"type": "object", "properties": {},
+                                                       "additionalProperties": False})
 
 
 # ---------------------------------------------------------------------------------------------------- calculator

@@ -109,7 +109,7 @@ def nano_server():
 def _client(base: str):
     import openai
 
-    return openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=300)
 
 
 def test_http_completion_echo_logprobs_equal_log_softmax(nano_server) -> None:
@@ -181,3 +181,41 @@ def test_python_api_complete_prompt_logprobs(nano_server) -> None:
     assert [e.logprob for e in out.logprobs] == pytest.approx(
         [ref[len(ids) - 1 + i, t].item() for i, t in enumerate(out.token_ids)], abs=1e-4)
     assert out.text == model.generate(input_ids=ids, max_new_tokens=2, temperature=0)
+
+
+# ---------------------------------------------------------------------------------------------------- gRPC
+def test_grpc_logprobs_and_prompt_logprobs_equal_log_softmax(nano_server) -> None:
+    """SamplingOptions.logprobs / prompt_logprobs over a real gRPC channel: each value a plain forward's
+    log_softmax, the top alternatives its top-k; the streamed chunks carry the same entries."""
+    import grpc
+
+    from r1kit.serve.grpc_service import serve_grpc
+    from r1kit.serve.proto import r1kit_pb2 as pb
+    from r1kit.serve.proto import r1kit_pb2_grpc as pb_grpc
+
+    _, service, model = nano_server
+    server = serve_grpc(service, port=0)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GeneratorStub(channel)
+            request = pb.GenerateRequest(text="12+35=", sampling=pb.SamplingOptions(
+                max_new_tokens=3, temperature=0, logprobs=2, prompt_logprobs=2))
+            reply = stub.Generate(request, timeout=300)
+            chunks = list(stub.GenerateStream(request, timeout=300))
+            bad = pb.GenerateRequest(text="x", sampling=pb.SamplingOptions(logprobs=MAX_LOGPROBS + 1))
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Generate(bad, timeout=300)
+    finally:
+        server.stop(grace=None)
+    prompt = [e.token for e in reply.prompt_logprobs]
+    generated = [e.token for e in reply.logprobs]
+    assert prompt == model.tokenizer.encode("12+35=") and len(generated) == reply.usage.completion_tokens == 3
+    ref = reference_logprobs(model.model, prompt + generated)
+    assert reply.prompt_logprobs[0].none and not any(e.none for e in reply.prompt_logprobs[1:])
+    for p, entry in enumerate(list(reply.prompt_logprobs)[1:] + list(reply.logprobs), start=1):
+        assert entry.logprob == pytest.approx(ref[p - 1, entry.token].item(), abs=1e-4)
+        assert [t.logprob for t in entry.top] == pytest.approx(ref[p - 1].topk(2).values.tolist(), abs=1e-4)
+        assert entry.text == model.tokenizer.decode([entry.token])
+    assert [e for c in chunks for e in c.logprobs] == list(reply.logprobs)
+    assert [e for c in chunks for e in c.prompt_logprobs] == list(reply.prompt_logprobs)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "logprobs" in err.value.details()

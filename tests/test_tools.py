@@ -162,7 +162,7 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
     req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(), method="POST",
                                  headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
+        with urllib.request.urlopen(req, timeout=300) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
@@ -180,7 +180,7 @@ def test_http_tools_rendered_and_tool_messages(qwen_server) -> None:
                 {"role": "tool", "tool_call_id": "call_1", "content": "21 C"}]
     expected = transformers.AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(
         messages, tools=TOOLS, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=300)
     for stream in (False, True):
         out = client.chat.completions.create(model=service.model_name, messages=messages, tools=TOOLS, max_tokens=4,
                                              temperature=0, stream=stream, stream_options={"include_usage": True}
@@ -284,3 +284,169 @@ def test_cli_chat_with_tools(qwen_server, monkeypatch, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["chat", str(folder), "--tools", "shell"])
     assert "unknown tool(s) shell" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------- enforced
+BOUNDED = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+               "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo"]}},
+               "required": ["city"], "additionalProperties": False}}},
+           {"type": "function", "function": {"name": "calculator", "parameters": {
+               "type": "object", "properties": {"expression": {"type": "string", "maxLength": 5}},
+               "required": ["expression"], "additionalProperties": False}}}]
+
+
+def _valid_calls(calls, names) -> bool:
+    """Each call names one of ``names`` and its arguments validate against that tool's schema (jsonschema)."""
+    import jsonschema
+
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in BOUNDED}
+    for call in calls:
+        call = call if isinstance(call, dict) else call.to_openai()
+        assert call["function"]["name"] in names
+        jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]])
+    return bool(calls)
+
+
+@pytest.mark.parametrize("family, text", [
+    ("deepseek_r1", DS_CALL.replace("Paris", "Oslo").replace("2*3", "1+1")),
+    ("qwen2", "<tool_call>\n{\"name\": \"calculator\", \"arguments\": {\"expression\": \"2*3\"}}\n</tool_call>\n"
+              "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"),
+    ("llama3", "{\"name\": \"calculator\", \"parameters\": {\"expression\": \"2*3\"}}"),
+])
+def test_call_grammar_accepts_the_format_and_refuses_other_text(families, family, text) -> None:
+    """The grammar of tool_choice "required" takes the format's calls token by token (special markers as their
+    tokens), ends there, and refuses plain text, an unknown function and arguments outside the schema."""
+    import llguidance
+
+    from r1kit.structured import GuideFactory
+    from r1kit.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(families[1][family])
+    parser = ToolCallParser(tok, BOUNDED, "required", [tok.eos_id])
+    factory = GuideFactory(tok, tok.vocab_size, [tok.eos_id])
+
+    def accepts(candidate: str) -> bool:
+        matcher = factory.new(parser.constraint()).matcher
+        return all(matcher.consume_token(t) for t in tok.encode(candidate)) and matcher.is_accepting()
+
+    assert accepts(text) and _valid_calls(parse_tool_calls(text, parser.format, BOUNDED)[1], {"calculator",
+                                                                                              "get_weather"})
+    for bad in ["Sure, 2*3 is 6.", text.replace("calculator", "calculatrix"), text.replace("2*3", "2*3*4*5"),
+                text.replace("Oslo", "Rome")]:
+        if bad != text:
+            assert not accepts(bad), bad
+    named = ToolCallParser(tok, BOUNDED, "get_weather", [tok.eos_id]).constraint()["grammar"]
+    assert "calculator" not in named and llguidance.LLMatcher.validate_grammar(
+        llguidance.LLMatcher.grammar_from_lark(named)) == ""
+    assert ToolCallParser(tok, BOUNDED, "auto").constraint() is None
+
+
+@pytest.mark.parametrize("stream, choice", [(False, "required"),
+                                           (True, {"type": "function", "function": {"name": "get_weather"}})])
+def test_http_tool_choice_is_enforced(qwen_server, stream, choice) -> None:
+    """A random model makes no call on its own (test_http_tools_rendered_and_tool_messages); with tool_choice
+    "required" or a named function every answer is a valid call (finish_reason tool_calls), streamed or not."""
+    import openai
+
+    url, service, _, _ = qwen_server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=300)
+    names = {"calculator", "get_weather"} if choice == "required" else {"get_weather"}
+    for seed in range(2):
+        out = client.chat.completions.create(model=service.model_name, messages=[{"role": "user", "content": "hi"}],
+                                             tools=BOUNDED, tool_choice=choice, max_tokens=120, temperature=1,
+                                             seed=seed, stream=stream)
+        if stream:
+            chunks = [c.choices[0] for c in out if c.choices]
+            calls = [call.model_dump() for c in chunks for call in c.delta.tool_calls or []]
+            reason = chunks[-1].finish_reason
+        else:
+            calls, reason = [c.model_dump() for c in out.choices[0].message.tool_calls or []], \
+                out.choices[0].finish_reason
+        assert reason == "tool_calls" and _valid_calls(calls, names), (seed, calls, reason)
+
+
+def test_tool_choice_refuses_a_second_constraint(qwen_server) -> None:
+    url, service, model, _ = qwen_server
+    status, body = _post(url, {"model": service.model_name, "messages": [{"role": "user", "content": "hi"}],
+                               "tools": BOUNDED, "tool_choice": "required", "response_format": {"type": "json_object"},
+                               "max_tokens": 2})
+    assert status == 400 and body["error"]["param"] == "tool_choice"
+    with pytest.raises(ToolError, match="does not combine with structured"):
+        model.chat([{"role": "user", "content": "x"}], tools=BOUNDED, tool_choice="required",
+                   structured={"type": "json_object"})
+
+
+def test_r1model_chat_tool_choice_enforced_llama3(families, tmp_path) -> None:
+    from test_chat_template import write_family
+
+    from r1kit.api import R1Model, random_checkpoint
+
+    base, _ = families
+    folder = write_family(base, random_checkpoint(tmp_path, "tiny-dense", tokenizer=base, max_position_embeddings=2048),
+                          "llama3")
+    model = R1Model.from_pretrained(folder, device="cpu", dtype="fp32")
+    reply = model.chat([{"role": "user", "content": "Weather?"}], tools=BOUNDED, max_new_tokens=80, seed=0,
+                       tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert len(reply.tool_calls) == 1 and _valid_calls(reply.tool_calls, {"get_weather"})
+
+
+# ---------------------------------------------------------------------------------------------------- gRPC
+def _grpc_tool(tool: dict):
+    from r1kit.serve.proto import r1kit_pb2 as pb
+
+    f = tool["function"]
+    return pb.Tool(name=f["name"], description=f.get("description", ""), parameters=json.dumps(f["parameters"]))
+
+
+def test_grpc_tools_rendered_enforced_and_parsed(qwen_server) -> None:
+    """Over a real gRPC channel: tools and tool messages rendered as over HTTP (same prompt tokens), tool_choice
+    "required" / a name enforced (finish_reason TOOL_CALLS, valid calls, unary and streamed), bad tools and
+    choices INVALID_ARGUMENT naming the field."""
+    import grpc
+
+    from r1kit.serve.grpc_service import serve_grpc
+    from r1kit.serve.proto import r1kit_pb2 as pb
+    from r1kit.serve.proto import r1kit_pb2_grpc as pb_grpc
+
+    _, service, model, _ = qwen_server
+    history = [pb.ChatMessage(role="user", content="Weather in Paris?"),
+               pb.ChatMessage(role="assistant", tool_calls=[pb.ToolCall(id="call_1", name="get_weather",
+                                                                        arguments="{\"city\": \"Paris\"}")]),
+               pb.ChatMessage(role="tool", tool_call_id="call_1", content="21 C")]
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                    "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "21 C"}]
+    tools = [_grpc_tool(t) for t in BOUNDED]
+
+    def request(choice: str, **sampling) -> pb.GenerateRequest:
+        return pb.GenerateRequest(chat=pb.ChatPrompt(messages=history, tools=tools, tool_choice=choice),
+                                  sampling=pb.SamplingOptions(**{"max_new_tokens": 120, "temperature": 1, "seed": 0,
+                                                                 **sampling}))
+
+    server = serve_grpc(service, port=0)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GeneratorStub(channel)
+            free = stub.Generate(request("auto", max_new_tokens=3), timeout=300)
+            forced = stub.Generate(request("required"), timeout=300)
+            streamed = list(stub.GenerateStream(request("get_weather"), timeout=300))
+            errors = {}
+            for name, bad in {"choice": request("nope"), "schema": pb.GenerateRequest(chat=pb.ChatPrompt(
+                    messages=history, tools=[pb.Tool(name="f", parameters="{not json")])),
+                    "both": request("required", json_object=True)}.items():
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.Generate(bad, timeout=300)
+                errors[name] = (err.value.code(), err.value.details())
+    finally:
+        server.stop(grace=None)
+    assert free.usage.prompt_tokens == len(model.tokenizer.encode_chat(messages, tools=BOUNDED))
+    assert free.finish_reason == pb.FINISH_REASON_LENGTH and not free.tool_calls
+    for reply, names in ((forced, {"calculator", "get_weather"}), (streamed[-1], {"get_weather"})):
+        assert reply.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+        assert _valid_calls([{"function": {"name": c.name, "arguments": c.arguments}} for c in reply.tool_calls],
+                            names)
+    assert all(not c.content for c in streamed[:-1])  # held back until the calls are known
+    assert all(code == grpc.StatusCode.INVALID_ARGUMENT for code, _ in errors.values())
+    assert "chat.tool_choice" in errors["choice"][1] and "'nope'" in errors["choice"][1]
+    assert "chat.tools[0].parameters" in errors["schema"][1] and "tool_choice" in errors["both"][1]

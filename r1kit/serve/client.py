@@ -32,7 +32,8 @@ from r1kit.serve.proto import r1kit_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generator"].full_name  # "r1kit.v1.Generator"
 SERVER_METADATA_KEY = "r1kit-server"  # trailing metadata: which replica answered
-FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
+FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
+                  pb.FINISH_REASON_TOOL_CALLS: "tool_calls"}
 
 
 class R1ClientError(RuntimeError):

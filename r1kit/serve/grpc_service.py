@@ -36,7 +36,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from r1kit.generate import SamplingParams, default_max_new_tokens
+from r1kit.generate import SamplingParams, TokenLogprob, default_max_new_tokens
 from r1kit.safety.shield import InputBlocked, Screening
 from r1kit.serve.client import SERVER_METADATA_KEY, SERVICE_NAME
 from r1kit.serve.engine_service import (
@@ -50,15 +50,17 @@ from r1kit.serve.engine_service import (
 from r1kit.serve.ports import PortError, check_free, check_port
 from r1kit.serve.proto import r1kit_pb2 as pb
 from r1kit.serve.proto import r1kit_pb2_grpc as pb_grpc
+from r1kit.tools import ToolCall, ToolCallParser, check_tool_choice, check_tools
 
 log = logging.getLogger("r1kit.serve")
 
 # a chat message's role -> the chat template's (developer: OpenAI's newer name for system)
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 NO_DEADLINE = 1e8  # seconds: what grpc reports as the time remaining of a call without a deadline is beyond it
 MAX_REQUEST_ID_CHARS = 128  # a request_id is echoed in every streamed chunk
 MAX_DETAILS_CHARS = 1000  # of a status message (it may quote a client's value): clients refuse > 16 KiB trailers
-FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
+                  "tool_calls": pb.FINISH_REASON_TOOL_CALLS}
 
 
 class InvalidRequest(ValueError):
@@ -70,18 +72,27 @@ class _Prepared(NamedTuple):
     params: SamplingParams
     chat: bool  # split reasoning from content
     thinking: bool
+    tools: ToolCallParser | None = None  # a chat with tools: its calls parsed from the answer
 
 
 # ---------------------------------------------------------------------------------------------------- requests
 
 
-def _sampling_params(options: pb.SamplingOptions, default_max_new_tokens: int) -> SamplingParams:
-    """SamplingParams from the proto's optional fields (unset: r1kit's defaults); InvalidRequest if out of range."""
+def _sampling_params(options: pb.SamplingOptions, default_max_new_tokens: int,
+                     tools: ToolCallParser | None = None) -> SamplingParams:
+    """SamplingParams from the proto's optional fields (unset: r1kit's defaults); InvalidRequest if out of range.
+    ``tools``: a chat's tool parser, whose tool_choice "required" / name constrains the answer."""
     kwargs: dict = {"max_new_tokens": default_max_new_tokens, "stop": list(options.stop)}
-    for name in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed"):
+    for name in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "logprobs",
+                 "prompt_logprobs"):
         if options.HasField(name):
             kwargs[name] = getattr(options, name)
     kwargs["structured"] = _structured(options)
+    if tools is not None and (forced := tools.constraint()) is not None:
+        if kwargs["structured"] is not None:
+            raise InvalidRequest(f"chat.tool_choice = {tools.choice!r} makes the answer a tool call: it does not "
+                                 "combine with sampling.json_schema / json_object / regex / choice")
+        kwargs["structured"] = forced
     try:
         return SamplingParams(**kwargs)
     except ValueError as e:  # GenerationError names the field and its valid range
@@ -107,8 +118,9 @@ def _structured(options: pb.SamplingOptions) -> dict | None:
     return specs[0] if specs else None
 
 
-def _chat_messages(chat: pb.ChatPrompt) -> list[dict[str, str]]:
-    """The chat template's messages (a developer message is a system one); InvalidRequest naming the bad field."""
+def _chat_messages(chat: pb.ChatPrompt) -> list[dict]:
+    """The chat template's messages (a developer message is a system one; an assistant's tool calls and a tool
+    message's call id as OpenAI writes them); InvalidRequest naming the bad field."""
     if not chat.messages:
         raise InvalidRequest("chat.messages is empty: give at least one message")
     messages = []
@@ -117,8 +129,39 @@ def _chat_messages(chat: pb.ChatPrompt) -> list[dict[str, str]]:
             raise InvalidRequest(f"chat.messages[{i}].role = {m.role!r}: expected one of {', '.join(CHAT_ROLES)}")
         if not m.content and m.role != "assistant":
             raise InvalidRequest(f"chat.messages[{i}].content is empty: a {m.role} message needs text")
-        messages.append({"role": CHAT_ROLES[m.role], "content": m.content})
+        message: dict = {"role": CHAT_ROLES[m.role], "content": m.content}
+        if m.tool_calls:
+            message.update(content=m.content or None, tool_calls=[
+                ToolCall(c.name, c.arguments, c.id).to_openai() for c in m.tool_calls])
+        if m.tool_call_id:
+            message["tool_call_id"] = m.tool_call_id
+        messages.append(message)
     return messages
+
+
+def _tool_parser(service: EngineService, chat: pb.ChatPrompt) -> ToolCallParser | None:
+    """The chat's tool-call parser (None without tools); InvalidRequest naming the field of a bad tool (its
+    parameters must be JSON) or tool_choice."""
+    if not chat.tools and chat.tool_choice in ("", "none"):
+        return None
+    tools = []
+    for i, t in enumerate(chat.tools):
+        try:
+            parameters = json.loads(t.parameters) if t.parameters else None
+        except json.JSONDecodeError as e:
+            raise InvalidRequest(f"chat.tools[{i}].parameters is not valid JSON: {e}") from None
+        function = {"name": t.name, **({"description": t.description} if t.description else {}),
+                    **({"parameters": parameters} if parameters is not None else {})}
+        tools.append({"type": "function", "function": function})  # as the HTTP API passes it to the template
+    choice = chat.tool_choice or None
+    if choice not in (None, "auto", "none", "required"):
+        choice = {"type": "function", "function": {"name": choice}}
+    try:
+        checked = check_tools(tools) if tools else []
+        choice = check_tool_choice(choice, checked)
+    except ValueError as e:  # ToolError: its message names the field
+        raise InvalidRequest(f"chat.{e}") from None
+    return ToolCallParser(service.model.tokenizer, checked, choice, service.model.stop_ids()) if checked else None
 
 
 def _prepare(service: EngineService, request: pb.GenerateRequest) -> _Prepared:
@@ -130,14 +173,15 @@ def _prepare(service: EngineService, request: pb.GenerateRequest) -> _Prepared:
     if kind == "text":
         if not request.text:
             raise InvalidRequest("text is empty: give a prompt to continue")
-        ids, thinking = service.encode_prompt(request.text), False
+        ids, thinking, tools = service.encode_prompt(request.text), False, None
     else:
         messages = _chat_messages(request.chat)
         thinking = request.chat.thinking if request.chat.HasField("thinking") else True
-        ids = service.encode_chat(messages, thinking=thinking)
+        tools = _tool_parser(service, request.chat)
+        ids = service.encode_chat(messages, thinking=thinking, tools=tools.offered if tools else None)
     default = default_max_new_tokens(len(ids), service.context_length, "chat" if kind == "chat" else "completion")
-    params = _sampling_params(request.sampling, default)
-    return _Prepared(ids, params, kind == "chat", thinking)
+    params = _sampling_params(request.sampling, default, tools)
+    return _Prepared(ids, params, kind == "chat", thinking, tools)
 
 
 def _screen(service: EngineService, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Screening | None:
@@ -165,19 +209,59 @@ def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -
 
 
 class _Collector:
-    """Turns a request's text deltas into (text, reasoning, content) deltas: the reasoning split of a chat."""
+    """Turns a request's text deltas into (text, reasoning, content) deltas: the reasoning split of a chat. With
+    tools the content is held back to the last delta, where the calls are parsed out of it (`answer`)."""
 
-    def __init__(self, prepared: _Prepared, service: EngineService):
+    def __init__(self, prepared: _Prepared, service: EngineService, handle: RequestHandle):
         self.parser = service.reasoning_parser(prepared.thinking) if prepared.chat else None
+        self.prepared, self.handle, self.held = prepared, handle, ""
+        self.arrived = self.sent = 0  # generated tokens whose deltas came / whose logprobs went out
+        self.prompt_sent = False
 
-    def push(self, text: str, final: bool) -> tuple[str, str, str]:
+    def push(self, delta: TextDelta) -> tuple[str, str, str]:
+        self.arrived += len(delta.token_ids)
         if self.parser is None:
-            return text, "", text
-        reasoning, content = self.parser.push(text)
-        if final:
+            return delta.text, "", delta.text
+        reasoning, content = self.parser.push(delta.text)
+        if delta.finished:
             more_reasoning, more_content = self.parser.flush()
             reasoning, content = reasoning + more_reasoning, content + more_content
-        return text, reasoning, content
+        if self.prepared.tools is not None:
+            self.held, content = self.held + content, ""
+        return delta.text, reasoning, content
+
+    def answer(self, content: str) -> tuple[str, list[pb.ToolCall], int]:
+        """The finished answer's content, tool calls and finish reason (its calls parsed when it had tools)."""
+        handle, tools = self.handle, self.prepared.tools
+        found = tools.parse(handle.token_ids, self.prepared.thinking) if tools is not None else None
+        if found is None:
+            return self.held + content, [], FINISH_REASONS[handle.finish_reason]
+        return found[0], [pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in found[1]], \
+            pb.FINISH_REASON_TOOL_CALLS
+
+    def logprobs(self) -> dict[str, list[pb.TokenLogprob]]:
+        """The logprobs not sent yet (those of the tokens that arrived; the prompt's once), as message fields."""
+        handle, fields = self.handle, {}
+        if handle.params.logprobs is not None:
+            new = handle.logprobs[self.sent:self.arrived]
+            fields["logprobs"] = [_token_logprob(handle, lp.token, lp) for lp in new]
+            self.sent = self.arrived
+        if handle.prompt_logprobs is not None and not self.prompt_sent:
+            fields["prompt_logprobs"] = [_token_logprob(handle, t, lp)
+                                         for t, lp in zip(handle.prompt_ids, handle.prompt_logprobs, strict=False)]
+            self.prompt_sent = True
+        return fields
+
+
+def _token_logprob(handle: RequestHandle, token: int, lp: TokenLogprob | None) -> pb.TokenLogprob:
+    """One token's log-probability and its alternatives as the proto's message (``none``: a prompt's first)."""
+    def text(t: int) -> str:
+        return handle.tokenizer.decode([t]) if handle.tokenizer is not None else f"<{t}>"
+
+    if lp is None:
+        return pb.TokenLogprob(token=token, text=text(token), none=True)
+    return pb.TokenLogprob(token=token, text=text(token), logprob=lp.logprob,
+                           top=[pb.TopLogprob(token=t, text=text(t), logprob=v) for t, v in lp.top])
 
 
 # ---------------------------------------------------------------------------------------------------- the service
@@ -192,28 +276,30 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
         prepared, handle = self._submit(request, context)
-        collector = _Collector(prepared, self.service)
+        collector = _Collector(prepared, self.service, handle)
         text, reasoning, content = [], [], []
         for delta in self._deltas(handle, context):
-            t, r, c = collector.push(delta.text, delta.finished)
+            t, r, c = collector.push(delta)
             text.append(t), reasoning.append(r), content.append(c)
+        answer, calls, reason = collector.answer("".join(content))
         return pb.GenerateResponse(
             request_id=handle.request_id, model=self.service.model_name, text="".join(text),
-            reasoning="".join(reasoning), content="".join(content),
-            finish_reason=FINISH_REASONS[handle.finish_reason], usage=self._usage(handle))
+            reasoning="".join(reasoning), content=answer, finish_reason=reason, usage=self._usage(handle),
+            tool_calls=calls, **collector.logprobs())
 
     def GenerateStream(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateChunk]:
         prepared, handle = self._submit(request, context)
-        collector = _Collector(prepared, self.service)
+        collector = _Collector(prepared, self.service, handle)
         for delta in self._deltas(handle, context):
-            text, reasoning, content = collector.push(delta.text, delta.finished)
+            text, reasoning, content = collector.push(delta)
             if delta.finished:
+                answer, calls, reason = collector.answer(content)
                 yield pb.GenerateChunk(request_id=handle.request_id, model=self.service.model_name, text=text,
-                                       reasoning=reasoning, content=content,
-                                       finish_reason=FINISH_REASONS[handle.finish_reason], usage=self._usage(handle))
+                                       reasoning=reasoning, content=answer, finish_reason=reason,
+                                       usage=self._usage(handle), tool_calls=calls, **collector.logprobs())
             elif text:
                 yield pb.GenerateChunk(request_id=handle.request_id, model=self.service.model_name, text=text,
-                                       reasoning=reasoning, content=content)
+                                       reasoning=reasoning, content=content, **collector.logprobs())
 
     # ------------------------------------------------------------------------------------------ helpers
     def _submit(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> tuple[_Prepared, RequestHandle]:

@@ -57,6 +57,7 @@ from r1kit.generate import (
 from r1kit.model.transformer import ContextLengthError
 from r1kit.safety.shield import InputBlocked, Screening
 from r1kit.serve.engine_service import EngineService, QueueFullError, RequestHandle, ServiceClosedError, TextDelta
+from r1kit.sessions import SessionError, SessionStore
 from r1kit.structured import StructuredError
 from r1kit.tokenizer import PlainStreamParser, ReasoningStreamParser, TokenizerError
 from r1kit.tools import ToolCallParser, ToolError, check_tool_choice, check_tools
@@ -158,6 +159,7 @@ class ChatCompletionRequest(_Request):
     tools: list[dict[str, Any]] | None = None  # OpenAI function tools (r1kit.tools.check_tools)
     tool_choice: str | dict[str, Any] | None = None  # "auto" | "none" | "required" | {"type": "function", ...}
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None  # and its k most likely alternatives
+    session_id: str | None = None  # r1kit: the server keeps the conversation (r1kit.sessions); send new messages only
 
 
 # OpenAI parameters this server does not implement (yet). A request that turns one on gets 400 naming it rather
@@ -185,12 +187,13 @@ UNSUPPORTED_PARAMS: dict[str, Callable[[Any, _Request], bool] | None] = {
 # ---------------------------------------------------------------------------------------------------- the app
 def create_app(service: EngineService, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                max_tokens_limit: int | None = None, shutdown_timeout: float | None = 30.0,
-               cors_origins: Sequence[str] = ()) -> FastAPI:
+               cors_origins: Sequence[str] = (), sessions: SessionStore | None = None) -> FastAPI:
     """The FastAPI app serving ``service`` (already started). At app shutdown the service drains and stops
     (in-flight requests get up to ``shutdown_timeout`` seconds). ``api_key``: required as a Bearer token on
     /v1/* and /metrics when set. ``max_tokens_limit``: the most tokens one choice may ask for (None: the
     context). ``cors_origins``: origins (``"https://app.example"``, or ``"*"``) whose pages may call the API from
-    a browser; none by default (the chat page at / is same-origin and needs none)."""
+    a browser; none by default (the chat page at / is same-origin and needs none). ``sessions``: the store of
+    server-side conversations (chat requests with ``session_id``; none: such requests get 400)."""
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
@@ -210,7 +213,8 @@ def create_app(service: EngineService, *, api_key: str | None = None, max_body_b
                                                                                           "Content-Type"])
     _add_error_handlers(app)
     _add_info_routes(app, service, status_counts)
-    _add_generation_routes(app, service, max_tokens_limit)
+    _add_generation_routes(app, service, max_tokens_limit, sessions)
+    _add_session_routes(app, sessions)
     return app
 
 
@@ -274,7 +278,8 @@ def _add_info_routes(app: FastAPI, service: EngineService, status_counts: collec
         return _model_card(service)
 
 
-def _add_generation_routes(app: FastAPI, service: EngineService, max_tokens_limit: int | None) -> None:
+def _add_generation_routes(app: FastAPI, service: EngineService, max_tokens_limit: int | None,
+                           sessions: SessionStore | None = None) -> None:
     """POST /v1/completions and /v1/chat/completions: JSON, or server-sent events with ``stream``."""
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -297,8 +302,8 @@ def _add_generation_routes(app: FastAPI, service: EngineService, max_tokens_limi
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         _check_model(service, body.model)
         _refuse_unsupported(body)
-        messages = _chat_messages(body.messages)
         tools = _tool_parser(service, body)
+        messages = _session_messages(service, sessions, body, _chat_messages(body.messages), tools)
         ids = [_encode(lambda: service.encode_chat(messages, thinking=True, tools=tools and tools.offered), "messages")]
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
@@ -306,10 +311,88 @@ def _add_generation_routes(app: FastAPI, service: EngineService, max_tokens_limi
         users = [m["content"] for m in messages if m["role"] == "user"]  # the operator's system prompt is trusted
         if (screening := _screen(service, request, body, users, meta)) and screening.refusal is not None:
             return _refusal(body, meta, screening.refusal)
-        handles = _submit(service, body, ids, "chat", max_tokens_limit, screening)
+        handles = _submit(service, body, ids, "chat", max_tokens_limit, screening, tools)
+        if body.session_id is not None:
+            return await _session_answer(request, sessions, body, messages, handles, meta, service, tools)
         if body.stream:
             return _sse(_chat_chunks(handles, meta, _include_usage(body), service.reasoning_parser, tools))
         return await _until_done(request, handles, lambda: _chat_body(handles, meta, service.reasoning_parser, tools))
+
+
+def _add_session_routes(app: FastAPI, sessions: SessionStore | None) -> None:
+    """GET /v1/sessions/{id} (the kept messages) and DELETE /v1/sessions/{id}; 404 for an unknown session."""
+    def store() -> SessionStore:
+        if sessions is None:
+            raise APIError(404, "this server keeps no sessions (r1kit serve --sessions POLICY)", "not_found_error")
+        return sessions
+
+    @app.get("/v1/sessions/{session_id}")
+    async def get_session(session_id: str) -> dict[str, Any]:
+        messages = _session_call(lambda: store().history(session_id))
+        if not messages:
+            raise APIError(404, f"no session {session_id!r} (never started, deleted or expired)", "not_found_error")
+        return {"id": session_id, "object": "session", "messages": messages}
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def delete_session(session_id: str) -> dict[str, Any]:
+        return {"id": session_id, "object": "session", "deleted": _session_call(lambda: store().delete(session_id))}
+
+
+def _session_call(fn: Callable[[], Any]) -> Any:
+    """fn() with a SessionError as a 400 naming its field."""
+    try:
+        return fn()
+    except SessionError as e:
+        raise APIError(400, str(e), param=e.param) from None
+
+
+def _session_messages(service: EngineService, sessions: SessionStore | None, body: ChatCompletionRequest,
+                      messages: list[dict[str, Any]], tools: ToolCallParser | None) -> list[dict[str, Any]]:
+    """The messages of a chat: with ``session_id``, the session's history then the new ones, fitted to the context
+    less the reply's room (max_tokens, else a quarter of the context) by the session policy."""
+    if body.session_id is None:
+        return messages
+    if sessions is None:
+        raise APIError(400, "session_id: this server keeps no sessions (start it with r1kit serve --sessions "
+                       "POLICY)", param="session_id")
+    reply_room = body.max_completion_tokens or body.max_tokens or service.context_length // 4
+
+    def count(candidate: list[dict[str, Any]]) -> int:
+        try:
+            return len(service.encode_chat(candidate, thinking=True, tools=tools and tools.offered))
+        except ContextLengthError:  # more text than the context could hold: too long whatever its tokens
+            return service.context_length + 1
+
+    history = _session_call(lambda: sessions.history(body.session_id))
+    fitted, _ = _session_call(lambda: sessions.fit(history + messages, count, service.context_length - reply_room))
+    return fitted
+
+
+async def _session_answer(request: Request, sessions: SessionStore, body: ChatCompletionRequest,
+                          messages: list[dict[str, Any]], handles: list[RequestHandle], meta: _Meta,
+                          service: EngineService, tools: ToolCallParser | None) -> Response:
+    """A session chat's answer (streamed or not); once it is whole, the turn is kept: the fitted messages and the
+    first choice's reply (its content, or its tool calls)."""
+    def keep(message: dict[str, Any]) -> None:
+        reply = {"role": "assistant", "content": message.get("content")}
+        if message.get("tool_calls"):
+            reply["tool_calls"] = message["tool_calls"]
+        sessions.record(body.session_id, messages, reply)
+
+    if not body.stream:
+        answer = await _until_done(request, handles, lambda: _chat_body(handles, meta, service.reasoning_parser,
+                                                                         tools))
+        found = json.loads(answer.body)
+        keep(found["choices"][0]["message"])
+        return JSONResponse({**found, "session_id": body.session_id}, status_code=answer.status_code)
+
+    async def events() -> AsyncIterator[list[bytes]]:
+        async for batch in _chat_chunks(handles, meta, _include_usage(body), service.reasoning_parser, tools):
+            yield batch
+        message = _chat_body(handles[:1], meta, service.reasoning_parser, tools)["choices"][0]["message"]
+        keep(message)
+
+    return _sse(events())
 
 
 class _GuardMiddleware:
@@ -475,8 +558,10 @@ def _encode(encode: Callable[[], list[int]], param: str) -> list[int]:
 
 
 def _submit(service: EngineService, body: _Request, prompts: list[list[int]], kind: str,
-            limit: int | None, screening: Screening | None = None) -> list[RequestHandle]:
-    """Submit n requests per prompt (all or none); the sampling fields map onto SamplingParams."""
+            limit: int | None, screening: Screening | None = None, tools: ToolCallParser | None = None
+            ) -> list[RequestHandle]:
+    """Submit n requests per prompt (all or none); the sampling fields map onto SamplingParams (``tools``: a
+    chat's tool parser, whose tool_choice may constrain the answer)."""
     if limit is not None and body.max_tokens is not None and body.max_tokens > limit:
         raise APIError(400, f"max_tokens = {body.max_tokens} exceeds this server's limit of {limit}",
                        param="max_tokens")
@@ -495,7 +580,7 @@ def _submit(service: EngineService, body: _Request, prompts: list[list[int]], ki
                 given = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
                          "repetition_penalty": body.repetition_penalty}  # unset: SamplingParams' defaults
                 params = SamplingParams(max_new_tokens=max_tokens, stop=stop, seed=seed, **_logprob_params(body),
-                                        structured=_structured_spec(body),
+                                        structured=_structured_spec(body, tools),
                                         **{k: v for k, v in given.items() if v is not None})
                 after_think = kind == "chat" and service.model.tokenizer.starts_in_reasoning()
                 handles.append(service.submit(ids, params, screening=screening, after_think=after_think))
@@ -507,7 +592,7 @@ def _submit(service: EngineService, body: _Request, prompts: list[list[int]], ki
         if isinstance(e, GenerationError):
             raise APIError(400, str(e)) from None
         if isinstance(e, StructuredError):
-            raise APIError(400, str(e), code="unsupported_schema", param=_structured_param(body)) from None
+            raise APIError(400, str(e), code="unsupported_schema", param=_structured_param(body, tools)) from None
         if isinstance(e, QueueFullError):
             raise APIError(429, str(e), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
         if isinstance(e, ServiceClosedError):
@@ -643,10 +728,12 @@ def _chat_body(handles: list[RequestHandle], meta: _Meta, new_parser: Callable[[
 
 
 # ---------------------------------------------------------------------------------------------------- structured
-def _structured_spec(body: _Request) -> dict[str, Any] | None:
-    """SamplingParams.structured of a request: response_format json_object / json_schema, guided_regex or
-    guided_choice (one at a time); 400 naming the field of a malformed one."""
-    specs = []
+def _structured_spec(body: _Request, tools: ToolCallParser | None = None) -> dict[str, Any] | None:
+    """SamplingParams.structured of a request: response_format json_object / json_schema, guided_regex,
+    guided_choice or the call grammar of tool_choice "required" / a named function (one at a time); 400 naming the
+    field of a malformed one."""
+    forced = tools.constraint() if tools is not None else None
+    specs = [forced] if forced is not None else []
     rf = body.response_format
     if rf is not None and rf.get("type") != "text":
         if rf.get("type") == "json_object":
@@ -665,13 +752,16 @@ def _structured_spec(body: _Request) -> dict[str, Any] | None:
     if body.guided_choice is not None:
         specs.append({"type": "choice", "choices": body.guided_choice})
     if len(specs) > 1:
-        raise APIError(400, "give one of response_format (json), guided_regex and guided_choice, not several",
-                       param="response_format")
+        raise APIError(400, "give one of response_format (json), guided_regex, guided_choice and tool_choice "
+                       "'required' / a named function, not several", param="tool_choice" if forced else
+                       "response_format")
     return specs[0] if specs else None
 
 
-def _structured_param(body: _Request) -> str:
+def _structured_param(body: _Request, tools: ToolCallParser | None = None) -> str:
     """The request field a structured-output error is about."""
+    if tools is not None and tools.constraint() is not None:
+        return "tool_choice"
     if body.guided_regex is not None:
         return "guided_regex"
     return "guided_choice" if body.guided_choice is not None else "response_format"
@@ -1079,20 +1169,20 @@ def build_server(service: EngineService, *, host: str = "127.0.0.1", port: int =
                  max_tokens_limit: int | None = None, shutdown_timeout: float = 30.0, cors_origins: Sequence[str] = (),
                  header_timeout: float = HEADER_TIMEOUT, keep_alive_timeout: float = KEEP_ALIVE_TIMEOUT,
                  max_connections: int = MAX_CONNECTIONS, log_level: str = "info",
-                 on_exit: Callable[[], None] | None = None) -> uvicorn.Server:
+                 on_exit: Callable[[], None] | None = None, sessions: SessionStore | None = None) -> uvicorn.Server:
     """A uvicorn server for ``service`` (started already); ``server.run()`` blocks until SIGTERM/SIGINT (or
     ``server.should_exit = True``). ``on_exit`` runs (in a thread) when a signal asks the server to stop.
 
     Connections: a request head must arrive within ``header_timeout`` seconds (10) of connecting or of the
     previous response, an idle keep-alive connection closes after ``keep_alive_timeout`` (5), and at most
-    ``max_connections`` (512) are served at once: a request on one more gets 503. ``cors_origins``: as
-    create_app."""
+    ``max_connections`` (512) are served at once: a request on one more gets 503. ``cors_origins``, ``sessions``:
+    as create_app."""
     for name, value in (("header_timeout", header_timeout), ("keep_alive_timeout", keep_alive_timeout),
                         ("max_connections", max_connections)):
         if not value > 0:
             raise ValueError(f"{name} must be positive, got {value}")
     app = create_app(service, api_key=api_key, max_tokens_limit=max_tokens_limit, shutdown_timeout=shutdown_timeout,
-                     cors_origins=cors_origins)
+                     cors_origins=cors_origins, sessions=sessions)
     protocol = type("_HTTPProtocol", (_HTTPProtocol,), {"header_timeout": header_timeout})
     cutoff = shutdown_timeout + SHUTDOWN_GRACE  # uvicorn cancels what is left then; the drain ends it before
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", http=protocol,
