@@ -62,7 +62,7 @@ def test_fisher_of_a_linear_softmax_by_hand(tiny_classifier):
     torch.testing.assert_close(sampled["bias"], ((e - p) ** 2).mean(0), rtol=1e-5, atol=1e-7)
     eye = torch.eye(4)  # in expectation: the true Fisher sum_k p_k (e_k - p)^2
     true_b = torch.stack([(p[i][:, None] * (eye - p[i]) ** 2).sum(0) for i in range(5)]).mean(0)
-    many = fisher_diagonal(model, rows * 200, classifier_ll, labels="sampled", seed=2)
+    many = fisher_diagonal(model, rows * 100, classifier_ll, labels="sampled", seed=2)
     torch.testing.assert_close(many["bias"], true_b, rtol=0.2, atol=5e-3)
     assert model.weight.grad is None  # gradients left as they were
     with pytest.raises(ContinualError, match="fisher"):
@@ -131,10 +131,10 @@ def test_importance_file_round_trip_and_refusals(tmp_path, make_model):
 
 
 def test_reservoir_is_uniform_chi_square():
-    """Each of N offered rows ends in a size-k reservoir with probability k/N: chi-square over 300 trials."""
+    """Each of N offered rows ends in a size-k reservoir with probability k/N: chi-square over 200 trials."""
     from scipy.stats import chisquare
 
-    n, k, trials = 100, 10, 300
+    n, k, trials = 100, 10, 200
     counts = torch.zeros(n)
     for t in range(trials):
         buf = ReplayBuffer(k, 1 << 20, seed=t)
@@ -246,7 +246,16 @@ def test_config_refuses_bad_ratios_and_keys():
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
+def no_plots():
+    """The loop's PNGs are not what these runs check, and drawing them is most of a tiny run's time."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("r1kit.train.loop.plot_metrics", lambda *a, **k: None)
+        mp.setattr("r1kit.train.loop.plot_expert_load", lambda *a, **k: [])
+        yield
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, no_plots):
     """A tiny plain run (MLA + MoE, 2 layers) on chat data: the previous task."""
     from r1kit.api import random_checkpoint
     from r1kit.tokenizer import Tokenizer
@@ -267,7 +276,7 @@ def first_run(tmp_path_factory):
     return tmp, recipe, base
 
 
-def test_continual_run_through_the_loop(first_run):
+def test_continual_run_through_the_loop(first_run, no_plots):
     """EWC + freezing + replay continuing from a run: terms logged, frozen weights kept, files written, and the
     next stage reads them; a run from another model is refused naming the difference."""
     from r1kit.api import random_checkpoint
