@@ -36,9 +36,9 @@ class MediaPrompt:
 
 
 def has_media(messages: Sequence[Mapping[str, Any]]) -> bool:
-    """Whether any message has a content part of a media type."""
-    return any(isinstance(m.get("content"), list) and any(isinstance(p, Mapping) and p.get("type") in
-                                                           MEDIA_PART_TYPES for p in m["content"]) for m in messages)
+    """Whether any message has a content part other than text (a media type, or an unknown one to refuse)."""
+    return any(isinstance(m, Mapping) and isinstance(m.get("content"), list) and any(
+        not isinstance(p, Mapping) or p.get("type") != "text" for p in m["content"]) for m in messages)
 
 
 def decode_part(vl: VisionAudioLM, part: Mapping[str, Any], name: str) -> tuple[Media, dict[str, Any] | None]:
