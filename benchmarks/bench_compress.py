@@ -46,6 +46,7 @@ ROWS: dict[str, tuple[str, dict]] = {  # row -> (method, options), the most tell
     "fine-tune (control)": ("prune-unstructured", {"sparsity": 0.0}),  # QAT's fine-tune without quantization
     "fine-tune + int4 (control)": ("int4", {}),  # ... then post-training int4: what QAT must beat
     "prune-2:4": ("prune-2:4", {}),
+    "prune-2:4 + recovery": ("prune-2:4", {}),  # with --qat-steps of recovery fine-tune (masked gradients)
     "prune-structured": ("prune-structured", {"heads": 3, "mlp_keep": 0.75, "experts": 6}),
     "experts 8->6 dropped": ("prune-structured", {"experts": 6}),
     "experts 8->6 merged": ("prune-structured", {"experts": 6, "expert_reduce": "merge"}),
@@ -57,10 +58,12 @@ ROWS: dict[str, tuple[str, dict]] = {  # row -> (method, options), the most tell
 COMBINED = "prune-structured + int4"
 REF = "bf16 (reference)"
 ROWS[COMBINED] = ("int4", {})
-TRAINS = ("qat-int8", "qat-int4", "fine-tune (control)")  # rows that fine-tune --qat-steps steps (same recipe)
+# rows that fine-tune --qat-steps steps (the same recipe)
+TRAINS = ("qat-int8", "qat-int4", "fine-tune (control)", "prune-2:4 + recovery")
 CHAINED = {COMBINED: "prune-structured", "fine-tune + int4 (control)": "fine-tune (control)"}  # row -> its source row
 FOLDERS = {"int4 gptq": "int4-gptq", "int4 awq": "int4-awq", "fine-tune (control)": "finetune",
            "experts 8->6 dropped": "experts6-drop", "experts 8->6 merged": "experts6-merge",
+           "prune-2:4 + recovery": "prune24-ft",
            "fine-tune + int4 (control)": "finetune-int4", COMBINED: "structured-int4"}
 PROMPT, NEW = 16, 48
 
