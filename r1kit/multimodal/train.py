@@ -12,6 +12,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -37,6 +38,7 @@ from r1kit.train.plots import plot_metrics
 
 log = logging.getLogger("r1kit")
 PARTS = ("encoders", "projectors", "gate", "contrastive", "lm")
+CHAT_MIX = {"image": 0.4, "audio": 0.35, "same": 0.15, "text": 0.1}
 
 
 @dataclass
@@ -54,11 +56,18 @@ class StageSection:
     caption_weight: float = 1.0
     chat_weight: float = 0.0
     train: list[str] = field(default_factory=lambda: list(PARTS))
+    # the chat examples' kinds and their shares: image / audio questions, image + audio "same digit?", text only
+    chat_mix: dict[str, float] = field(default_factory=lambda: dict(CHAT_MIX))
+    augment_images: bool = True  # random 1-pixel shifts and contrast jitter of the training digits
 
     def __post_init__(self) -> None:
         bad = [p for p in self.train if p not in PARTS]
         if bad:
             raise TrainConfigError(f"train: unknown part(s) {bad}; parts: {list(PARTS)}")
+        bad = sorted(set(self.chat_mix) - set(CHAT_MIX))
+        if bad or sum(self.chat_mix.values()) <= 0:
+            raise TrainConfigError(f"chat_mix: kinds must be among {list(CHAT_MIX)} with a positive total, got "
+                                   f"{self.chat_mix}")
 
     @property
     def total_steps(self) -> int:
@@ -110,9 +119,11 @@ class VLData:
         self.by_word = {w: [i for i, t in enumerate(self.words) if t == w] for w in set(self.words)}
         self.by_label = {d: (self.labels == d).nonzero().flatten().tolist() for d in range(10)}
         self.rng, self.gen = random.Random(recipe.seed), torch.Generator().manual_seed(recipe.seed)
+        self.augment = True  # set per stage (StageSection.augment_images)
 
     def image(self, i: int) -> Media:
-        return Media("image", D.augment_images(self.images[i:i + 1], self.gen)[0], f"digit image {i}")
+        x = D.augment_images(self.images[i:i + 1], self.gen)[0] if self.augment else self.images[i]
+        return Media("image", x, f"digit image {i}")
 
     def audio(self, i: int) -> Media:
         return Media("audio", self.waves[i], f"clip {i}")
@@ -136,16 +147,18 @@ class VLData:
         ids = head + tok.encode_plain(text) + [tok.eos_id]
         return ids, [0] * len(head) + [1] * (len(ids) - len(head)), [media]
 
-    def chat_example(self) -> tuple[list[int], list[int], list[Media]]:
-        """One of: image question (40%), audio question (35%), image + audio (15%), text only (10%)."""
-        r = self.rng.random()
-        if r < 0.4:
+    def chat_example(self, mix: dict[str, float]) -> tuple[list[int], list[int], list[Media]]:
+        """One chat example of a kind drawn with the shares of mix (image, audio, same, text)."""
+        r = self.rng.random() * sum(mix.values())
+        edges = dict(zip(mix, itertools.accumulate(mix.values()), strict=True))
+        kind = next((k for k, e in edges.items() if r < e), list(mix)[-1])
+        if kind == "image":
             i = self.rng.randrange(len(self.labels))
             (q, a), media = D.image_turn(int(self.labels[i]), self.rng), [self.image(i)]
-        elif r < 0.75:
+        elif kind == "audio":
             i = self.rng.randrange(len(self.words))
             (q, a), media = D.audio_turn(self.words[i], self.rng), [self.audio(i)]
-        elif r < 0.9:
+        elif kind == "same":
             i = self.rng.randrange(len(self.labels))
             label = int(self.labels[i])
             word = D.DIGIT_WORDS[label] if self.rng.random() < 0.5 else self.rng.choice(D.DIGIT_WORDS)
@@ -243,6 +256,7 @@ def run_stage(vl: VisionAudioLM, data: VLData, stage: StageSection, out: Path, s
     from tqdm import tqdm
 
     params = trainable(vl, stage.train)
+    data.augment = stage.augment_images
     opt = torch.optim.AdamW(params, lr=stage.learning_rate, weight_decay=0.0)
     if start and (state := save.optimizer_state) is not None:
         opt.load_state_dict(state)
@@ -259,7 +273,8 @@ def run_stage(vl: VisionAudioLM, data: VLData, stage: StageSection, out: Path, s
             batch = collate([data.caption_example() for _ in range(stage.batch_size)], data.tokenizer.pad_id)
             parts["caption"] = stage.caption_weight * lm_loss(vl, batch)
         if stage.chat_weight:
-            batch = collate([data.chat_example() for _ in range(stage.batch_size)], data.tokenizer.pad_id)
+            batch = collate([data.chat_example(stage.chat_mix) for _ in range(stage.batch_size)],
+                            data.tokenizer.pad_id)
             parts["chat"] = stage.chat_weight * lm_loss(vl, batch)
         loss = sum(parts.values())
         opt.zero_grad(set_to_none=True)
