@@ -4,8 +4,9 @@ gloo), for DDP and FSDP2, and the communication time of one step for DDP, FSDP a
     python benchmarks/bench_distributed.py --json runs/bench_distributed.json [--steps 8]
 
 - Throughput: the same recipe (tiny-moe, 2 layers, fp32, global batch 8 x 64 tokens) trained --steps steps by
-  `r1kit.train.loop.train`: tokens/s of the whole job from its summary (time in steps only), and each process's
-  peak RSS.
+  `r1kit.train.loop.train`: tokens/s of the whole job from its summary (time in steps only), the CPU seconds
+  per token of all processes' threads during the steps, and each process's peak RSS; 1 process x 1 thread is
+  run too, as the reference.
 - Communication, measured on 2 ranks with the sizes of that model: DDP's all-reduce of the fp32 gradients, FSDP's
   all-gathers (forward and backward) and reduce-scatter of the parameters, and expert parallelism's four
   all_to_all_single of the routed token copies (dispatch and combine, forward and backward) per MoE layer; the
@@ -128,21 +129,25 @@ def main() -> None:
         return
     root = Path(tempfile.mkdtemp(prefix="bench_distributed_"))
     load_before = os.getloadavg()
-    single = subprocess.run([sys.executable, "-c", "import json, sys; sys.path.insert(0, 'benchmarks'); "
-                             "from bench_distributed import train_once; from pathlib import Path; "
-                             f"print(json.dumps(train_once(Path({str(root / 'single')!r}), 'none', {a.steps}, 2)))"],
-                            capture_output=True, text=True, cwd=ROOT, check=True)
-    one = json.loads(single.stdout.strip().splitlines()[-1])
+    singles = {}
+    for threads in (2, 1):  # one process: the comparison (2 threads) and the 1-thread reference
+        proc = subprocess.run([sys.executable, "-c", "import json, sys; sys.path.insert(0, 'benchmarks'); "
+                               "from bench_distributed import train_once; from pathlib import Path; print(json.dumps("
+                               f"train_once(Path({str(root / f'single{threads}')!r}), 'none', {a.steps}, {threads})))"],
+                              capture_output=True, text=True, cwd=ROOT, check=True,
+                              env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        singles[threads] = json.loads(proc.stdout.strip().splitlines()[-1])
     for mode in ("ddp", "fsdp"):  # the tokenizer once, not trained by two ranks at a time
-        shutil.copytree(root / "single" / "tokenizer", root / mode / "tokenizer")
+        shutil.copytree(root / "single2" / "tokenizer", root / mode / "tokenizer")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                     str(Path(__file__).resolve()), "--worker", str(root), "--steps", str(a.steps)],
                    cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
     ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
     result = {"steps": a.steps, "global_batch_tokens": 8 * 64, "cpus": os.cpu_count(),
               "load_average": [load_before, os.getloadavg()],
-              "one_process_2_threads": {"tok_s": one["tok_s"], "peak_rss_mib": one["peak_rss_mib"],
-                                        "cpu_ms_per_token": 1e3 * one["step_cpu_s"] / one["tokens"]},
+              **{f"one_process_{t}_thread{'s' if t > 1 else ''}": {
+                  "tok_s": one["tok_s"], "peak_rss_mib": one["peak_rss_mib"],
+                  "cpu_ms_per_token": 1e3 * one["step_cpu_s"] / one["tokens"]} for t, one in singles.items()},
               **{f"two_processes_1_thread_{m}": {"tok_s": ranks[0][m]["tok_s"],
                                                 "peak_rss_mib": [r[m]["peak_rss_mib"] for r in ranks],
                                                 "cpu_ms_per_token": 1e3 * sum(r[m]["step_cpu_s"] for r in ranks)
@@ -153,8 +158,10 @@ def main() -> None:
           + (" (shared machine: wall-clock figures are upper bounds)" if load_before[0] > 1.5 else ""))
     print("| run | tokens/s (whole job, wall) | CPU ms per token (all processes) | peak RSS per process (MiB) |")
     print("|---|---|---|---|")
-    r = result["one_process_2_threads"]
-    print(f"| 1 process x 2 threads | {r['tok_s']:.0f} | {r['cpu_ms_per_token']:.2f} | {r['peak_rss_mib']:.0f} |")
+    for t, name in ((2, "one_process_2_threads"), (1, "one_process_1_thread")):
+        r = result[name]
+        print(f"| 1 process x {t} thread{'s' if t > 1 else ''} | {r['tok_s']:.0f} | {r['cpu_ms_per_token']:.2f} | "
+              f"{r['peak_rss_mib']:.0f} |")
     for m in ("ddp", "fsdp"):
         r = result[f"two_processes_1_thread_{m}"]
         print(f"| 2 processes x 1 thread, {m} | {r['tok_s']:.0f} | {r['cpu_ms_per_token']:.2f} | "
