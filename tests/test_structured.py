@@ -196,3 +196,19 @@ def test_grpc_structured_options(nano) -> None:
         service.shutdown(drain=False)
     jsonschema.validate(json.loads(reply.text), schema)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not several" in err.value.details()
+
+
+def test_apply_bitmask_matches_a_token_loop() -> None:
+    """The plain-torch bitmask (instead of llguidance's torch.compile'd kernel): token t is allowed iff bit t % 32
+    of word t // 32 is set, checked one token at a time."""
+    from r1kit.structured import apply_bitmask_
+
+    g = torch.Generator().manual_seed(0)
+    for vocab in (33, 100):
+        mask = torch.randint(-2**31, 2**31 - 1, (2, (vocab + 31) // 32), dtype=torch.int32, generator=g)
+        logits = torch.randn(2, vocab, generator=g)
+        got = apply_bitmask_(logits.clone(), mask)
+        for r in range(2):
+            for t in range(vocab):
+                allowed = (int(mask[r, t // 32]) >> (t % 32)) & 1
+                assert got[r, t].item() == (logits[r, t].item() if allowed else float("-inf"))
