@@ -177,7 +177,7 @@ _RESUMABLE_CHANGES = {"max_steps", "token_budget", "out_dir", "eval_interval", "
 
 def _check_same_recipe(saved: dict[str, Any], now: dict[str, Any], out: Path) -> None:
     # a key the checkpointed run did not have yet (added to TrainConfig since) ran with its default
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    defaults = TrainConfig().to_dict()  # sections too (e.g. `continual`, absent from older checkpoints)
     changed = sorted(k for k in set(saved) | set(now)
                      if k not in _RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != now.get(k))
     if changed:
