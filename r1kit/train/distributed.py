@@ -64,6 +64,7 @@ class Parallel:
     local_rank: int = 0
     timeout_s: float = 120.0
     expert_parallel: bool = False  # ddp: the routed experts split across the ranks (ExpertParallelExperts)
+    comm_device: str = "cpu"  # where the loop's own small all-reduces run (NCCL/HCCL need the accelerator)
 
     @property
     def is_main(self) -> bool:
@@ -82,7 +83,9 @@ class Parallel:
         """Sum `t` over the ranks in place; a failed collective (a dead rank, a timeout) is a DistributedError."""
         if self.world > 1:
             try:
-                dist.all_reduce(t)
+                buf = t.to(self.comm_device)
+                dist.all_reduce(buf)
+                t.copy_(buf)
             except Exception as e:  # noqa: BLE001 - gloo/nccl raise RuntimeError subclasses of many kinds
                 raise DistributedError(
                     f"rank {self.rank} of {self.world}: the all-reduce of {what} failed ({type(e).__name__}: {e}); "
@@ -242,9 +245,22 @@ def setup_parallel(cfg: Any, device: torch.device) -> Parallel:
             torch.cuda.set_device(par.local_rank)
         if not par.is_main:
             log.setLevel(logging.WARNING)  # rank 0 logs for the job
-        dist.init_process_group(backend, timeout=timedelta(seconds=d.timeout_s))
+        dist.init_process_group(backend, timeout=timedelta(seconds=d.timeout_s), **attempt_store(par, d.timeout_s))
         log.info("%s: %d ranks, backend %s, timeout %g s", d.mode, par.world, backend, d.timeout_s)
+    if par.world > 1:
+        par.comm_device = "cpu" if dist.get_backend() == "gloo" else str(par.place(device))
     return par
+
+
+def attempt_store(par: Parallel, timeout_s: float) -> dict[str, Any]:
+    """After a torchrun restart (--max-restarts), a key space of this attempt's own in torchrun's store: the keys
+    the killed attempt's ranks left there (their addresses) would otherwise be read by the new ones."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if not attempt or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), par.world, is_master=False,
+                         timeout=timedelta(seconds=timeout_s))
+    return {"store": dist.PrefixStore(f"r1kit/attempt_{attempt}/", base), "rank": par.rank, "world_size": par.world}
 
 
 class RankShard:
