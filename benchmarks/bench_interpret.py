@@ -150,11 +150,10 @@ def ablation_check(model: R1Model, probs: list, max_new: int) -> dict:
     net, half = model.model, len(probs) // 2
     stop = set(model.stop_ids())
 
-    def sequences(ps: list) -> list[tuple[torch.Tensor, int]]:
+    def sequences(ps: list) -> list[tuple[torch.Tensor, int]]:  # (prompt + greedy completion to its stop, P)
+        prompts = [prompt_ids(model, p.question, True) for p in ps]  # all of one length (two-digit operands)
         seqs = []
-        for p in ps:
-            p_ids = prompt_ids(model, p.question, True)
-            gen = greedy(net, torch.tensor([p_ids]), max_new)[0].tolist()
+        for p_ids, gen in zip(prompts, greedy(net, torch.tensor(prompts), max_new).tolist(), strict=True):
             gen = gen[:next((i + 1 for i, t in enumerate(gen) if t in stop), len(gen))]
             seqs.append((torch.tensor([p_ids + gen]), len(p_ids)))
         return seqs

@@ -1,5 +1,5 @@
 """r1kit.interpret: each analysis against a hand computation or a naive loop, errors, and `r1kit explain` on nano
-(DeepSeek-V3-shaped MLA + MoE), a tiny random DeepSeek-V3 checkpoint and the bundled Qwen2 (GQA) model."""
+(DeepSeek-V3-shaped: MLA + MoE) and the bundled Qwen2 (GQA, dense) model."""
 
 from __future__ import annotations
 
@@ -183,20 +183,18 @@ def test_explain_nano_schema_and_errors(nano):
         explain(nano, "What is 37+45?", chat=True, config=ExplainConfig(**FAST, max_quadratic_tokens=8))
 
 
-def test_cli_explain_tiny_deepseek_and_qwen2(tmp_path, nano):
-    """`r1kit explain` end to end on a random tiny DeepSeek-V3 checkpoint (nano's tokenizer) and the bundled
-    Qwen2 model with --target: JSON, PNGs and a report.html without external references."""
+def test_cli_explain_qwen2(tmp_path):
+    """`r1kit explain` end to end on the bundled Qwen2 model (GQA, dense) with --chat and --target: PNGs and a
+    report.html without external references; a target split differently across the boundary exits 2. (nano, the
+    DeepSeek-V3-shaped model, goes through explain() above.)"""
     from r1kit.__main__ import main
-    from r1kit.api import random_checkpoint
 
-    ckpt = random_checkpoint(tmp_path / "dsv3", "tiny-moe", tokenizer=nano.tokenizer, num_layers=2)
     common = ["--device", "cpu", "--dtype", "fp32", "--max-new-tokens", "3", "--methods", "rollout"]
-    assert main(["explain", str(ckpt), "--prompt", "def f(x):", *common, "--json", str(tmp_path / "a.json")]) == 0
-    a = json.loads((tmp_path / "a.json").read_text())
-    assert len(a["generated_tokens"]) == 3 and a["expert_routes"][0][0]["layer"] == 1
     out = tmp_path / "q"
     assert main(["explain", "r1kit/nano-distill-qwen2", "--prompt", "What is 2+3?", "--chat", "--target", "2",
-                 *common, "--out", str(out)]) == 0
+                 *common, "--out", str(out), "--json", str(tmp_path / "q.json")]) == 0
+    result = json.loads((tmp_path / "q.json").read_text())
+    assert result["generated_tokens"] == ["2"] and result["expert_routes"][0] == []
     page = (out / "report.html").read_text()
     assert "http://" not in page and "https://" not in page and "src=\"data:image/png;base64," in page
     assert (out / "attention_layer3.png").is_file() and (out / "ablation.png").is_file()

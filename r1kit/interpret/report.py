@@ -1,7 +1,7 @@
 """PNGs (matplotlib, Agg) and one self-contained report.html for an `explain` result.
 
     write_report(result, Path("out"))  ->  out/report.html, out/attention_layer{L}.png, out/attribution.png,
-                                           out/expert_routes.png (MoE models), out/ablation.png, out/patching.png
+        out/attribution_bars.png, out/expert_routes.png (MoE models), out/ablation.png, out/patching.png
 
 The HTML has no external reference (no network): the PNGs are inlined as data URIs, the result as JSON, and a
 few lines of script colour the prompt by the chosen method's attribution of the generated token under the
@@ -31,7 +31,8 @@ def _plt():
 
 
 def _save(fig, png: Path) -> Path:
-    atomic_write(png, lambda tmp: fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight"))
+    fig.tight_layout()  # margins for the labels (cheaper than bbox_inches="tight", which draws the figure twice)
+    atomic_write(png, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
     _plt().close(fig)
     return png
 
@@ -52,30 +53,40 @@ def plot_attention(patterns: torch.Tensor, tokens: list[str], out: Path) -> list
         for h, ax in enumerate(axes[0]):
             ax.imshow(patterns[layer, h].numpy(), cmap="Blues", vmin=0, vmax=1)
             ax.set_title(f"layer {layer} head {h}", fontsize=8)
-            if N <= 40:
-                ax.set_xticks(range(N), labels, rotation=90, fontsize=5)
-                ax.set_yticks(range(N), labels, fontsize=5)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        if N <= 40:  # tokens on the first head's axes only (text is most of the drawing time)
+            axes[0][0].set_xticks(range(N), labels, rotation=90, fontsize=5)
+            axes[0][0].set_yticks(range(N), labels, fontsize=5)
         pngs.append(_save(fig, out / f"attention_layer{layer}.png"))
     return pngs
 
 
-def plot_attribution(result: dict, out: Path) -> Path:
-    """Per method: a heatmap (generated x prompt tokens) and the bars of its mean over generated tokens."""
+def plot_attribution(result: dict, out: Path) -> list[Path]:
+    """attribution.png: per method a heatmap (generated x prompt tokens); attribution_bars.png: each method's mean
+    over the generated tokens as bars over the prompt (scaled to its largest magnitude)."""
     plt = _plt()
     methods = list(result["attributions"])
-    fig, axes = plt.subplots(len(methods), 2, figsize=(14, 2.6 * len(methods)), squeeze=False)
     px, gy = _labels(result["prompt_tokens"]), _labels(result["generated_tokens"])
-    for ax_map, ax_bar, m in zip(axes[:, 0], axes[:, 1], methods, strict=True):
+    height = 1.6 + max(0.16 * len(gy), 0.45) * len(methods)  # 1.6 in for the token labels below
+    fig, axes = plt.subplots(len(methods), 1, figsize=(0.3 * len(px) + 3, height), squeeze=False, sharex=True)
+    for ax, m in zip(axes[:, 0], methods, strict=True):
         a = torch.tensor(result["attributions"][m])  # (G, P)
-        ax_map.imshow(a.numpy(), cmap="RdBu_r" if (a < 0).any() else "Reds", aspect="auto")
-        ax_map.set_title(m, fontsize=9)
-        ax_map.set_xticks(range(len(px)), px, rotation=90, fontsize=6)
-        ax_map.set_yticks(range(len(gy)), gy, fontsize=6)
-        ax_bar.bar(range(len(px)), a.mean(0).numpy())
-        ax_bar.set_xticks(range(len(px)), px, rotation=90, fontsize=6)
-        ax_bar.set_title(f"{m}: mean over generated tokens", fontsize=9)
-    fig.tight_layout()
-    return _save(fig, out / "attribution.png")
+        signed, top = bool((a < 0).any()), float(a.abs().max().clamp_min(1e-12))
+        ax.imshow(a.numpy(), cmap="RdBu_r" if signed else "Reds", vmin=-top if signed else 0, vmax=top, aspect="auto")
+        ax.set_ylabel(m, fontsize=6, rotation=0, ha="right")
+        ax.set_yticks(range(len(gy)), gy, fontsize=5)
+    axes[-1, 0].set_xticks(range(len(px)), px, rotation=90, fontsize=6)
+    heat = _save(fig, out / "attribution.png")
+    fig, ax = plt.subplots(figsize=(0.3 * len(px) + 3, 3))
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        mean = torch.tensor(result["attributions"][m]).mean(0)
+        ax.bar(torch.arange(len(px)) + i * width, (mean / mean.abs().max().clamp_min(1e-12)).numpy(), width, label=m)
+    ax.set_xticks(torch.arange(len(px)) + 0.4 - width / 2, px, rotation=90, fontsize=6)
+    ax.legend(fontsize=5, ncol=2)
+    ax.set_title("mean attribution over the generated tokens (each method scaled to its largest)", fontsize=8)
+    return [heat, _save(fig, out / "attribution_bars.png")]
 
 
 def plot_routes(result: dict, out: Path) -> Path | None:
@@ -166,6 +177,6 @@ def write_report(result: dict, out: Path) -> list[Path]:
     """All PNGs and report.html into folder `out`; returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
     tokens = result["prompt_tokens"] + result["generated_tokens"]
-    pngs = [plot_attribution(result, out), *plot_attention(result["patterns"], tokens, out)]
+    pngs = [*plot_attribution(result, out), *plot_attention(result["patterns"], tokens, out)]
     pngs += [p for p in (plot_routes(result, out), plot_ablation(result, out), plot_patching(result, out)) if p]
     return [*pngs, write_html(result, pngs, out / "report.html")]
