@@ -99,7 +99,7 @@ class DistributedSection:
     backend: str | None = None  # None: by device (gloo on CPU, nccl on CUDA, hccl on Ascend NPUs)
     timeout_s: float = 120.0  # a collective waiting longer than this ends the job (a dead or stuck rank)
     cpu_offload: bool = False  # fsdp: keep the sharded parameters, gradients and optimizer state on the CPU
-    expert_parallel: bool = False  # ddp: routed experts split across ranks, tokens exchanged by all_to_all
+    expert_parallel: bool = False  # with ddp: routed experts split across ranks, tokens exchanged by all_to_all
 
 
 @dataclass
@@ -187,8 +187,8 @@ class TrainConfig:
             raise TrainConfigError(f"distributed.backend = {d.backend!r}: must be gloo, nccl, hccl or None")
         if d.timeout_s <= 0:
             raise TrainConfigError(f"distributed.timeout_s = {d.timeout_s!r}: must be > 0")
-        if d.expert_parallel and d.mode != "ddp":
-            raise TrainConfigError(f"distributed.expert_parallel: needs mode ddp (mode is {d.mode!r})")
+        if d.expert_parallel and d.mode == "fsdp":
+            raise TrainConfigError("distributed.expert_parallel: runs with mode ddp (FSDP + EP is not implemented)")
 
     def _validate_lora(self) -> None:
         lo = self.lora
