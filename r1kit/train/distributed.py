@@ -246,7 +246,8 @@ def setup_parallel(cfg: Any, device: torch.device) -> Parallel:
         if not par.is_main:
             log.setLevel(logging.WARNING)  # rank 0 logs for the job
         dist.init_process_group(backend, timeout=timedelta(seconds=d.timeout_s), **attempt_store(par, d.timeout_s))
-        log.info("%s: %d ranks, backend %s, timeout %g s", d.mode, par.world, backend, d.timeout_s)
+        log.info("%s: %d ranks, backend %s, timeout %g s; global batch %d = %d rows per rank", d.mode, par.world,
+                 backend, d.timeout_s, cfg.batch_size, cfg.batch_size // par.world)
     if par.world > 1:
         par.comm_device = "cpu" if dist.get_backend() == "gloo" else str(par.place(device))
     return par

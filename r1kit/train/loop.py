@@ -530,7 +530,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, device:
     if bar is not None:
         bar.close()
     summary = {"steps": run.step, "tokens": run.tokens, "elapsed_s": run.elapsed,
-               "tok_s": run.tokens / max(run.elapsed, 1e-9), "world_size": par.world, **stopper.summary()}
+               "tok_s": run.tokens / max(run.elapsed, 1e-9), "world_size": par.world, "global_batch": cfg.batch_size,
+               **stopper.summary()}
     if par.world > 1:
         summary["rank"] = par.rank
     if run.step == total or stopper.stopped:
