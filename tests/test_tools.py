@@ -404,6 +404,7 @@ def test_grpc_tools_rendered_enforced_and_parsed(qwen_server) -> None:
     choices INVALID_ARGUMENT naming the field."""
     import grpc
 
+    from r1kit.serve.client import R1Client
     from r1kit.serve.grpc_service import serve_grpc
     from r1kit.serve.proto import r1kit_pb2 as pb
     from r1kit.serve.proto import r1kit_pb2_grpc as pb_grpc
@@ -429,6 +430,9 @@ def test_grpc_tools_rendered_enforced_and_parsed(qwen_server) -> None:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.GeneratorStub(channel)
             free = stub.Generate(request("auto", max_new_tokens=3), timeout=300)
+            with R1Client(f"127.0.0.1:{server.port}", timeout=300) as client:  # r1kit's Python gRPC client
+                by_client = client.chat(messages, tools=BOUNDED, tool_choice="required", max_new_tokens=120,
+                                        temperature=1, seed=1, logprobs=1)
             forced = stub.Generate(request("required"), timeout=300)
             streamed = list(stub.GenerateStream(request("get_weather"), timeout=300))
             errors = {}
@@ -447,6 +451,10 @@ def test_grpc_tools_rendered_enforced_and_parsed(qwen_server) -> None:
         assert _valid_calls([{"function": {"name": c.name, "arguments": c.arguments}} for c in reply.tool_calls],
                             names)
     assert all(not c.content for c in streamed[:-1])  # held back until the calls are known
+    assert by_client.finish_reason == "tool_calls" and _valid_calls(by_client.tool_calls, {"calculator",
+                                                                                           "get_weather"})
+    assert len(by_client.logprobs) == by_client.completion_tokens
+    assert by_client.prompt_tokens == free.usage.prompt_tokens
     assert all(code == grpc.StatusCode.INVALID_ARGUMENT for code, _ in errors.values())
     assert "chat.tool_choice" in errors["choice"][1] and "'nope'" in errors["choice"][1]
     assert "chat.tools[0].parameters" in errors["schema"][1] and "tool_choice" in errors["both"][1]

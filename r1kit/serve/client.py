@@ -22,7 +22,7 @@ import ipaddress
 import json
 import socket
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -58,6 +58,8 @@ class Completion:
     request_id: str
     model: str
     server: str
+    tool_calls: list[dict] = field(default_factory=list)  # OpenAI's form: {"id", "type", "function": {...}}
+    logprobs: list[tuple[str, float]] | None = None  # (token text, logprob) per generated token, with logprobs=k
 
 
 @dataclass
@@ -127,6 +129,21 @@ def _sampling(max_new_tokens: int | None, temperature: float | None, top_k: int 
     return pb.SamplingOptions(stop=stops, **{k: v for k, v in given.items() if v is not None})
 
 
+def _message(m: dict) -> pb.ChatMessage:
+    """A chat message (OpenAI's form) as the proto's."""
+    calls = [pb.ToolCall(id=c.get("id", ""), name=c["function"]["name"], arguments=c["function"]["arguments"])
+             for c in m.get("tool_calls") or []]
+    return pb.ChatMessage(role=m["role"], content=m.get("content") or "", tool_calls=calls,
+                          tool_call_id=m.get("tool_call_id") or "")
+
+
+def _tool(tool: dict) -> pb.Tool:
+    """An OpenAI function tool as the proto's (its parameter schema as JSON text)."""
+    f = tool["function"]
+    return pb.Tool(name=f["name"], description=f.get("description", ""),
+                   parameters=json.dumps(f["parameters"]) if f.get("parameters") is not None else "")
+
+
 class R1Client:
     """Calls r1kit's Generator service over one load-balanced channel to ``targets``.
 
@@ -174,19 +191,25 @@ class R1Client:
             max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed))
         return self._stream(request, timeout)
 
-    def chat(self, messages: Sequence[dict[str, str]], *, thinking: bool = True, stream: bool = False,
+    def chat(self, messages: Sequence[dict], *, thinking: bool = True, stream: bool = False,
              max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
              top_p: float | None = None, repetition_penalty: float | None = None,
              stop: str | Sequence[str] | None = None, seed: int | None = None, request_id: str = "",
-             timeout: float | None = None) -> Completion | Iterator[Chunk]:
-        """Answer ``messages`` ([{"role": ..., "content": ...}]) with the reasoning split from the answer.
+             timeout: float | None = None, tools: Sequence[dict] | None = None, tool_choice: str | None = None,
+             logprobs: int | None = None) -> Completion | Iterator[Chunk]:
+        """Answer ``messages`` ([{"role": ..., "content": ...}], OpenAI's assistant ``tool_calls`` and tool
+        messages' ``tool_call_id`` too) with the reasoning split from the answer.
 
         Without max_new_tokens the server allows up to 1024 new tokens (as far as the context allows).
+        ``tools``: OpenAI function tools; ``tool_choice``: "auto", "none", "required" or a function name (enforced);
+        the calls come back in ``Completion.tool_calls``. ``logprobs``: k alternatives per generated token.
         """
-        chat = pb.ChatPrompt(messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
-                             thinking=thinking)
-        request = pb.GenerateRequest(chat=chat, request_id=request_id, sampling=_sampling(
-            max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed))
+        chat = pb.ChatPrompt(messages=[_message(m) for m in messages], thinking=thinking,
+                             tools=[_tool(t) for t in tools or []], tool_choice=tool_choice or "")
+        options = _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
+        if logprobs is not None:
+            options.logprobs = logprobs
+        request = pb.GenerateRequest(chat=chat, request_id=request_id, sampling=options)
         return self._stream(request, timeout) if stream else self._unary(request, timeout)
 
     def health(self, timeout: float = 5.0) -> dict[str, str]:
@@ -223,9 +246,12 @@ class R1Client:
         except grpc.RpcError as e:
             raise R1ClientError(e.code(), e.details()) from None
         server = dict(call.trailing_metadata() or ()).get(SERVER_METADATA_KEY, "")
+        calls = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                 for c in reply.tool_calls]
+        logprobs = [(e.text, e.logprob) for e in reply.logprobs] if request.sampling.HasField("logprobs") else None
         return Completion(reply.text, reply.reasoning, reply.content, FINISH_REASONS[reply.finish_reason],
                           reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.request_id, reply.model,
-                          server)
+                          server, calls, logprobs)
 
     def _stream(self, request: pb.GenerateRequest, timeout: float | None) -> Iterator[Chunk]:
         call = self.stub.GenerateStream(request, timeout=self._deadline(timeout), wait_for_ready=self.wait_for_ready,
