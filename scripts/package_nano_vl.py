@@ -53,6 +53,9 @@ a shared 2-core CPU in {train_s / 60:.0f} minutes of training steps ({stages}).
 |---|---:|---:|---:|
 {rows}
 
+Targets (#17): held-out digit images >= 95%: {'met' if d['accuracy'] >= 0.95 else 'missed'} ({pct(d['accuracy'])});
+spoken digits on the held-out voices >= 90%: {'met' if s['accuracy'] >= 0.9 else 'missed'} ({pct(s['accuracy'])}).
+
 Recall@1 against the 10 digit captions: image->text {pct(r['image_to_text'])}, text->image {pct(r['text_to_image'])},
 audio->text {pct(r['audio_to_text'])}, text->audio {pct(r['text_to_audio'])}. Per held-out voice: {voices}.
 
