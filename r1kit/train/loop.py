@@ -486,14 +486,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, device:
     tokenizer: Tokenizer = par.main_first(lambda: prepare_tokenizer(cfg, out / "tokenizer"))
     train_data, val_data = build_corpus(cfg, tokenizer)
     val_batches = [val_data.next_batch() for _ in range(cfg.eval_batches)]
-    if cfg.lora.r:
-        model = build_lora_model(cfg, device)
-    else:
-        model = build_model(cfg, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, device)
-    if cfg.init_from and state is None and not cfg.lora.r:
-        load_initial_weights(model, cfg.init_from, device)
-    if prepare is not None:
-        prepare(model)
+    model = assemble_model(cfg, tokenizer, device, fresh=state is None, prepare=prepare)
     continual = None
     if cfg.continual.from_run:  # the previous task's importance / replay buffer / model (r1kit.train.continual)
         from r1kit.train.continual.hook import build_continual
@@ -529,12 +522,34 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, device:
                 save_training_checkpoint(out, cfg, model, opt, train_data, run.step, run.tokens, run.elapsed, par)
     if bar is not None:
         bar.close()
+    return finish_run(out, cfg, run, par, stopper, model, tokenizer, continual, train_data)
+
+
+def assemble_model(cfg: TrainConfig, tokenizer: Tokenizer, device: torch.device, fresh: bool,
+                   prepare: Callable[[Transformer], None] | None) -> Transformer:
+    """The model a run trains: LoRA-wrapped or plain, with `init_from`'s weights on a fresh (not resumed) full
+    run, then `prepare(model)` (QAT, pruning masks) before any optimizer sees it."""
+    if cfg.lora.r:
+        model = build_lora_model(cfg, device)
+    else:
+        model = build_model(cfg, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, device)
+    if cfg.init_from and fresh and not cfg.lora.r:
+        load_initial_weights(model, cfg.init_from, device)
+    if prepare is not None:
+        prepare(model)
+    return model
+
+
+def finish_run(out: Path, cfg: TrainConfig, run: RunState, par: Parallel, stopper: EarlyStopping, model: Transformer,
+               tokenizer: Tokenizer, continual: Any, train_data: Any) -> dict[str, Any]:
+    """The run's summary; once the last step (or an early stop) is reached, the final model, tokenizer and
+    plots (rank 0) and the continual-learning files are written and their paths added to it."""
     summary = {"steps": run.step, "tokens": run.tokens, "elapsed_s": run.elapsed,
                "tok_s": run.tokens / max(run.elapsed, 1e-9), "world_size": par.world, "global_batch": cfg.batch_size,
                **stopper.summary()}
     if par.world > 1:
         summary["rank"] = par.rank
-    if run.step == total or stopper.stopped:
+    if run.step == cfg.total_steps or stopper.stopped:
         whole = full_model(model, par)  # every rank takes part (FSDP gathers the shards); None off rank 0
         if whole is not None:
             summary.update(finalize(out, whole, tokenizer, cfg))
