@@ -96,6 +96,19 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ExplainRequest(BaseModel):
+    """POST /v1/explain: r1kit.interpret.explain of ``prompt`` -> ``target`` (None: the greedy continuation).
+    ``config``: ExplainConfig fields over EXPLAIN_DEFAULTS (unknown ones refused by name)."""
+    model_config = ConfigDict(strict=True, extra="forbid")
+    prompt: str = Field(min_length=1)
+    target: str | None = None
+    chat: bool = True
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+EXPLAIN_DEFAULTS = {"methods": ["rollout", "grad_x_attention"]}  # /v1/explain: the cheap attributions unless asked
+
+
 class _Request(BaseModel):
     """Fields shared by both generation endpoints. Other fields land in ``model_extra``: those in
     UNSUPPORTED_PARAMS are refused unless off, the rest (user, metadata, store, ...) are ignored."""
@@ -215,6 +228,7 @@ def create_app(service: EngineService, *, api_key: str | None = None, max_body_b
     _add_info_routes(app, service, status_counts)
     _add_generation_routes(app, service, max_tokens_limit, sessions)
     _add_session_routes(app, sessions)
+    _add_explain_route(app, service)
     return app
 
 
@@ -336,6 +350,47 @@ def _add_session_routes(app: FastAPI, sessions: SessionStore | None) -> None:
     @app.delete("/v1/sessions/{session_id}")
     async def delete_session(session_id: str) -> dict[str, Any]:
         return {"id": session_id, "object": "session", "deleted": _session_call(lambda: store().delete(session_id))}
+
+
+def _add_explain_route(app: FastAPI, service: EngineService) -> None:
+    """POST /v1/explain: the JSON of r1kit.interpret.explain (the chat page's Explain view; README
+    "Interpretability" lists its keys). Same API key rule as the other /v1 routes; bad fields get 400."""
+    lock = threading.Lock()  # one explanation at a time: each holds a copy of the model and runs backward passes
+
+    def run(body: ExplainRequest) -> dict[str, Any]:
+        from r1kit.interpret import ExplainConfig, TargetError, explain, to_json
+        from r1kit.interpret.attribution import QuadraticLimitError
+
+        try:
+            cfg = ExplainConfig.from_dict({**EXPLAIN_DEFAULTS, **body.config}, "config")
+        except (TypeError, ValueError) as e:
+            raise APIError(400, str(e), param="config") from None
+        with lock:
+            # The engine thread owns service.model (it steps it without a lock) and explain adds hooks and runs
+            # backward passes, so it runs on a private copy of the weights (copying only reads them: safe).
+            copy = _copy_model(service.model)
+            try:
+                result = explain(copy, body.prompt, body.target, chat=body.chat, config=cfg)
+            except TargetError as e:
+                raise APIError(400, str(e), param="target") from None
+            except (QuadraticLimitError, ContextLengthError) as e:
+                raise APIError(400, str(e), param="prompt") from None
+        return {"object": "explanation", "model": service.model_name, **to_json(result)}
+
+    @app.post("/v1/explain")
+    async def explain_route(body: ExplainRequest) -> dict[str, Any]:
+        if service.model.tokenizer is None:
+            raise APIError(400, f"{service.model_name}: no tokenizer, so text cannot be explained", param="prompt")
+        return await asyncio.to_thread(run, body)
+
+
+def _copy_model(model: Any) -> Any:
+    """A shallow copy of the R1Model whose network is a deep copy (same tokenizer, own weights)."""
+    import copy
+
+    clone = copy.copy(model)
+    clone.model = copy.deepcopy(model.model)
+    return clone
 
 
 def _session_call(fn: Callable[[], Any]) -> Any:
