@@ -239,13 +239,14 @@ METHODS = {
 }
 
 
-def stage_recipe(method: str, data: Path, prev: Path, out: Path, steps: int, fisher_rows: int, seed: int) -> dict:
+def stage_recipe(method: str, data: Path, prev: Path, out: Path, steps: int, fisher_rows: int, seed: int,
+                 threads: int = 2) -> dict:
     """The training recipe of one stage: the same for every method but its continual section."""
     recipe = {"model": {"preset": "nano"}, "init_from": str(prev if prev == NANO else prev / "final"),
               "out_dir": str(out), "data": {"chat_jsonl": str(data), "validation_fraction": 0.05},
               "seq_len": 128, "batch_size": 8, "max_steps": steps, "warmup_steps": 5, "learning_rate": 1e-3,
               "min_lr_ratio": 0.1, "eval_interval": steps, "eval_batches": 1, "checkpoint_interval": steps,
-              "log_interval": 5, "precision": "fp32", "threads": 1, "seed": seed, "moe_balance_rate": 0.0}
+              "log_interval": 5, "precision": "fp32", "threads": threads, "seed": seed, "moe_balance_rate": 0.0}
     c = METHODS[method]
     if c is not None:
         recipe["continual"] = {**c, "from_run": str(prev), "fisher_rows": fisher_rows,
@@ -256,7 +257,7 @@ def stage_recipe(method: str, data: Path, prev: Path, out: Path, steps: int, fis
 
 
 def llm_part(quick: bool, seed: int, out: Path, results: dict, json_file: Path | None, methods: list[str],
-             sizes: tuple[int | None, int | None]) -> dict:
+             sizes: tuple[int | None, int | None], threads: int = 2) -> dict:
     """The nano sequence for every method; the results dict is written after each stage (partial results kept)."""
     from r1kit.train.config import TrainConfig
     from r1kit.train.loop import train
@@ -276,7 +277,7 @@ def llm_part(quick: bool, seed: int, out: Path, results: dict, json_file: Path |
             run = out / method / f"{stage}-{task}"
             shutil.rmtree(run, ignore_errors=True)
             summary = train(TrainConfig.from_dict(stage_recipe(method, data[task], prev, run, steps, fisher_rows,
-                                                               seed)), progress=False)
+                                                               seed, threads)), progress=False)
             acc.append(eval_stage(run / "final", n_eval, seed + 100))
             prev = run
             print(f"{method} stage {stage} ({task}): {acc[-1]}  train {summary['elapsed_s']:.0f} s", flush=True)
@@ -348,18 +349,19 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench_continual")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
-    parser.add_argument("--steps", type=int, default=None, help="steps per stage (default 30 quick, 60 full)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per stage (default 20 quick, 60 full)")
     parser.add_argument("--n-eval", type=int, default=None, help="held-out problems per kind (default 8 / 20)")
     parser.add_argument("--write-data", default=None, metavar="DIR",
                         help="only write the new tasks' chat JSONL (compare.jsonl, digitsum.jsonl) to DIR, for "
                              "configs/continual-nano-*.yaml")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (2: the machine's cores, when alone)")
     a = parser.parse_args()
     if a.write_data:
         Path(a.write_data).mkdir(parents=True, exist_ok=True)
         for i, task in enumerate(NEW_TASKS):
             print(write_task_jsonl(Path(a.write_data) / f"{task}.jsonl", task, 1000, a.seed + i))
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     json_file = Path(a.json) if a.json else None
@@ -370,7 +372,7 @@ def main() -> None:
         if json_file:
             json_file.write_text(json.dumps(results, indent=2))
     if a.part in ("all", "llm"):
-        llm_part(a.quick, a.seed, out, results, json_file, a.methods.split(","), (a.steps, a.n_eval))
+        llm_part(a.quick, a.seed, out, results, json_file, a.methods.split(","), (a.steps, a.n_eval), a.threads)
         results["plots"] = [str(p) for p in plot(results, DOCS if not a.quick else out)]
     results["total_s"] = time.perf_counter() - t0
     print_tables(results)
