@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 
 
 def expert_outputs(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -45,6 +44,11 @@ def align_channels(gu_a: torch.Tensor, dn_a: torch.Tensor, gu_b: torch.Tensor, d
     def features(gu: torch.Tensor, dn: torch.Tensor) -> torch.Tensor:
         gate, up = gu.float().chunk(2, dim=0)  # (I, C) each
         return F.normalize(torch.cat((gate, up, dn.float().T), dim=1), dim=1)  # (I, 3C)
+
+    try:
+        from scipy.optimize import linear_sum_assignment  # Hungarian matching; only merging needs scipy
+    except ImportError as e:
+        raise ImportError("expert_reduce='merge' needs scipy: pip install 'r1kit[interpret]' (or scipy)") from e
 
     cost = -(features(gu_a, dn_a) @ features(gu_b, dn_b).T)  # (I, I)
     rows, cols = linear_sum_assignment(cost.numpy())
