@@ -121,13 +121,7 @@ Perplexity on held-out standard-library code: {summary['eval']['stdlib_perplexit
 tokens scored in {ppl['windows']} windows of {ppl['window']} spread evenly over all {ppl['of_tokens']} held-out
 tokens; `r1kit eval r1kit/nano --task perplexity`, defined in r1kit/eval.py).
 
-Example ({ex['question']}):
-```
-<think>
-{ex['reasoning']}
-</think>
-{ex['answer']}
-```
+{example_block(ex)}
 
 Reproduce: `r1kit train --config configs/nano.yaml --out-dir runs/nano`, then
 `r1kit train --config configs/nano-sft.yaml --out-dir runs/nano-sft`, then
@@ -189,6 +183,11 @@ def package_rl(run: Path, base: Path, out: Path, n: int) -> None:
     print(json.dumps({"before": before["eval"], "after": summary["eval"]}, indent=2))
 
 
+def example_block(ex: dict) -> str:
+    """The model card's worked example: the question, then the reasoning in <think> and the answer, fenced."""
+    return f"Example ({ex['question']}):\n```\n<think>\n{ex['reasoning']}\n</think>\n{ex['answer']}\n```"
+
+
 def rl_card(s: dict) -> str:
     """The model card of the SFT + RL model: stages, before/after table, curves, recipe."""
     rl, b, e = s["rl"], s["eval_before_rl"], s["eval"]
@@ -237,13 +236,7 @@ after RL ({e['perplexity_tokens']} tokens scored in {e['perplexity_windows']} wi
 
 ![RL curves](rl.png)
 
-Example ({ex['question']}):
-```
-<think>
-{ex['reasoning']}
-</think>
-{ex['answer']}
-```
+{example_block(ex)}
 
 Reproduce: `r1kit train --config configs/nano.yaml --out-dir runs/nano`, then
 `r1kit train --config configs/nano-sft.yaml --out-dir runs/nano-sft`, then

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 
+from r1kit.checkpoint import save_model
 from r1kit.model.config import preset
 from r1kit.model.transformer import Transformer
 
@@ -46,6 +49,18 @@ def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.15, bias_std
 def randomize_weights() -> Callable[..., torch.nn.Module]:
     """The `randomize` function, for tests that build models themselves (e.g. Hugging Face ones)."""
     return randomize
+
+
+@pytest.fixture(scope="session")
+def tiny_src(tmp_path_factory) -> Path:
+    """A saved tiny-moe checkpoint (random weights, nano's tokenizer) for the compression tests; read-only."""
+    nano = Path(__file__).resolve().parents[1] / "r1kit" / "nano"
+    model = randomize(Transformer(preset("tiny-moe", vocab_size=4096)).init_weights(0), 0, 0.15).eval()
+    src = tmp_path_factory.mktemp("src") / "tiny"
+    save_model(model, src, dtype=torch.float32)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(nano / name, src / name)
+    return src
 
 
 @pytest.fixture

@@ -5,32 +5,16 @@ predicted, the clustered decode path; and the bad-input errors."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from r1kit.checkpoint import load_model, save_model
+from r1kit.checkpoint import load_model
 from r1kit.compress import CompressError, compress, lowrank, prune, structured
 from r1kit.quant.compressed import ClusteredLinear, LowRankLinear
 
 NANO = Path(__file__).resolve().parents[1] / "r1kit" / "nano"
-
-
-@pytest.fixture(scope="module")
-def tiny_src(tmp_path_factory, randomize_weights) -> Path:
-    """A tiny MLA + MoE checkpoint with nano's tokenizer (vocab 4096), random weights."""
-    from r1kit.model.config import preset
-    from r1kit.model.transformer import Transformer
-
-    torch.manual_seed(0)
-    model = randomize_weights(Transformer(preset("tiny-moe", vocab_size=4096)).init_weights(0), 0, 0.15).eval()
-    src = tmp_path_factory.mktemp("src") / "tiny"
-    save_model(model, src, dtype=torch.float32)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy2(NANO / name, src / name)
-    return src
 
 
 IDS = torch.randint(0, 4096, (2, 12), generator=torch.Generator().manual_seed(1))

@@ -7,13 +7,12 @@ hand), AWQ's folding leaving the unquantized model's logits (and MTP logits) unc
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from r1kit.checkpoint import load_model, save_model
+from r1kit.checkpoint import load_model
 from r1kit.compress import CompressError, compress
 from r1kit.compress.calibrated import (
     _calibration_pass,
@@ -119,19 +118,6 @@ def test_awq_folding_keeps_the_unquantized_model(make_model):
     scale = ref.abs().max()
     assert (got - ref).abs().max() / scale < 1e-4
     assert all((a - b).abs().max() / scale < 1e-4 for a, b in zip(got_mtp, ref_mtp, strict=True))
-
-
-@pytest.fixture(scope="module")
-def tiny_src(tmp_path_factory, randomize_weights) -> Path:
-    from r1kit.model.config import preset
-    from r1kit.model.transformer import Transformer
-
-    model = randomize_weights(Transformer(preset("tiny-moe", vocab_size=4096)).init_weights(0), 0, 0.15).eval()
-    src = tmp_path_factory.mktemp("src") / "tiny"
-    save_model(model, src, dtype=torch.float32)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy2(NANO / name, src / name)
-    return src
 
 
 @pytest.mark.parametrize("calibration", ["gptq", "awq"])
