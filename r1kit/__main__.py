@@ -354,7 +354,10 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="new folder for the compressed checkpoint")
     p.add_argument("--method", required=True, help=", ".join(METHODS))
     for name, typ in option_types().items():  # each method takes some of these (see r1kit.compress.driver)
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
+        if typ is bool:  # a switch: --kd
+            p.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", default=None)
+        else:
+            p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
 
 
 def cmd_export(a: argparse.Namespace) -> None:

@@ -75,6 +75,11 @@ class TrainOptions:
     work_dir: str | None = None  # where the fine-tune's run goes (default runs/compress/<OUT name>)
     precision: str = "fp32"  # the loop's autocast: fp32 (on CPUs without native bf16, ~4x faster) or bf16
     device: str = "cpu"  # where the fine-tune runs (cpu, cuda, ...); the result is saved from the CPU
+    kd: bool = False  # train on the divergence to a teacher (r1kit.train.distill's loss), not the data's CE
+    teacher: str | None = None  # kd's teacher (default: the original model: MODEL, or its compression source)
+    beta: float = 0.0  # kd: 0 forward KL(teacher || student), 1 reverse KL, between: GKD's generalised JSD
+    temperature: float = 1.0  # kd: both models' logits divided by it
+    ce_weight: float = 0.0  # kd: plus this weight of the data's cross-entropy
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "seq_len"):
@@ -83,12 +88,31 @@ class TrainOptions:
                                     f"got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise CompressError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not (0 <= self.beta <= 1 and self.temperature > 0 and self.ce_weight >= 0):
+            raise CompressError(f"beta must be in [0, 1], temperature > 0 and ce_weight >= 0; got beta {self.beta}, "
+                                f"temperature {self.temperature}, ce_weight {self.ce_weight}")
+        if self.teacher is not None and not self.kd:
+            raise CompressError(f"teacher {self.teacher!r} is only used with kd (--kd)")
 
 
 @dataclass
 class QATOptions(TrainOptions):
     max_steps: int = 100
     group_size: int = 64  # qat-int4 only
+
+
+@dataclass
+class DistillOptions(TrainOptions):
+    """Recovery of a compressed MODEL by logit distillation from the original (always kd)."""
+
+    max_steps: int = 100
+    kd: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.kd or not self.max_steps:
+            raise CompressError(f"distill trains with kd for max_steps >= 1 steps; got kd {self.kd}, "
+                                f"max_steps {self.max_steps}")
 
 
 @dataclass
@@ -231,6 +255,32 @@ def _cluster(job: Job, model: Transformer) -> tuple[Transformer, dict]:
     return model, {"layers": done, "structure": {"cluster": {n: d["group"] for n, d in done.items()}}}
 
 
+def _distill(job: Job, _model: Transformer | None) -> tuple[Transformer, dict]:
+    """MODEL (compressed, in its own shapes and structure) fine-tuned on the divergence to the original; the
+    zeros of an unstructured or 2:4 pruning stay zero (masked gradients)."""
+    previous = read_config(job.src).extra["hf_config"].get("compression")
+    if previous is None and job.options.teacher is None:
+        raise CompressError(f"{job.src} is not compressed, so it has no original to learn from: distill recovers a "
+                            "compressed model (r1kit compress ... OUT, then distill OUT); or name a --teacher")
+    chain = methods_of(previous)
+    masked = [n for n in chain if n in ("prune-unstructured", "prune-2:4")]
+
+    def keep_zeros(m: Transformer) -> None:
+        if masked:
+            weights = prune.prunable(m)
+            prune.keep_masked(weights, {n: w.detach() != 0 for n, w in weights.items()})
+
+    model, fit = finetune(job, keep_zeros, from_init=True)
+    stats: dict[str, Any] = {"chain": [*reversed(chain), "distill"], "finetune": fit,
+                             "structure": (previous or {}).get("structure")}
+    if masked:
+        weights = prune.prunable(model)
+        stats["sparsity"] = prune.sparsity_of(weights)
+        if "prune-2:4" in masked:
+            stats["two_four"] = all(prune.is_two_four(w) for w in weights.values())
+    return model, stats
+
+
 Step = Callable[[Job, Any], tuple[Transformer, dict]]
 # name -> (options dataclass, step, whether the step loads MODEL itself (fine-tunes do))
 METHODS: dict[str, tuple[type, Step, bool]] = {
@@ -244,6 +294,7 @@ METHODS: dict[str, tuple[type, Step, bool]] = {
     "prune-structured": (StructuredOptions, _structured, False),
     "low-rank": (LowRankOptions, _low_rank, False),
     "cluster": (ClusterOptions, _cluster, False),
+    "distill": (DistillOptions, _distill, True),
 }
 QUANT_METHODS = ("int8", "int4", "fp8")
 # methods whose output is a plain checkpoint that another method may compress further (e.g. prune, then int4)
@@ -297,9 +348,43 @@ def calibration_ids(src: Path, tokens: int, seq_len: int = 256, seed: int = 0) -
     return torch.tensor(code + arith).view(-1, seq_len)
 
 
-def finetune(job: Job, prepare: Callable[[Transformer], None]) -> tuple[Transformer, dict]:
+def methods_of(record: dict[str, Any] | None) -> list[str]:
+    """The methods of a compression record's chain, the latest first (e.g. ["distill", "prune-structured"])."""
+    out = []
+    while record is not None:
+        out.append(record.get("method"))
+        record = record.get("previous")
+    return out
+
+
+def original_model(src: Path) -> Path:
+    """The uncompressed model `src` was made from: the source of the first record of its compression chain."""
+    record = read_config(src).extra["hf_config"].get("compression")
+    while record is not None:
+        src, record = Path(record["source"]), record.get("previous")
+    return src
+
+
+def kd_objective(job: Job, device: str) -> tuple[Any, Path]:
+    """The loop's objective for options.kd: r1kit.train.distill's LogitDistillation with the frozen teacher
+    (options.teacher, else MODEL's original), whose tokenizer must be MODEL's; returns it and the teacher's path."""
+    from r1kit.api import resolve_model_path
+    from r1kit.tokenizer import Tokenizer
+    from r1kit.train.distill import LogitDistillation, LossSection, check_same_tokenizer, load_teacher
+
+    o = job.options
+    path = resolve_model_path(o.teacher) if o.teacher else original_model(job.src)
+    check_same_tokenizer(Tokenizer.from_dir(path), Tokenizer.from_dir(job.src), f"teacher {path}", str(job.src))
+    teacher = load_teacher(path, read_config(job.src).vocab_size, torch.device(device))
+    loss = LossSection(beta=o.beta, temperature=o.temperature, lmbda=0.0, kd_weight=1.0, ce_weight=o.ce_weight)
+    return LogitDistillation(teacher, loss), path
+
+
+def finetune(job: Job, prepare: Callable[[Transformer], None], from_init: bool = False) -> tuple[Transformer, dict]:
     """Fine-tune MODEL for options.max_steps through r1kit.train.loop.train, `prepare` applied to the model
-    before the optimizer is built; returns the trained model (eval mode) and the loop's summary."""
+    before the optimizer is built; returns the trained model (eval mode) and the loop's summary. `from_init`:
+    the model is MODEL in its own architecture (compressed shapes and structure), not the recipe's; options.kd:
+    the loss is the divergence to the teacher (kd_objective; the recipe's MTP loss off), not the cross-entropy."""
     from r1kit.train.config import TrainConfig
     from r1kit.train.loop import train
 
@@ -312,7 +397,10 @@ def finetune(job: Job, prepare: Callable[[Transformer], None]) -> tuple[Transfor
         recipe, init_from=str(job.src), out_dir=str(work), max_steps=o.max_steps, token_budget=None,
         learning_rate=o.learning_rate, warmup_steps=min(10, o.max_steps), batch_size=o.batch_size,
         seq_len=o.seq_len, eval_interval=o.max_steps, checkpoint_interval=o.max_steps,
-        log_interval=max(1, o.max_steps // 10), threads=torch.get_num_threads(), precision=o.precision)
+        log_interval=max(1, o.max_steps // 10), threads=torch.get_num_threads(), precision=o.precision,
+        **({"mtp_loss_weight": 0.0} if o.kd else {}))
+    cfg.model.from_init = from_init
+    objective, teacher = kd_objective(job, o.device) if o.kd else (None, None)
     cfg.data.arithmetic_examples = min(cfg.data.arithmetic_examples, 20_000)  # a short run needs little data
     cfg.data.max_chars = min(cfg.data.max_chars or 1_000_000, 1_000_000)
     held: list[Transformer] = []
@@ -321,8 +409,9 @@ def finetune(job: Job, prepare: Callable[[Transformer], None]) -> tuple[Transfor
         prepare(model)
         held.append(model)
 
-    summary = train(cfg, progress=True, device=o.device, prepare=hook)
-    return held[0].cpu().eval(), {k: summary[k] for k in ("steps", "tokens", "elapsed_s")}
+    summary = train(cfg, progress=True, device=o.device, prepare=hook, objective=objective)
+    fit = {k: summary[k] for k in ("steps", "tokens", "elapsed_s")}
+    return held[0].cpu().eval(), fit if teacher is None else {**fit, "teacher": str(teacher)}
 
 
 def _check_source(src: Path, method: str) -> dict[str, Any]:
@@ -330,13 +419,18 @@ def _check_source(src: Path, method: str) -> dict[str, Any]:
     hf = read_config(src).extra["hf_config"]
     previous = hf.get("compression")
     if (hf.get("quantization_config") or {}).get("quant_method") == "r1kit":
+        if method == "distill":
+            raise CompressError(f"{src} is quantized ({hf['quantization_config'].get('method')}): distill trains "
+                                "float weights; recover a quantized model with --method qat-int4 --kd (or qat-int8) "
+                                "from the original, or distill before quantizing")
         raise CompressError(f"{src} is already quantized ({hf['quantization_config'].get('method')}); "
                             "compress the original model")
-    if previous is not None:
+    if previous is not None and method != "distill":  # distill may follow any method
         done = previous.get("method")
-        if done not in CHAINABLE or method not in QUANT_METHODS:
+        plain = done in CHAINABLE or (done == "distill" and not previous.get("structure"))  # no low-rank, cluster
+        if not plain or method not in QUANT_METHODS:
             raise CompressError(f"{src} is already compressed ({done}); only {', '.join(QUANT_METHODS)} may follow "
-                                f"{', '.join(CHAINABLE)}: compress the original model")
+                                f"{', '.join(CHAINABLE)} (or a distill of them): compress the original model")
     return hf
 
 

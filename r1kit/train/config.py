@@ -26,6 +26,7 @@ class TrainConfigError(ValueError):
 class ModelSection:
     preset: str = "tiny-moe"  # a name from r1kit.model.config.PRESETS
     overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields to change
+    from_init: bool = False  # the model is init_from's own (its config.json, shapes and compression structure)
 
 
 @dataclass
@@ -170,6 +171,8 @@ class TrainConfig:
         if self.model.preset not in PRESETS:
             raise TrainConfigError(f"model.preset = {self.model.preset!r}: unknown; presets: {sorted(PRESETS)}")
         self.model_config()  # the overrides must form a valid ModelConfig
+        if self.model.from_init and not self.init_from:
+            raise TrainConfigError("model.from_init = True: takes init_from's architecture, but init_from is not set")
         need(self.early_stopping_patience is None or self.early_stopping_patience >= 1, "early_stopping_patience",
              "must be >= 1, or None for no early stopping")
         need(self.early_stopping_min_delta >= 0, "early_stopping_min_delta", "must be >= 0")

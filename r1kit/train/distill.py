@@ -325,22 +325,51 @@ def micro_losses(student: Transformer, teacher: Transformer | None, batch: tuple
                  on: bool, device: torch.device) -> tuple[torch.Tensor, float, float]:
     """(total loss, kd, ce) of one micro-batch (x, y, mask, doc_ids): the divergence to the teacher on the
     masked positions, plus the cross-entropy of the trace tokens off-policy."""
-    from r1kit.train.loop import autocast, masked_ce
+    from r1kit.train.loop import autocast
 
     lo = cfg.loss
     x, y, mask, doc = (t.to(device) if t is not None else None for t in batch)
     with autocast(cfg.student.precision, device):
         logits = student(x, doc_ids=doc)  # (B, T, V)
-        total, kd, ce = logits.new_zeros(()).float(), 0.0, 0.0
+        teacher_logits = None
         if teacher is not None and lo.kd_weight:
             with torch.no_grad():
                 teacher_logits = teacher(x, doc_ids=doc)
-            div = generalized_jsd(logits, teacher_logits, mask, lo.beta, lo.temperature)
-            total, kd = total + lo.kd_weight * div, float(div.detach())
-        if lo.ce_weight and not on:
-            loss = masked_ce(logits, y, mask)
-            total, ce = total + lo.ce_weight * loss, float(loss.detach())
+        return distillation_loss(logits, teacher_logits, y, mask, lo, with_ce=not on)
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor | None, y: torch.Tensor, mask: torch.Tensor,
+                      lo: LossSection, with_ce: bool = True) -> tuple[torch.Tensor, float, float]:
+    """(total loss, kd, ce): kd_weight * generalized_jsd(student || teacher) on the masked positions (when there
+    are teacher logits) + ce_weight * the cross-entropy of the targets y (with `with_ce`). Logits (B, T, V),
+    y and mask (B, T)."""
+    from r1kit.train.loop import masked_ce
+
+    total, kd, ce = logits.new_zeros(()).float(), 0.0, 0.0
+    if teacher_logits is not None and lo.kd_weight:
+        div = generalized_jsd(logits, teacher_logits, mask, lo.beta, lo.temperature)
+        total, kd = total + lo.kd_weight * div, float(div.detach())
+    if lo.ce_weight and with_ce:
+        loss = masked_ce(logits, y, mask)
+        total, ce = total + lo.ce_weight * loss, float(loss.detach())
     return total, kd, ce
+
+
+@dataclass
+class LogitDistillation:
+    """The off-policy logit distillation that r1kit.train.loop.train takes as its `objective`: each step's main
+    loss becomes distillation_loss against the frozen `teacher`'s logits on the same tokens (the loop's own
+    data). r1kit.compress trains compressed students with it (`--method distill`, `qat-* --kd`)."""
+
+    teacher: Transformer
+    loss: LossSection
+
+    def __call__(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+                 doc_ids: torch.Tensor | None) -> torch.Tensor:
+        """logits (B, T, V) of the student on x (B, T) -> the scalar loss."""
+        with torch.no_grad():
+            teacher_logits = self.teacher(x, doc_ids=doc_ids)
+        return distillation_loss(logits, teacher_logits, y, mask, self.loss)[0]
 
 
 def distill_step(student: Transformer, teacher: Transformer | None, opt: torch.optim.Optimizer, data: Any,

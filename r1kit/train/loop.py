@@ -69,13 +69,15 @@ def masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -
 
 
 def step_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
-                doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                doc_ids: torch.Tensor | None = None, objective: Objective | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Main next-token loss and the mean MTP loss (None without MTP). x, y, mask (B, T); y = x shifted.
 
     doc_ids (B, T): packed rows (r1kit.train.chat_data), attention within each document; an MTP target in the
-    next document does not count."""
+    next document does not count. `objective(logits, x, y, mask, doc_ids)` replaces the main cross-entropy
+    (r1kit.train.distill.LogitDistillation: the divergence to a teacher)."""
     logits, hidden = model(x, return_hidden=True, doc_ids=doc_ids)
-    loss = masked_ce(logits, y, mask)
+    loss = masked_ce(logits, y, mask) if objective is None else objective(logits, x, y, mask, doc_ids)
     if not model.mtp:
         return loss, None
     mtp = []
@@ -85,6 +87,10 @@ def step_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, mask: torc
             m = m * (doc_ids[:, :-1 - d] == doc_ids[:, 1 + d:])
         mtp.append(masked_ce(lg, y[:, 1 + d:], m))
     return loss, torch.stack(mtp).mean()
+
+
+# the main loss of a step in place of the cross-entropy: (logits (B, T, V), x, y, mask, doc_ids) -> scalar
+Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 def moe_layers(model: Transformer) -> list[MoE]:
@@ -187,8 +193,13 @@ def _check_same_recipe(saved: dict[str, Any], now: dict[str, Any], out: Path) ->
 
 def build_model(cfg: TrainConfig, vocab_size: int, bos: int | None, eos: int | None, device: torch.device
                 ) -> Transformer:
-    mcfg = cfg.model_config().replace(vocab_size=vocab_size, bos_token_id=bos, eos_token_id=eos)
-    model = Transformer(mcfg).init_weights(cfg.seed).to(device)
+    if cfg.model.from_init:  # init_from's own architecture and weights (e.g. a compressed checkpoint)
+        from r1kit.checkpoint import load_model
+
+        model = load_model(cfg.init_from, device, torch.float32)
+    else:
+        mcfg = cfg.model_config().replace(vocab_size=vocab_size, bos_token_id=bos, eos_token_id=eos)
+        model = Transformer(mcfg).init_weights(cfg.seed).to(device)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     for moe in moe_layers(model):  # the training-only balancing aids (see r1kit.model.moe)
         moe.aux_loss_alpha, moe.capacity_factor = cfg.moe_aux_loss_alpha, cfg.moe_capacity_factor
@@ -334,13 +345,15 @@ class StepResult:
 
 
 def run_step(model: Transformer, opt: torch.optim.Optimizer, data: Any, layers: list[MoE], cfg: TrainConfig,
-             lr: float, device: torch.device, continual: Any = None, par: Parallel | None = None) -> StepResult:
+             lr: float, device: torch.device, continual: Any = None, par: Parallel | None = None,
+             objective: Objective | None = None) -> StepResult:
     """One optimizer step: forward and backward over gradient_accumulation micro-batches, clipping, AdamW at
     `lr`, then the experts' bias balancing. `continual` (r1kit.train.continual.hook.ContinualHook) adds its loss
     terms to each micro-batch and scales the update of the weights it freezes. `par` (r1kit.train.distributed):
     `model` is then what the ranks train through (DDP's wrapper, or the FSDP2-sharded model), data gives this
     rank's rows; the losses are weighted to the global batch's mean, gradients are reduced on the last
-    micro-batch only, and the logged means, tokens and expert loads are the whole job's."""
+    micro-batch only, and the logged means, tokens and expert loads are the whole job's. `objective` replaces
+    the main cross-entropy (step_losses)."""
     par = par or Parallel()
     for group in opt.param_groups:
         group["lr"] = lr
@@ -353,7 +366,7 @@ def run_step(model: Transformer, opt: torch.optim.Optimizer, data: Any, layers: 
         par.sync_gradients(model, last=i == cfg.gradient_accumulation - 1)
         w, w_mtp = par.loss_weights(mask)  # 1.0 on one process
         with autocast(cfg.precision, device):
-            loss, mtp = step_losses(model, x, y, mask, doc[0] if doc else None)
+            loss, mtp = step_losses(model, x, y, mask, doc[0] if doc else None, objective)
             total_loss = loss * w if mtp is None else loss * w + cfg.mtp_loss_weight * mtp * w_mtp
             aux = [m.aux_loss for m in layers if m.aux_loss is not None]
             if aux:
@@ -466,11 +479,14 @@ def progress_bar(progress: bool, total: int, step: int) -> Any:
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, device: str | torch.device = "cpu",
-          stop_after: int | None = None, prepare: Callable[[Transformer], None] | None = None) -> dict[str, Any]:
+          stop_after: int | None = None, prepare: Callable[[Transformer], None] | None = None,
+          objective: Objective | None = None) -> dict[str, Any]:
     """Run (or resume) a training recipe; returns a summary. `stop_after` ends early after that many steps.
 
     `prepare(model)` runs once the weights are in place and before the optimizer is built: the hook through which
     other recipes change the model the loop trains (QAT's fake quantization, pruning masks; see r1kit.compress).
+    `objective` replaces the cross-entropy of every step (r1kit.train.distill.LogitDistillation: a teacher's
+    logits; validation stays the cross-entropy).
     """
     from r1kit.hardware import choose
     from r1kit.train.data import build_corpus, prepare_tokenizer
@@ -506,7 +522,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, device:
     with open(out / "metrics.jsonl" if par.is_main else os.devnull, "a") as file:
         metrics = MetricsLog(file, model, cfg)
         while run.step < end and not stopper.stopped:
-            r = run_step(net, opt, train_data, layers, cfg, lr_at(run.step, cfg), device, continual, par)
+            r = run_step(net, opt, train_data, layers, cfg, lr_at(run.step, cfg), device, continual, par, objective)
             run.step, run.tokens, run.elapsed = run.step + 1, run.tokens + r.tokens, run.elapsed + r.seconds
             if bar is not None:
                 bar.update(1)
@@ -533,7 +549,7 @@ def assemble_model(cfg: TrainConfig, tokenizer: Tokenizer, device: torch.device,
         model = build_lora_model(cfg, device)
     else:
         model = build_model(cfg, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, device)
-    if cfg.init_from and fresh and not cfg.lora.r:
+    if cfg.init_from and fresh and not cfg.lora.r and not cfg.model.from_init:
         load_initial_weights(model, cfg.init_from, device)
     if prepare is not None:
         prepare(model)
