@@ -41,19 +41,30 @@ _tried = False
 _reason = ""
 
 
-def _build(out: Path) -> None:
+def _build(out: Path, source: Path = SOURCE) -> None:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         raise RuntimeError("no C compiler (gcc or $CC) found")
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def compile_to(so: Path) -> None:
-        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", str(so)]
+        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(source), "-o", str(so)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
 
     atomic_write(out, compile_to, mode=0o777)  # a concurrent process sees the old file or the whole new one
+
+
+def compile_library(source: Path) -> ctypes.CDLL:
+    """The shared library of a C source beside this module, compiled on first use into ``$R1KIT_CACHE``
+    (keyed by the source and the CPU's flags); raises OSError or RuntimeError when it cannot be built."""
+    key = hashlib.sha256(source.read_bytes() + " ".join(sorted(hardware.cpu_flags())).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("R1KIT_CACHE", Path.home() / ".cache" / "r1kit"))
+    so = cache / "kernels" / f"{source.stem}-{key}.so"
+    if not so.is_file():
+        _build(so, source)
+    return ctypes.CDLL(str(so))
 
 
 def load() -> ctypes.CDLL | None:
@@ -69,13 +80,8 @@ def load() -> ctypes.CDLL | None:
     elif "avx512_bf16" not in flags:
         _reason = "this CPU has no AVX-512 bf16 (avx512_bf16)"
     else:
-        key = hashlib.sha256(SOURCE.read_bytes() + " ".join(sorted(flags)).encode()).hexdigest()[:16]
-        cache = Path(os.environ.get("R1KIT_CACHE", Path.home() / ".cache" / "r1kit"))
-        so = cache / "kernels" / f"cpu_gemv-{key}.so"
         try:
-            if not so.is_file():
-                _build(so)
-            lib = ctypes.CDLL(str(so))
+            lib = compile_library(SOURCE)
         except (OSError, RuntimeError) as e:
             _reason = f"could not build {SOURCE.name}: {e}"
         else:

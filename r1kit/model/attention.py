@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1kit import kernels
+from r1kit.kernels import paged_attention
 from r1kit.model.config import ModelConfig, rope_type
 from r1kit.model.hooks import HookPoint, explicit_attention
 
@@ -210,6 +211,7 @@ class PagedDecode:
     rows: torch.Tensor  # (Bd,) long
     slots: torch.Tensor  # (Bd, S) long, S = the longest context; padded with slot 0
     mask: torch.Tensor | None  # (Bd, 1, 1, S) bool, True = a real context slot; None when all are S long
+    lens: torch.Tensor | None = None  # (Bd,) long context lengths (for r1kit.kernels.paged_attention)
 
 
 @dataclass
@@ -273,10 +275,10 @@ class PagedBatch:
                                   dtype=torch.long, device=device)  # (Bd, n_blocks), padded with block 0
             slots = (tables[:, :, None] * block_size + offsets).flatten(1)[:, :width]  # (Bd, S)
             mask = None
+            lens = torch.tensor(dec_lens, dtype=torch.long, device=device)
             if min(dec_lens) < width:
-                lens = torch.tensor(dec_lens, device=device)
                 mask = (torch.arange(width, device=device)[None, :] < lens[:, None])[:, None, None, :]
-            decode = PagedDecode(torch.tensor(dec_rows, dtype=torch.long, device=device), slots, mask)
+            decode = PagedDecode(torch.tensor(dec_rows, dtype=torch.long, device=device), slots, mask, lens)
         rows = None if logits_rows is None else torch.tensor(logits_rows, dtype=torch.long, device=device)
         return cls(torch.cat(positions), torch.cat(slot_mapping), seqs, decode, rows,
                    max(ctx for _, ctx, _ in contexts))
@@ -386,11 +388,15 @@ class GQAttention(nn.Module):
             vs = v_pool.index_select(0, s.slots).transpose(0, 1)[None]
             y[s.q_start:s.q_start + s.q_len] = _sdpa(qs, ks, vs, s.mask, self.scale)[0].transpose(0, 1)
         if (d := batch.decode) is not None:  # all decodes at once
-            Bd, S = d.slots.shape
-            qd = q[0].index_select(0, d.rows)[:, :, None]  # (Bd, H, 1, D)
-            kd = k_pool.index_select(0, d.slots.flatten()).view(Bd, S, self.n_kv, -1).transpose(1, 2)  # (Bd, Hkv, S, D)
-            vd = v_pool.index_select(0, d.slots.flatten()).view(Bd, S, self.n_kv, -1).transpose(1, 2)
-            y.index_copy_(0, d.rows, _sdpa(qd, kd, vd, d.mask, self.scale)[:, :, 0])
+            qd = q[0].index_select(0, d.rows)  # (Bd, H, D)
+            yd = None if d.lens is None else paged_attention.decode_attention(qd, k_pool, v_pool, d.slots, d.lens,
+                                                                               self.scale)  # (Bd, H, D), C kernel
+            if yd is None:  # the reference: contexts gathered into a padded batch
+                Bd, S = d.slots.shape  # kd, vd (Bd, Hkv, S, D)
+                kd = k_pool.index_select(0, d.slots.flatten()).view(Bd, S, self.n_kv, -1).transpose(1, 2)
+                vd = v_pool.index_select(0, d.slots.flatten()).view(Bd, S, self.n_kv, -1).transpose(1, 2)
+                yd = _sdpa(qd[:, :, None], kd, vd, d.mask, self.scale)[:, :, 0]
+            y.index_copy_(0, d.rows, yd)
         return self.o_proj(y.reshape(1, N, -1))
 
 
