@@ -78,6 +78,33 @@ DEEPSEEK_R1_CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
+# The R1 template plus a tool section in Hermes' text format, for a vocabulary without DeepSeek's tool tokens
+# (r1kit/nano): the offered tools as JSON lines in ``<tools>...</tools>`` after the system prompt, an assistant's
+# calls as ``<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`` after its answer text, and a tool
+# result as a user turn ``<tool_response>\n...\n</tool_response>``. Without tools it renders what the R1 template
+# renders. r1kit.tools parses the calls (format "hermes").
+DEEPSEEK_R1_TOOLS_CHAT_TEMPLATE = (
+    DEEPSEEK_R1_CHAT_TEMPLATE.split("{{- bos_token")[0]
+    + "{%- if tools -%}{%- set ns.system_prompt = ns.system_prompt + ('' if ns.first else '\\n\\n') + '<tools>' -%}"
+    "{%- for tool in tools -%}{%- set ns.system_prompt = ns.system_prompt + '\\n' + (tool | tojson) -%}{%- endfor -%}"
+    "{%- set ns.system_prompt = ns.system_prompt + '\\n</tools>' -%}{%- endif -%}"
+    "{{- bos_token | default('', true) -}}{{- ns.system_prompt -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{- '" + USER_TAG + "' + message['content'] -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- '" + ASSISTANT_TAG + "' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'].split('" + THINK_CLOSE + "')[-1] -}}{%- endif -%}"
+    "{%- if message['tool_calls'] is defined and message['tool_calls'] -%}{%- for call in message['tool_calls'] -%}"
+    "{%- set f = call['function'] -%}{{- ('' if loop.first else '\\n') + '<tool_call>\\n{\"name\": \"' + f['name']"
+    " + '\", \"arguments\": ' + (f['arguments'] if f['arguments'] is string else (f['arguments'] | tojson))"
+    " + '}\\n</tool_call>' -}}{%- endfor -%}{%- endif -%}{{- '" + DEEPSEEK_EOS + "' -}}"
+    "{%- elif message['role'] == 'tool' -%}{{- '" + USER_TAG + "<tool_response>\\n' + message['content']"
+    " + '\\n</tool_response>' -}}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '" + ASSISTANT_TAG + THINK_OPEN + "\\n' -}}"
+    "{%- if thinking is defined and not thinking -%}{{- '\\n" + THINK_CLOSE + "\\n\\n' -}}{%- endif -%}"
+    "{%- endif -%}"
+)
+
 
 class TokenizerError(ValueError):
     """Bad tokenizer files, tokenizer settings or chat messages."""

@@ -50,11 +50,11 @@ def _need_positive(name: str, value: Any) -> None:
 
 
 def _check_kinds(kinds: Sequence[str]) -> None:
-    from r1kit.train.data import KINDS
+    from r1kit.train.data import ALL_KINDS
 
-    unknown = [k for k in kinds if k not in KINDS]
+    unknown = [k for k in kinds if k not in ALL_KINDS]
     if not kinds or unknown:
-        raise EvalError(f"kinds {list(kinds)}: unknown kind(s) {unknown}; kinds: {', '.join(KINDS)}")
+        raise EvalError(f"kinds {list(kinds)}: unknown kind(s) {unknown}; kinds: {', '.join(ALL_KINDS)}")
     if len(set(kinds)) != len(kinds):
         raise EvalError(f"kinds {list(kinds)}: a kind is listed twice")
 

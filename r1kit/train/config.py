@@ -34,6 +34,8 @@ class DataSection:
     mixture: dict[str, float] = field(default_factory=lambda: {"stdlib": 0.5, "arithmetic": 0.5})
     arithmetic_kinds: dict[str, float] = field(default_factory=lambda: {"add2": 1.0, "sub2": 1.0})
     arithmetic_examples: int = 20000  # distinct training problems generated
+    tool_kinds: dict[str, float] = field(default_factory=dict)  # mixture source "tools" (r1kit.train.tool_data)
+    tool_examples: int = 20000  # calculator-tool conversations generated for the "tools" source
     max_files: int | None = None  # cap on standard-library files read per side (None: all)
     max_chars: int | None = None  # cap on standard-library characters read per side (None: all)
     tokenizer_vocab: int = 4096  # byte-level BPE trained on the training data (digits split)
@@ -233,24 +235,30 @@ class TrainConfig:
 
     def _validate_data(self) -> None:
         d = self.data
-        for name in ("arithmetic_examples", "tokenizer_vocab", "tokenizer_chars", "max_files", "max_chars"):
+        for name in ("arithmetic_examples", "tool_examples", "tokenizer_vocab", "tokenizer_chars", "max_files",
+                     "max_chars"):
             value = getattr(d, name)
             if value is not None and value < 1:
                 cap = ", or None for no cap" if name.startswith("max_") else ""
                 raise TrainConfigError(f"data.{name} = {value!r}: must be >= 1{cap}")
-        weights = [*d.mixture.values(), *d.arithmetic_kinds.values()]
+        weights = [*d.mixture.values(), *d.arithmetic_kinds.values(), *d.tool_kinds.values()]
         if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
             raise TrainConfigError(f"data: mixture and arithmetic_kinds weights must be numbers, got {weights}")
         if not d.mixture or any(w < 0 for w in d.mixture.values()) or sum(d.mixture.values()) <= 0:
             raise TrainConfigError(f"data.mixture = {d.mixture}: needs non-negative weights with a sum > 0")
-        unknown = set(d.mixture) - {"stdlib", "arithmetic"}
+        unknown = set(d.mixture) - {"stdlib", "arithmetic", "tools"}
         if unknown:
-            raise TrainConfigError(f"data.mixture: unknown source(s) {sorted(unknown)}; known: arithmetic, stdlib")
-        from r1kit.train.data import KINDS
+            raise TrainConfigError(f"data.mixture: unknown source(s) {sorted(unknown)}; known: arithmetic, stdlib, "
+                                   "tools")
+        from r1kit.train.data import ALL_KINDS, KINDS
 
         bad = set(d.arithmetic_kinds) - set(KINDS)
         if bad or not d.arithmetic_kinds:
             raise TrainConfigError(f"data.arithmetic_kinds: unknown kind(s) {sorted(bad)}; kinds: {list(KINDS)}")
+        bad = set(d.tool_kinds) - set(ALL_KINDS)
+        if bad or (d.mixture.get("tools", 0) > 0 and not d.tool_kinds):
+            raise TrainConfigError(f"data.tool_kinds: unknown kind(s) {sorted(bad)} or none with mixture source "
+                                   f"'tools'; kinds: {list(ALL_KINDS)}")
         if not 0 <= d.validation_fraction < 1:
             raise TrainConfigError(f"data.validation_fraction = {d.validation_fraction!r}: must be in [0, 1)")
 

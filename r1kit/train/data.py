@@ -43,9 +43,15 @@ _KIND_OPERANDS: dict[str, tuple[str, range, range]] = {
     "sub3": ("-", range(1000), range(1000)),
     "mul2x1": ("*", range(10, 100), range(10)),
     "mul2x2": ("*", range(10, 100), range(10, 100)),
+    "mul3x2": ("*", range(100, 1000), range(10, 100)),
+    "mul3x3": ("*", range(100, 1000), range(100, 1000)),
 }
-KINDS: tuple[str, ...] = tuple(_KIND_OPERANDS)
-"""Problem kinds accepted by :func:`sample_problem`."""
+LONG_KINDS: tuple[str, ...] = ("mul3x2", "mul3x3")
+"""Multiplications nano is taught to do with the calculator tool only (r1kit.train.tool_data)."""
+KINDS: tuple[str, ...] = tuple(k for k in _KIND_OPERANDS if k not in LONG_KINDS)
+"""The kinds of nano's arithmetic data and model card."""
+ALL_KINDS: tuple[str, ...] = tuple(_KIND_OPERANDS)
+"""Problem kinds accepted by :func:`sample_problem`: :data:`KINDS` and :data:`LONG_KINDS`."""
 
 OPERATORS = ("+", "-", "*")
 SPLITS = ("train", "val")
@@ -288,7 +294,7 @@ def sample_problem(rng: random.Random, kind: str, split: str | None = "train") -
     ``split="train"`` resamples until the problem is not held out, ``"val"`` until it is; ``None`` takes any.
     """
     if kind not in _KIND_OPERANDS:
-        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        raise ValueError(f"kind must be one of {', '.join(ALL_KINDS)}, got {kind!r}")
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be 'train', 'val' or None, got {split!r}")
     op, a_range, b_range = _KIND_OPERANDS[kind]
@@ -535,6 +541,8 @@ def build_nano_corpus(
     val_arithmetic_examples: int | None = None,
     max_files: int | None = None,
     max_chars: int | None = None,
+    tool_kinds: Mapping[str, float] | None = None,
+    tool_examples: int = 20_000,
 ) -> tuple[Mixture, Mixture]:
     """Train and validation Mixtures of standard-library code ("stdlib") and arithmetic ("arithmetic").
 
@@ -543,12 +551,13 @@ def build_nano_corpus(
     (``val_arithmetic_examples``, default a tenth of ``arithmetic_examples``). Each side's files are shuffled
     with ``seed``; on each side at most the first ``max_files`` are read, stopping once about ``max_chars``
     characters are in (see :func:`read_texts`). The train Mixture is seeded with ``seed``, the validation one
-    with ``seed + 1``.
+    with ``seed + 1``. A "tools" weight adds calculator-tool conversations (``tool_examples`` of ``tool_kinds``,
+    r1kit.train.tool_data.tool_stream), validated on held-out problems the same way.
     """
     weights = {"stdlib": 0.5, "arithmetic": 0.5} if weights is None else dict(weights)
-    unknown = set(weights) - {"stdlib", "arithmetic"}
+    unknown = set(weights) - {"stdlib", "arithmetic", "tools"}
     if unknown:
-        raise ValueError(f"unknown corpus sources {sorted(unknown)}: expected 'stdlib' and/or 'arithmetic'")
+        raise ValueError(f"unknown corpus sources {sorted(unknown)}: expected 'stdlib', 'arithmetic' or 'tools'")
     weights = {name: weight for name, weight in weights.items() if weight > 0}
     if val_arithmetic_examples is None:
         val_arithmetic_examples = max(1, arithmetic_examples // 10)
@@ -567,6 +576,11 @@ def build_nano_corpus(
         val_streams.append(
             arithmetic_stream(tokenizer, val_arithmetic_examples, seed + 1, kinds, kind_weights, "val", "arithmetic")
         )
+    if "tools" in weights:
+        from r1kit.train.tool_data import tool_stream
+
+        train_streams.append(tool_stream(tokenizer, tool_examples, seed, tool_kinds or {}, "train"))
+        val_streams.append(tool_stream(tokenizer, max(1, tool_examples // 10), seed + 1, tool_kinds or {}, "val"))
     train = Mixture(train_streams, weights, seq_len, batch_size, seed)
     val = Mixture(val_streams, weights, seq_len, batch_size, seed + 1)
     return train, val
@@ -630,4 +644,5 @@ def build_corpus(cfg: Any, tokenizer: Tokenizer) -> tuple[Any, Any]:
     return build_nano_corpus(tokenizer, seed=cfg.seed, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                              arithmetic_examples=d.arithmetic_examples, weights=d.mixture,
                              kinds=list(d.arithmetic_kinds), kind_weights=list(d.arithmetic_kinds.values()),
-                             max_files=d.max_files, max_chars=d.max_chars)
+                             max_files=d.max_files, max_chars=d.max_chars, tool_kinds=d.tool_kinds,
+                             tool_examples=d.tool_examples)
