@@ -46,7 +46,7 @@ from r1kit.train.loop import (
     restore_run,
     save_training_checkpoint,
 )
-from r1kit.train.rewards import PromptSource, Scored, accuracy_reward, load_jsonl_prompts, reward_names, score
+from r1kit.train.rewards import Prompt, PromptSource, Scored, accuracy_reward, load_jsonl_prompts, reward_names, score
 from r1kit.train.rl_config import GRPOConfig
 from r1kit.train.rollout import Rollout, completion_logprobs, generate_rollouts, pad_batch
 
@@ -59,6 +59,8 @@ log = logging.getLogger("r1kit")
 def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group") -> torch.Tensor:
     """Reward minus its group's mean, divided by the group's std (+1e-4) with scale_rewards="group"; exactly 0 in
     a group whose rewards are all equal. rewards (N,), prompt-major groups of num_generations; returns (N,)."""
+    if rewards.numel() == 0:  # a step whose dynamic sampling found no informative group
+        return rewards.float()
     grouped = rewards.float().view(-1, num_generations)  # (N / G, G)
     advantages = grouped - grouped.mean(1, keepdim=True)
     if scale_rewards == "group":
@@ -211,25 +213,106 @@ def optimize(policy: Policy, batches: list[MicroBatch], cfg: GRPOConfig, lr: flo
 
 def rl_step(policy: Policy, source: PromptSource, rewards: dict[str, Any], cfg: GRPOConfig, step: int
             ) -> dict[str, Any]:
-    """Rollouts of step `step`, their rewards and advantages, then num_iterations optimizer steps on them."""
+    """Rollouts of step `step` (several rounds with filter_groups), their rewards and advantages, then
+    num_iterations optimizer steps on them."""
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed * 1_000_003 + step)  # the step's draws, the same on a resumed run
-    params = SamplingParams(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-                            top_p=cfg.top_p, top_k=cfg.top_k)
-    rollout = generate_rollouts(policy.model, policy.tokenizer, source.take(step, cfg.prompts_per_step),
-                                cfg.num_generations, params, policy.stop_ids)
-    table = score_rollout(rollout, rewards, cfg)  # (N, R)
-    total = table @ torch.tensor(cfg.weights)  # (N,)
+    batch = collect_rollouts(policy, source, rewards, cfg, step)
+    total = batch.table @ torch.tensor(cfg.weights)  # (N,)
     advantages = group_advantages(total, cfg.num_generations, cfg.scale_rewards)
-    batches = micro_batches(rollout, advantages, cfg)
+    batches = micro_batches(batch.rollout, advantages, cfg)
     fill_fixed_logprobs(policy, batches, cfg)
-    num_tokens = rollout.num_tokens
+    num_tokens = batch.rollout.num_tokens
     for it in range(cfg.num_iterations):
         lr = lr_at(step * cfg.num_iterations + it, cfg)
         opt_stats = optimize(policy, batches, cfg, lr, len(advantages), num_tokens)
-    record = rollout_metrics(rollout, table, total, cfg)
-    record.update(opt_stats, lr=lr, tokens=num_tokens, step_s=time.perf_counter() - t0)
+    record = rollout_metrics(batch.sampled, batch.sampled_table, batch.sampled_table @ torch.tensor(cfg.weights),
+                             cfg)
+    record.update(batch.stats, informative_groups=int((advantages.view(-1, cfg.num_generations) != 0).any(1).sum()))
+    record.update(opt_stats, lr=lr, tokens=batch.sampled.num_tokens, step_s=time.perf_counter() - t0)
     return record
+
+
+# ---------------------------------------------------------------------------------------------------- dynamic sampling
+
+
+@dataclass
+class StepRollouts:
+    """What a step trains on, and everything it generated (one round, or several with filter_groups)."""
+
+    rollout: Rollout  # the rows trained on: prompts_per_step groups (fewer when the round cap was reached)
+    table: torch.Tensor  # (N, R) their rewards
+    sampled: Rollout  # every row generated this step, all rounds: the metrics' sample
+    sampled_table: torch.Tensor  # (M, R)
+    stats: dict[str, int] = field(default_factory=dict)  # filter_groups: rounds, groups kept / dropped
+
+
+def collect_rollouts(policy: Policy, source: PromptSource, rewards: dict[str, Any], cfg: GRPOConfig, step: int
+                     ) -> StepRollouts:
+    """The step's rollouts and rewards. With filter_groups on (DAPO's dynamic sampling), rounds of
+    generation_batch_size completions are generated (round r's prompts: ``round_prompts``) until prompts_per_step
+    groups whose filter metric varies are in hand, or max_num_gen_batches rounds are spent; the constant groups
+    are dropped and the first prompts_per_step informative ones kept."""
+    params = SamplingParams(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                            top_p=cfg.top_p, top_k=cfg.top_k)
+    fg, want, size = cfg.filter_groups, cfg.prompts_per_step, cfg.num_generations
+    rounds, tables, keep = [], [], []  # keep: indices of the informative groups over all rounds
+    for r in range(fg.max_num_gen_batches if fg.enable else 1):
+        rollout = generate_rollouts(policy.model, policy.tokenizer, round_prompts(source, step, r, want), size,
+                                    params, policy.stop_ids)
+        rounds.append(rollout)
+        tables.append(score_rollout(rollout, rewards, cfg))  # (N, R)
+        keep += [r * want + g for g in informative_groups(filter_metric(tables[-1], cfg), size)]
+        if len(keep) >= want:
+            break
+    sampled, sampled_table = concat_rollouts(rounds), torch.cat(tables)
+    if not fg.enable:
+        return StepRollouts(sampled, sampled_table, sampled, sampled_table)
+    rows = [g * size + i for g in keep[:want] for i in range(size)]
+    if len(keep) < want:
+        log.info("step %d: %d of %d informative groups after %d generation rounds (filter_groups."
+                 "max_num_gen_batches)", step, len(keep), want, len(rounds))
+    stats = {"filter_rounds": len(rounds), "groups_kept": min(len(keep), want),
+             "groups_dropped": len(rounds) * want - len(keep)}
+    return StepRollouts(select_rows(sampled, rows), sampled_table[rows], sampled, sampled_table, stats)
+
+
+def round_prompts(source: PromptSource, step: int, round_: int, n: int) -> list[Prompt]:
+    """The prompts of generation round `round_` of step `step`: round 0's are the step's own (``source.take``);
+    a later round draws from the source reseeded by the round, so it is the same on a resumed run."""
+    if round_ == 0:
+        return source.take(step, n)
+    return PromptSource(source.prompts, source.kinds, seed=source.seed + round_ * 1_000_000_007).take(step, n)
+
+
+def filter_metric(table: torch.Tensor, cfg: GRPOConfig) -> torch.Tensor:
+    """The per-completion value filter_groups.metric names: the weighted total reward, or one reward's column.
+    table (N, R) -> (N,)."""
+    if cfg.filter_groups.metric == "reward":
+        return table @ torch.tensor(cfg.weights)
+    return table[:, cfg.reward_funcs.index(cfg.filter_groups.metric)]
+
+
+def informative_groups(values: torch.Tensor, num_generations: int) -> list[int]:
+    """Indices of the groups (prompt-major, num_generations rows each) whose values are not all equal."""
+    grouped = values.view(-1, num_generations)  # (N / G, G)
+    return [int(g) for g in torch.nonzero((grouped != grouped[:, :1]).any(1)).flatten()]
+
+
+def concat_rollouts(parts: list[Rollout]) -> Rollout:
+    """One rollout of the rows of `parts`, in order (seconds added up)."""
+    if len(parts) == 1:
+        return parts[0]
+    return Rollout(*([x for p in parts for x in getattr(p, name)]
+                     for name in ("prompts", "prompt_ids", "completion_ids", "texts", "truncated")),
+                   seconds=sum(p.seconds for p in parts))
+
+
+def select_rows(rollout: Rollout, rows: list[int]) -> Rollout:
+    """The rollout of the given rows only."""
+    return Rollout(*([getattr(rollout, name)[i] for i in rows]
+                     for name in ("prompts", "prompt_ids", "completion_ids", "texts", "truncated")),
+                   seconds=rollout.seconds)
 
 
 # ---------------------------------------------------------------------------------------------------- the run

@@ -8,7 +8,8 @@ scale_rewards, loss_type, num_iterations, reward_weights, max_grad_norm); the sc
 TrainConfig's (learning_rate, warmup_steps, schedule, min_lr_ratio, weight_decay, betas, moe_balance_rate, seed,
 threads, out_dir, checkpoint_interval, keep_checkpoints), so the training loop's pieces (lr_at, make_optimizer,
 checkpoints) take either. Defaults are DeepSeek-R1's where published (16 completions per prompt, temperature 1,
-beta 0.001, learning rate 3e-6), TRL's otherwise (epsilon 0.2, loss_type dapo, scale_rewards group).
+beta 0.001, learning rate 3e-6), TRL's otherwise (epsilon 0.2, loss_type dapo, scale_rewards group). DAPO's
+dynamic sampling is verl's `filter_groups` section (enable, metric, max_num_gen_batches), off by default.
 """
 
 from __future__ import annotations
@@ -22,6 +23,18 @@ from r1kit.train.config import LoRASection, TrainConfigError, build_dataclass, r
 
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo")  # token-level, sequence-level, Dr. GRPO's constant normaliser
 SCALE_REWARDS = ("group", "none")
+
+
+@dataclass
+class FilterGroupsSection:
+    """DAPO's dynamic sampling, as verl's ``algorithm.filter_groups``: a step keeps only the groups whose `metric`
+    varies (a group of equal rewards has zero advantage: no signal), generating more rounds of
+    generation_batch_size completions until it holds prompts_per_step such groups or max_num_gen_batches rounds
+    are spent (then it trains on the groups it has; verl stops the run instead)."""
+
+    enable: bool = False
+    metric: str = "reward"  # what must vary within a group: "reward" (the weighted total) or a reward_funcs name
+    max_num_gen_batches: int = 10  # generation rounds per step at most (verl's DAPO recipe uses 10)
 
 
 @dataclass
@@ -46,6 +59,7 @@ class GRPOConfig:
     scale_rewards: str = "group"  # "group": advantages divided by the group's std; "none": not scaled (Dr. GRPO)
     loss_type: str = "dapo"  # "dapo": mean over all tokens; "grpo": per sequence then over sequences; "dr_grpo"
     num_iterations: int = 1  # optimizer steps on each batch of rollouts (> 1: importance ratio to the old policy)
+    filter_groups: FilterGroupsSection = field(default_factory=FilterGroupsSection)  # DAPO's dynamic sampling
     # optimisation
     per_device_train_batch_size: int = 16  # completions per forward/backward micro-batch
     learning_rate: float = 3e-6
@@ -71,6 +85,8 @@ class GRPOConfig:
     log_interval: int = 1
 
     def __post_init__(self) -> None:
+        if isinstance(self.filter_groups, dict):  # GRPOConfig(filter_groups={...}) as from_dict builds it
+            self.filter_groups = build_dataclass(FilterGroupsSection, self.filter_groups, "filter_groups")
         self.validate()
 
     def validate(self) -> None:
@@ -103,6 +119,13 @@ class GRPOConfig:
         need(bool(self.reward_funcs), "reward_funcs", "needs at least one reward")
         need(self.reward_weights is None or len(self.reward_weights) == len(self.reward_funcs), "reward_weights",
              f"needs one weight per reward ({len(self.reward_funcs)}: {self.reward_funcs})")
+        fg = self.filter_groups
+        if fg.metric not in ("reward", *self.reward_funcs):
+            raise TrainConfigError(f"filter_groups.metric = {fg.metric!r}: must be 'reward' or one of reward_funcs "
+                                   f"{self.reward_funcs}")
+        if fg.max_num_gen_batches < 1:
+            raise TrainConfigError(f"filter_groups.max_num_gen_batches = {fg.max_num_gen_batches}: must be >= 1 (the "
+                                   "cap on generation rounds per step)")
         need(self.task == "arithmetic" or self.task.endswith(".jsonl"), "task",
              "must be 'arithmetic' or a .jsonl file of {prompt, answer} lines")
 
