@@ -257,19 +257,53 @@ def test_rejection_sampling_keeps_verified_shortest_and_writes_sft_format():
     from r1kit.tokenizer import Tokenizer
     from r1kit.train.chat_data import encode_conversation
     from r1kit.train.data import Problem, chat_example, reasoning
-    from r1kit.train.rejection import chat_line, keep_correct
+    from r1kit.train.traces import keep_verified, trace_record
 
     problem = Problem(47, "-", 8)
     right = f"{reasoning(problem)}\n</think>\n\n39"
     rows = [Prompt(problem.question, "39")] * 3 + [Prompt("What is 1+1?", "2")] * 3
     texts = [right + " ", right, "wrong\n</think>\n\n38", "1+1=2</think>3", "no close 2", "x</think>2</think>2"]
     rollout = Rollout(rows, [[1]] * 6, [[1] * 9, [1] * 8, [1] * 3, [1], [1], [1]], texts, [False] * 6, 0.0)
-    assert keep_correct(rollout, 3, keep_shortest=True) == [(problem.question, right)]
-    assert keep_correct(rollout, 3, keep_shortest=False) == [(problem.question, right + " "), (problem.question, right)]
+    assert keep_verified(rollout, 3, "shortest") == [1]
+    assert keep_verified(rollout, 3, "distinct") == [0, 1]
+    assert keep_verified(rollout, 3, "first") == [0]
     tok = Tokenizer.from_dir("r1kit/nano")
-    example = encode_conversation(json.loads(chat_line(problem.question, right))["messages"], tok)
+    example = encode_conversation(trace_record(rows[1], right)["messages"], tok)
     ids, mask = chat_example(problem, tok)  # the SFT stage's own encoding of this problem
     assert list(example.ids) == ids and [int(m) for m in example.loss_mask] == mask
+
+
+def test_rejection_sampling_draws_as_before(monkeypatch, tmp_path):
+    # the batches of prompts_per_step prompts, each seeded by (seed, batch), the keep rule, the file it writes
+    from r1kit.train import rejection, traces
+    from r1kit.train.grpo import prompt_source
+
+    calls = []
+
+    def generate(model, tok, prompts, samples, params, stop_ids, max_num_seqs):
+        calls.append(([p.prompt for p in prompts], samples, params.temperature, torch.randint(1000, ())))
+        rows = [p for p in prompts for _ in range(samples)]
+        texts = [f"{j}\n</think>\n\n{p.answer}" for p in prompts for j in range(samples)]
+        return Rollout(rows, [[1]] * len(rows), [[1] * (9 - j) for _ in prompts for j in range(samples)], texts,
+                       [False] * len(rows), 0.1)
+
+    class Model:
+        model = None
+        _tok = stop_ids = staticmethod(lambda: None)
+
+    monkeypatch.setattr(traces, "generate_rollouts", generate)
+    monkeypatch.setattr("r1kit.api.R1Model.from_pretrained", lambda *a, **k: Model())
+    cfg = cfg_(num_generations=3, generation_batch_size=6, rs_prompts=5, out_dir=str(tmp_path), seed=2)
+    summary = rejection.sample_and_keep(cfg, progress=False)
+    source = prompt_source(cfg)
+    want = [p.prompt for p in source.take(0, 2) + source.take(1, 2) + source.take(2, 2)][:5]
+    assert [c[0] for c in calls] == [want[:2], want[2:4], want[4:]] and {c[1] for c in calls} == {3}
+    torch.manual_seed(2 * 1_000_003 + 1)
+    assert int(calls[1][3]) == int(torch.randint(1000, ()))  # call 1 drew from seed * 1_000_003 + 1
+    lines = [json.loads(line) for line in open(summary["samples"])]
+    assert [line["messages"][0]["content"] for line in lines] == want  # the shortest: completion 2 of each
+    assert {line["messages"][1]["reasoning_content"] for line in lines} == {"2"}
+    assert summary["kept"] == 5 and summary["sampled"] == 15
 
 
 def test_cli_rl_refuses_bad_recipes(tmp_path, capsys):
@@ -281,3 +315,78 @@ def test_cli_rl_refuses_bad_recipes(tmp_path, capsys):
         (tmp_path / "r.yaml").write_text(text)
         assert main(["rl", "--config", str(tmp_path / "r.yaml")]) == 2
         assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------- dynamic sampling
+
+
+def _fake_rounds(monkeypatch, rounds: list[list[str]]):
+    """Round r of the step generates for the prompts rounds[r]; completion j of prompt "x" is "x/j"."""
+    from r1kit.train import grpo
+
+    def generate(model, tokenizer, prompts, num_generations, params, stop_ids):
+        rows = [p for p in prompts for _ in range(num_generations)]
+        texts = [f"{p.prompt}/{j}" for p in prompts for j in range(num_generations)]
+        return Rollout(rows, [[1]] * len(rows), [[2, 3]] * len(rows), texts, [False] * len(rows), 0.5)
+
+    monkeypatch.setattr(grpo, "generate_rollouts", generate)
+    monkeypatch.setattr(grpo, "round_prompts", lambda source, step, r, n: [Prompt(q, "") for q in rounds[r]])
+
+
+def _collect(cfg):
+    from r1kit.train.grpo import Policy, collect_rollouts
+
+    # a prompt in upper case gets the same reward on every completion (no signal); others 1 on completion 0 only
+    rewards = {"mine": lambda prompt, completion: 1.0 if prompt.isupper() else float(completion.endswith("/0"))}
+    return collect_rollouts(Policy(None, None, [], None), None, rewards, cfg, step=3)
+
+
+def test_dynamic_sampling_drops_constant_groups_and_refills(monkeypatch):
+    _fake_rounds(monkeypatch, [["A", "b", "C", "d"], ["e", "F", "g", "h"], ["i", "j", "k", "l"]])
+    cfg = cfg_(num_generations=2, generation_batch_size=8, reward_funcs=["mine"],
+               filter_groups={"enable": True, "max_num_gen_batches": 5})
+    batch = _collect(cfg)
+    # round 0 has 2 informative groups (b, d), round 1 three more (e, g, h): 2 rounds, the first 4 kept
+    assert [p.prompt for p in batch.rollout.prompts] == ["b", "b", "d", "d", "e", "e", "g", "g"]
+    assert batch.rollout.texts == ["b/0", "b/1", "d/0", "d/1", "e/0", "e/1", "g/0", "g/1"]
+    assert batch.table.flatten().tolist() == [1, 0] * 4
+    assert batch.stats == {"filter_rounds": 2, "groups_kept": 4, "groups_dropped": 3}  # A, C, F
+    assert len(batch.sampled.texts) == 16 and batch.sampled.seconds == 1.0  # both rounds' cost
+    # off: round 0 as generated, the constant groups included
+    batch = _collect(cfg_(num_generations=2, generation_batch_size=8, reward_funcs=["mine"]))
+    assert [p.prompt for p in batch.rollout.prompts[::2]] == ["A", "b", "C", "d"] and batch.stats == {}
+
+
+def test_dynamic_sampling_respects_the_round_cap(monkeypatch):
+    _fake_rounds(monkeypatch, [["A", "B", "c", "D"], ["E", "f", "G", "H"], ["i", "J", "K", "L"], ["m", "n", "o", "p"]])
+    cfg = cfg_(num_generations=2, generation_batch_size=8, reward_funcs=["mine"],
+               filter_groups={"enable": True, "max_num_gen_batches": 3, "metric": "mine"})
+    batch = _collect(cfg)  # round 3 (all informative) is never generated
+    assert [p.prompt for p in batch.rollout.prompts[::2]] == ["c", "f", "i"]
+    assert batch.stats == {"filter_rounds": 3, "groups_kept": 3, "groups_dropped": 9}
+    with pytest.raises(TrainConfigError, match=r"filter_groups.metric = 'acc': must be 'reward' or one of"):
+        cfg_(filter_groups={"enable": True, "metric": "acc"})
+    with pytest.raises(TrainConfigError, match=r"filter_groups: unknown key\(s\) \['enabled'\]"):
+        GRPOConfig.from_dict({"filter_groups": {"enabled": True}})
+
+
+def test_round_prompts_are_fixed_by_step_and_round():
+    from r1kit.train.grpo import round_prompts
+    from r1kit.train.rewards import PromptSource
+
+    source = PromptSource.arithmetic({"add2": 1.0, "sub3": 1.0}, seed=4)
+    assert round_prompts(source, 7, 0, 16) == source.take(7, 16)  # round 0: the step's own prompts, as before
+    again = round_prompts(source, 7, 1, 16)
+    assert again == round_prompts(PromptSource.arithmetic({"add2": 1.0, "sub3": 1.0}, seed=4), 7, 1, 16)
+    others = {p.prompt for s in range(20) for p in source.take(s, 16)}
+    assert not {p.prompt for p in again} <= others and again != round_prompts(source, 7, 2, 16)
+
+
+def test_dynamic_sampling_in_a_run_logs_its_rounds(tiny_run):
+    cfg = tiny_run("dapo", max_steps=2, num_iterations=1, beta=0.0,
+                   filter_groups={"enable": True, "max_num_gen_batches": 3})
+    train_grpo(cfg, progress=False)
+    for r in [json.loads(line) for line in open(cfg.out_dir + "/metrics.jsonl")]:
+        assert 1 <= r["filter_rounds"] <= 3 and r["groups_kept"] <= 2
+        assert r["informative_groups"] == r["groups_kept"] and r["trained_rows"] == 4 * r["groups_kept"]
+        assert r["groups_dropped"] == round(r["zero_std_groups"] * 2 * r["filter_rounds"])

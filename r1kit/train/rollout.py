@@ -40,26 +40,28 @@ class Rollout:
         return sum(len(c) for c in self.completion_ids)
 
 
-def engine_for(model: Transformer, rows: int, longest: int, stop_ids: list[int], block_size: int = 16) -> LLMEngine:
-    """An engine over `model` with KV room for `rows` requests of up to `longest` tokens, all running at once."""
+def engine_for(model: Transformer, rows: int, longest: int, stop_ids: list[int], block_size: int = 16,
+               max_num_seqs: int | None = None) -> LLMEngine:
+    """An engine over `model` with KV room for `rows` requests of up to `longest` tokens, all running at once
+    (or max_num_seqs of them at a time)."""
     blocks = rows * -(-longest // block_size) + 1
-    cfg = EngineConfig(block_size=block_size, num_blocks=blocks, max_num_seqs=rows,
+    cfg = EngineConfig(block_size=block_size, num_blocks=blocks, max_num_seqs=max_num_seqs or rows,
                        max_num_batched_tokens=max(2048, rows))
     return LLMEngine(model, cfg, stop_ids=stop_ids)
 
 
 @torch.no_grad()
 def generate_rollouts(model: Transformer, tokenizer: Tokenizer, prompts: list[Prompt], num_generations: int,
-                      params: SamplingParams, stop_ids: list[int]) -> Rollout:
+                      params: SamplingParams, stop_ids: list[int], max_num_seqs: int | None = None) -> Rollout:
     """Sample num_generations completions of every prompt with the engine (the model in eval mode; the caller
-    seeds torch's RNG for reproducible draws)."""
+    seeds torch's RNG for reproducible draws), max_num_seqs requests decoding together (None: all)."""
     was_training = model.training
     model.eval()
     rows = [p for p in prompts for _ in range(num_generations)]
     encoded = [tokenizer.encode_chat([{"role": "user", "content": p.prompt}]) for p in prompts]
     prompt_ids = [ids for ids in encoded for _ in range(num_generations)]
     longest = max(len(ids) for ids in prompt_ids) + params.max_new_tokens
-    engine = engine_for(model, len(rows), longest, stop_ids)
+    engine = engine_for(model, len(rows), longest, stop_ids, max_num_seqs=max_num_seqs)
     t0 = time.perf_counter()
     outs = engine.generate(prompt_ids, params)
     seconds = time.perf_counter() - t0

@@ -1,15 +1,18 @@
-"""Reasoning traces for sequence-level distillation (the R1-Distill recipe), written as chat JSONL.
+"""Verified reasoning traces, written as chat JSONL: sequence-level distillation's teacher traces (the R1-Distill
+recipe) and rejection sampling's kept samples (``r1kit.train.rejection``) both come from ``sample_verified``.
 
     problems = training_prompts({"add2": 1, "sub3": 1}, n=2000, seed=0)      # training problems, never held out
     records, stats = teacher_traces(teacher, problems, TraceSection())       # sampled by the teacher, verified
+    records, stats = sample_verified(model, problems, Sampling(8, params, keep="shortest"))   # the mechanism
     records = reference_traces(problems)                                      # the generator's own traces
     write_traces(records, "runs/distill/traces.jsonl")                        # -> r1kit.train.chat_data reads it
 
-The teacher samples ``samples`` completions per prompt through r1kit's continuous-batching engine; a completion
-is kept only when it is verified: R1's format (one ``</think>``, then an answer; ``rewards.format_reward``) and
-the right answer (``rewards.accuracy_reward``). Of a prompt's verified completions the first is kept. Each
-record is one line ``{"messages": [user, assistant with reasoning_content]}`` plus its ``answer`` and ``kind``,
-the format ``r1kit.train.chat_data`` trains on.
+``sample_verified`` samples ``samples`` completions per prompt through r1kit's continuous-batching engine
+(``rollout.generate_rollouts``); a completion is kept only when it is verified: R1's format (one ``</think>``,
+then an answer; ``rewards.format_reward``) and the right answer (``rewards.accuracy_reward``). Of a prompt's
+verified completions it keeps the first (teacher traces), the shortest or every distinct one (rejection
+sampling). Each record is one line ``{"messages": [user, assistant with reasoning_content]}`` plus its
+``answer`` and ``kind``, the format ``r1kit.train.chat_data`` trains on.
 """
 
 from __future__ import annotations
@@ -20,11 +23,18 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from r1kit.fileio import atomic_write
+from r1kit.generate import SamplingParams
 from r1kit.tokenizer import THINK_CLOSE, split_reasoning
 from r1kit.train.rewards import Prompt, PromptSource, accuracy_reward, format_reward
+from r1kit.train.rollout import Rollout, generate_rollouts
+
+if TYPE_CHECKING:
+    from r1kit.api import R1Model
 
 log = logging.getLogger("r1kit")
 
@@ -92,38 +102,78 @@ def _parse_question(question: str) -> tuple[int, str, int]:
     raise ValueError(f"{question!r}: not an arithmetic question of r1kit.train.data")
 
 
-def teacher_traces(teacher: Any, prompts: Sequence[Prompt], cfg: TraceSection, progress: bool = True
-                   ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Sample ``cfg.samples`` completions per prompt from `teacher` (an R1Model) with its engine, keep the first
-    verified one of each prompt. Returns the records and stats (kept per kind, tokens, seconds, tokens/s)."""
-    from r1kit.generate import SamplingParams
+KEEP = ("first", "shortest", "distinct")  # which verified completions of a prompt keep_verified keeps
 
-    tok = teacher._tok()
-    teacher.engine_config = teacher.engine_config.replace(max_num_seqs=cfg.batch_size)
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
-    chunk = cfg.batch_size * 4  # prompts per engine.generate call (the bar advances per call)
-    bar = _bar(progress, len(prompts))
-    kept: dict[int, dict[str, Any]] = {}
-    tokens, t0 = 0, time.perf_counter()
-    for start in range(0, len(prompts), chunk):
-        part = prompts[start:start + chunk]
-        ids = [tok.encode_chat([{"role": "user", "content": p.prompt}]) for p in part]
-        outs = teacher.engine(need_tokens=len(part) * cfg.samples * (cfg.max_new_tokens + 64)).generate(
-            [i for i in ids for _ in range(cfg.samples)], params)
-        for j, out in enumerate(outs):
-            tokens += len(out)
-            index = start + j // cfg.samples
-            text = tok.decode(out, skip_special_tokens=True)
-            if index not in kept and verified(text, prompts[index].answer):
-                kept[index] = trace_record(prompts[index], text)
+
+def keep_verified(rollout: Rollout, num_generations: int, keep: str) -> list[int]:
+    """The rows of the rollout (prompt-major groups of num_generations) to keep: verified completions only, of
+    each prompt "first" the first, "shortest" the shortest (fewest tokens, the first among equals), "distinct"
+    every distinct text."""
+    if keep not in KEEP:
+        raise ValueError(f"keep = {keep!r}: must be one of {KEEP}")
+    kept: list[int] = []
+    for g in range(0, len(rollout.texts), num_generations):
+        rows = [i for i in range(g, g + num_generations) if verified(rollout.texts[i], rollout.prompts[i].answer)]
+        if keep == "first":
+            rows = rows[:1]
+        elif keep == "shortest" and rows:
+            rows = [min(rows, key=lambda i: len(rollout.completion_ids[i]))]
+        seen: set[str] = set()
+        for i in rows:
+            if rollout.texts[i] not in seen:
+                seen.add(rollout.texts[i])
+                kept.append(i)
+    return kept
+
+
+@dataclass
+class Sampling:
+    """How sample_verified draws: completions per prompt, the sampling parameters, which verified ones it keeps,
+    prompts per engine call, requests decoding at once, and the seed of each call's draws (None: unseeded)."""
+
+    samples: int
+    params: SamplingParams
+    keep: str = "first"
+    chunk: int = 256
+    max_num_seqs: int | None = None
+    seed: int | None = None
+
+
+def sample_verified(model: R1Model, prompts: Sequence[Prompt], how: Sampling, progress: bool = True,
+                    desc: str = "verified samples") -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Sample ``how.samples`` completions per prompt from `model` with its engine (``rollout.generate_rollouts``),
+    keep the verified ones (``keep_verified``) as chat records (``trace_record``). Returns the records, in
+    prompt order, and stats (kept per kind, completions and tokens sampled, seconds, tokens/s). With a seed, call
+    i's draws are seeded with ``seed * 1_000_003 + i``."""
+    tok, stop_ids = model._tok(), model.stop_ids()
+    bar = _bar(progress, len(prompts), desc)
+    records: list[dict[str, Any]] = []
+    sampled = tokens = 0
+    t0 = time.perf_counter()
+    for call, start in enumerate(range(0, len(prompts), how.chunk)):
+        part = list(prompts[start:start + how.chunk])
+        if how.seed is not None:
+            torch.manual_seed(how.seed * 1_000_003 + call)
+        rollout = generate_rollouts(model.model, tok, part, how.samples, how.params, stop_ids, how.max_num_seqs)
+        records += [trace_record(rollout.prompts[i], rollout.texts[i])
+                    for i in keep_verified(rollout, how.samples, how.keep)]
+        sampled, tokens = sampled + len(rollout.texts), tokens + rollout.num_tokens
         if bar is not None:
             bar.update(len(part))
-            bar.set_postfix(kept=f"{len(kept) / (start + len(part)):.1%}")
+            bar.set_postfix(kept=len(records))
     if bar is not None:
         bar.close()
-    seconds = time.perf_counter() - t0
-    records = [kept[i] for i in sorted(kept)]
-    return records, trace_stats(prompts, records, tokens, seconds)
+    stats = trace_stats(prompts, records, tokens, time.perf_counter() - t0)
+    return records, {**stats, "sampled": sampled}
+
+
+def teacher_traces(teacher: R1Model, prompts: Sequence[Prompt], cfg: TraceSection, progress: bool = True
+                   ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Sample ``cfg.samples`` completions per prompt from `teacher` with its engine, keep the first verified one
+    of each prompt. Returns the records and stats (kept per kind, tokens, seconds, tokens/s)."""
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+    how = Sampling(cfg.samples, params, "first", chunk=cfg.batch_size * 4, max_num_seqs=cfg.batch_size)
+    return sample_verified(teacher, prompts, how, progress, desc="teacher traces")
 
 
 def trace_stats(prompts: Sequence[Prompt], records: Sequence[Mapping[str, Any]], tokens: int, seconds: float
@@ -136,17 +186,18 @@ def trace_stats(prompts: Sequence[Prompt], records: Sequence[Mapping[str, Any]],
             "generated_tokens": tokens, "seconds": round(seconds, 1), "tok_s": round(tokens / max(seconds, 1e-9), 1)}
 
 
-def _bar(progress: bool, total: int) -> Any:
+def _bar(progress: bool, total: int, desc: str) -> Any:
     if not progress:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="teacher traces", unit="prompt", dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="prompt", dynamic_ncols=True)
 
 
 def write_traces(records: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     """Write the records as chat JSONL, atomically (a killed run leaves no partial file)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     log.info("wrote %d traces to %s", len(records), path)
