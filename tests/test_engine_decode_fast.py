@@ -49,7 +49,7 @@ def test_kernel_equals_padded_reference(dtype, atol, H, Hkv, D, Dv):
     got = paged_attention.decode_attention(q, k_pool, v_pool, slots, lens_t, D**-0.5)
     assert got.dtype == dtype and got.shape == (len(lens), H, Dv)
     want = reference(q, k_pool, v_pool, slots, lens_t, D**-0.5)  # fp32 from the same (rounded) inputs
-    torch.testing.assert_close(got.float(), want, atol=atol, rtol=0)
+    assert (got.float() - want).abs().max() <= atol
     assert (got[0].float() - v_pool[slots[0, 0]].float().repeat_interleave(H // Hkv, 0)).abs().max() <= atol
 
 
@@ -95,7 +95,7 @@ def test_forward_paged_decode_equals_reference(dense, monkeypatch):
         fast = dense.forward_paged(ids, batch, [(k.clone(), v.clone()) for k, v in pool])
         monkeypatch.setattr(paged_attention, "decode_attention", lambda *a: None)
         slow = dense.forward_paged(ids, batch, [(k.clone(), v.clone()) for k, v in pool])
-    torch.testing.assert_close(fast, slow, atol=2e-5, rtol=0)
+    assert (fast - slow).abs().max() <= 2e-5
 
 
 def test_engine_tokens_equal_without_kernel(dense, monkeypatch):

@@ -87,10 +87,16 @@ static void attend_one(const void *q, const void *k_pool, const void *v_pool, co
     }
 }
 
-// returns 0, or 1 when the scratch memory could not be allocated
+// returns 0; 1 when the scratch memory could not be allocated; 2 when a length is outside 1..S; 3 when a
+// context slot is outside 0..num_slots - 1 (nothing is computed then)
 int paged_decode_attention(const void *q, const void *k_pool, const void *v_pool, const int64_t *slots,
                            const int64_t *lens, void *out, int B, int S, int H, int Hkv, int D, int Dv,
-                           float scale, int bf16, int nthreads) {
+                           float scale, int bf16, int nthreads, int64_t num_slots) {
+    for (int b = 0; b < B; b++) {
+        if (lens[b] < 1 || lens[b] > S) return 2;
+        for (int64_t t = 0; t < lens[b]; t++)
+            if (slots[(int64_t)b * S + t] < 0 || slots[(int64_t)b * S + t] >= num_slots) return 3;
+    }
     const int G = H / Hkv, wide = D > Dv ? D : Dv;
     const int64_t work = (int64_t)G * D + (int64_t)G * S + (int64_t)G * Dv + wide;
     int failed = 0;

@@ -45,7 +45,7 @@ def load() -> ctypes.CDLL | None:
         else:
             p, i32 = ctypes.c_void_p, ctypes.c_int
             lib.paged_decode_attention.argtypes = [p, p, p, p, p, p, i32, i32, i32, i32, i32, i32, ctypes.c_float,
-                                                   i32, i32]
+                                                   i32, i32, ctypes.c_int64]
             lib.paged_decode_attention.restype = ctypes.c_int
     if lib is None:
         log.info("r1kit paged decode attention kernel off: %s; using the torch path", reason)
@@ -82,19 +82,22 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     if not _applies(q, k_pool, v_pool, slots, lens) or load() is None:
         return None
     B, H, D = q.shape
-    S = slots.shape[1]
-    if B and not (1 <= int(lens.min()) and int(lens.max()) <= S):
-        raise ValueError(f"decode_attention: context lengths {lens.tolist()} outside 1..{S} "
-                         f"(slots {tuple(slots.shape)})")
-    if B and not (0 <= int(slots.min()) and int(slots.max()) < k_pool.shape[0]):
-        raise IndexError(f"decode_attention: slots outside the pool of {k_pool.shape[0]} slots")
+    S, num_slots = slots.shape[1], k_pool.shape[0]
     q, slots, lens = q.contiguous(), slots.contiguous(), lens.contiguous()  # bound: the C call reads their memory
     out = q.new_empty(B, H, v_pool.shape[2])  # (B, H, Dv)
-    if B and _state["lib"].paged_decode_attention(
-            q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), slots.data_ptr(), lens.data_ptr(), out.data_ptr(),
-            B, S, H, k_pool.shape[1], D, v_pool.shape[2], scale, int(q.dtype is torch.bfloat16),
-            torch.get_num_threads()):
+    if B == 0:
+        return out
+    failed = _state["lib"].paged_decode_attention(
+        q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), slots.data_ptr(), lens.data_ptr(), out.data_ptr(),
+        B, S, H, k_pool.shape[1], D, v_pool.shape[2], scale, int(q.dtype is torch.bfloat16), torch.get_num_threads(),
+        num_slots)
+    if failed == 1:
         raise MemoryError(f"decode_attention: no memory for the scratch of a {S}-slot context")
+    if failed == 2:
+        raise ValueError(f"decode_attention: context lengths {lens.tolist()} outside 1..{S} "
+                         f"(slots {tuple(slots.shape)})")
+    if failed == 3:
+        raise IndexError(f"decode_attention: slots outside the pool of {num_slots} slots")
     return out
 
 
