@@ -43,6 +43,7 @@ ROWS: dict[str, tuple[str, dict]] = {  # row -> (method, options), the most tell
     "int4 awq": ("int4", {"calibration": "awq"}),
     "qat-int8": ("qat-int8", {}),
     "qat-int4": ("qat-int4", {}),
+    "qat-int4 + kd": ("qat-int4", {"kd": True}),  # QAT on the divergence to the original (r1kit.train.distill)
     "fine-tune (control)": ("prune-unstructured", {"sparsity": 0.0}),  # QAT's fine-tune without quantization
     "fine-tune + int4 (control)": ("int4", {}),  # ... then post-training int4: what QAT must beat
     "prune-2:4": ("prune-2:4", {}),
@@ -58,12 +59,20 @@ ROWS: dict[str, tuple[str, dict]] = {  # row -> (method, options), the most tell
 COMBINED = "prune-structured + int4"
 REF = "bf16 (reference)"
 ROWS[COMBINED] = ("int4", {})
+ROWS["prune-2:4 + distill"] = ("distill", {})  # recovered from the original as teacher (logit KD)
+ROWS["prune-structured + distill"] = ("distill", {})
+ROWS["prune-structured + distill + int4 gptq"] = ("int4", {"calibration": "gptq"})
 # rows that fine-tune --qat-steps steps (the same recipe)
-TRAINS = ("qat-int8", "qat-int4", "fine-tune (control)", "prune-2:4 + recovery")
-CHAINED = {COMBINED: "prune-structured", "fine-tune + int4 (control)": "fine-tune (control)"}  # row -> its source row
+TRAINS = ("qat-int8", "qat-int4", "qat-int4 + kd", "fine-tune (control)", "prune-2:4 + recovery",
+          "prune-2:4 + distill", "prune-structured + distill")
+CHAINED = {COMBINED: "prune-structured", "fine-tune + int4 (control)": "fine-tune (control)",  # row -> its source row
+           "prune-2:4 + distill": "prune-2:4", "prune-structured + distill": "prune-structured",
+           "prune-structured + distill + int4 gptq": "prune-structured + distill"}
 FOLDERS = {"int4 gptq": "int4-gptq", "int4 awq": "int4-awq", "fine-tune (control)": "finetune",
            "experts 8->6 dropped": "experts6-drop", "experts 8->6 merged": "experts6-merge",
-           "prune-2:4 + recovery": "prune24-ft",
+           "prune-2:4 + recovery": "prune24-ft", "qat-int4 + kd": "qat-int4-kd", "prune-2:4 + distill": "prune24-kd",
+           "prune-structured + distill": "structured-kd",
+           "prune-structured + distill + int4 gptq": "structured-kd-gptq",
            "fine-tune + int4 (control)": "finetune-int4", COMBINED: "structured-int4"}
 PROMPT, NEW = 16, 48
 

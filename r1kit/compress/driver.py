@@ -5,9 +5,12 @@ the engine serves), with config.json's ``"compression"`` record: method, options
 (stats), and, for low-rank and clustered layers, the module structure the loader rebuilds. Options are checked
 by TrainConfig's mechanism: a key a method does not take is an error naming it and listing the ones it takes.
 
-Methods that train (qat-*, and prune-* with max_steps > 0) fine-tune through r1kit.train.loop.train with its
-`prepare` hook (the recipe `data`, default configs/nano-sft.yaml, starting from MODEL's weights), then finish
-in the same call (QAT converts to the real int8/int4 modules; pruning keeps its zeros: masked gradients).
+Methods that train (qat-*, distill, and prune-* with max_steps > 0) fine-tune through r1kit.train.loop.train with
+its `prepare` hook (the recipe `data`, default configs/nano-sft.yaml, starting from MODEL's weights), then finish
+in the same call (QAT converts to the real int8/int4 modules; pruning keeps its zeros: masked gradients). With
+`kd` (always for distill) the loop's objective is r1kit.train.distill's divergence to a frozen teacher, by default
+the original model at the root of MODEL's compression chain: distill recovers a compressed MODEL in its own shapes
+and structure (`model.from_init`), qat-* --kd is QAT that learns the original's outputs rather than the data.
 """
 
 from __future__ import annotations
