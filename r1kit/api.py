@@ -523,9 +523,11 @@ class R1Model:
         return ChatReply(reasoning, content, text, usage["prompt_tokens"], usage["completion_tokens"], calls)
 
     def _chat_media(self, messages: Sequence[dict[str, Any]], thinking: bool, sampling: dict[str, Any]) -> ChatReply:
-        """chat() with image / audio / DICOM parts: the plain KV-cache loop with the media merged into the prefill."""
+        """chat() with image / audio / DICOM parts: the plain KV-cache loop with the media merged into the prefill.
+        The safety shield (when on) screens the user messages' text parts and redacts the answer, as for text."""
         from r1kit.multimodal.chat import encode_media_chat, generate_with_media, weights_dict
         from r1kit.multimodal.model import MissingEncoderError
+        from r1kit.multimodal.prompt import user_texts
 
         if self.multimodal is None:
             raise MissingEncoderError(f"{self.path or 'this model'} is text-only: it has no image or audio encoder")
@@ -534,8 +536,13 @@ class R1Model:
         if sampling.get("max_new_tokens") is None and sampling.get("max_length") is None:
             sampling["max_new_tokens"] = default_max_new_tokens(len(prompt.ids), self.config.max_position_embeddings,
                                                                 "chat")
+        screening = self._screen(user_texts(messages))
+        if screening is not None and screening.refusal is not None:
+            return ChatReply("", screening.refusal, screening.refusal, len(prompt.ids), 0)
         rows, weights = generate_with_media(self.multimodal, [prompt], SamplingParams(**sampling), self.stop_ids())
         text = tokenizer.decode(rows[0], skip_special_tokens=True)
+        if screening is not None:
+            text = "".join(piece for _, piece in screening.shield_rows([(0, text)], 1))
         reasoning, content = tokenizer.split_reasoning(text, thinking)
         return ChatReply(reasoning, content, text, len(prompt.ids), len(rows[0]),
                          modality_weights=weights_dict(weights[0]))

@@ -20,6 +20,12 @@ Speculative decoding (`r1kit.engine.spec_decode`): a decode step may reserve loo
 after the last token; ``rollback`` frees the tail blocks that only rejected drafts used. A block is hashed
 only once all its tokens are accepted. A speculative sequence takes no prefix-cache hits: its MTP drafter
 needs the main model's hidden state at every position, so it computes its whole prompt.
+
+Prompt embeddings (a request with media, `Sequence.prompt_embeds`): the KV of a block depends on the embeddings,
+not only on the token ids (every image has the same placeholder ids, and the modality gate scales the text
+around them too). Such a sequence's ``cache_salt`` (sha256 of its embeddings' bytes) is the parent of its first
+block, so its blocks are shared only with requests whose prompt embeddings are bit-identical (the same media),
+never with a text-only prompt or other media.
 """
 
 from __future__ import annotations
@@ -152,7 +158,7 @@ class BlockManager:
         if full <= done:
             return
         tokens = seq.all_token_ids
-        parent = self.blocks[seq.block_table[done - 1]].hash if done else None
+        parent = self.blocks[seq.block_table[done - 1]].hash if done else seq.cache_salt
         for i in range(done, full):
             block = self.blocks[seq.block_table[i]]
             block.hash = hash_block(parent, tokens[i * bs:(i + 1) * bs])
@@ -183,7 +189,7 @@ class BlockManager:
         hits: list[int] = []
         if seq.num_speculative_tokens or seq.prompt_logprobs is not None:
             return hits
-        parent = None
+        parent = seq.cache_salt
         for i in range((len(tokens) - 1) // bs):
             parent = hash_block(parent, tokens[i * bs:(i + 1) * bs])
             block_id = self._cached.get(parent)

@@ -21,10 +21,13 @@ see `r1kit.engine.spec_decode`): a step may give a request several tokens, one `
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from typing import Any, NamedTuple
+
+import torch
 
 from r1kit.engine.config import EngineConfig
 from r1kit.engine.model_runner import ModelRunner
@@ -48,6 +51,26 @@ class StepOutput(NamedTuple):
     error: BaseException | None = None
     logprobs: TokenLogprob | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+
+
+def check_prompt_embeds(embeds: Any, num_tokens: int, hidden_size: int, request_id: str | None = None) -> None:
+    """GenerationError unless embeds is a finite floating tensor (num_tokens, hidden_size): one row per prompt
+    token."""
+    where = f"request {request_id!r}: " if request_id else ""
+    if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point():
+        raise GenerationError(f"{where}prompt_embeds must be a floating-point torch.Tensor, not "
+                              f"{getattr(embeds, 'dtype', type(embeds).__name__)}")
+    if tuple(embeds.shape) != (num_tokens, hidden_size):
+        raise GenerationError(f"{where}prompt_embeds has shape {tuple(embeds.shape)}, expected ({num_tokens}, "
+                              f"{hidden_size}): one row of hidden_size per prompt token")
+    if not bool(torch.isfinite(embeds).all()):
+        raise GenerationError(f"{where}prompt_embeds holds NaN or infinite values")
+
+
+def embeds_hash(embeds: torch.Tensor) -> bytes:
+    """sha256 of a tensor's dtype, shape and bytes: the prefix-cache salt of a prompt with its own embeddings."""
+    raw = embeds.detach().contiguous().cpu().flatten().view(torch.uint8).numpy().tobytes()
+    return hashlib.sha256(f"{embeds.dtype}{tuple(embeds.shape)}".encode() + raw).digest()
 
 
 class LLMEngine:
@@ -78,12 +101,14 @@ class LLMEngine:
 
     # ------------------------------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt_ids: Seq[int], params: SamplingParams | None = None,
-                    guide: Any = None) -> None:
+                    guide: Any = None, prompt_embeds: torch.Tensor | None = None) -> None:
         """Queue a request; it joins the next step. Raises GenerationError for a bad request,
         ContextLengthError when prompt + token budget exceed the model's context, SchedulerError for a
         duplicate id or a request larger than the whole KV cache; GenerationError for ``speculative=True`` on
         an engine without speculative decoding. ``guide``: the `r1kit.structured.Guide` of a request with
-        ``params.structured`` (its logits are masked to the grammar each step)."""
+        ``params.structured`` (its logits are masked to the grammar each step). ``prompt_embeds`` (T, C): the
+        prompt's input embeddings in place of embed_tokens(prompt_ids) (media merged at placeholders, e.g.
+        `r1kit.multimodal.chat.prompt_embeddings`); prefix-cache hits only with bit-identical embeddings."""
         if not isinstance(request_id, str) or not request_id:
             raise GenerationError(f"request id {request_id!r}: must be a non-empty str")
         params = SamplingParams() if params is None else params
@@ -97,7 +122,12 @@ class LLMEngine:
         if (guide is None) != (params.structured is None):
             raise GenerationError(f"request {request_id!r}: params.structured needs its guide (and a guide its "
                                   "params.structured): r1kit.structured.GuideFactory(tokenizer, vocab).new(spec)")
-        self.scheduler.add(Sequence(request_id, prompt, params, num_speculative_tokens=drafts, guide=guide))
+        seq = Sequence(request_id, prompt, params, num_speculative_tokens=drafts, guide=guide)
+        if prompt_embeds is not None:
+            check_prompt_embeds(prompt_embeds, len(prompt), self.model.config.hidden_size, request_id)
+            seq.prompt_embeds = prompt_embeds.to(self.runner.device, self.model.embed_tokens.weight.dtype)
+            seq.cache_salt = embeds_hash(seq.prompt_embeds)
+        self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> list[int]:
         """Stop a waiting or running request and free its KV blocks; returns the tokens it generated so far.

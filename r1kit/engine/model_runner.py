@@ -101,7 +101,8 @@ class ModelRunner:
             return [], {}
         drafts, pickers, errors = self._draft(out)
         ids, batch = self.prepare(out, drafts)
-        logits, hidden = self.model.forward_paged(ids, batch, self.kv_pool, return_hidden=True)  # (M, V), (N, C)
+        logits, hidden = self.model.forward_paged(ids, batch, self.kv_pool, return_hidden=True,  # (M, V), (N, C)
+                                                  inputs_embeds=self.input_embeds(out, ids))
         chunks = _prompt_logprob_chunks(out)
         if chunks:  # the prompt rows' logits come after the sampling rows' (see prepare)
             split = logits.shape[0] - sum(chunk.length for chunk, _ in chunks)
@@ -111,6 +112,20 @@ class ModelRunner:
         if self.drafter is not None:
             self._carry_hidden(out, hidden, drafts, tokens, errors)
         return tokens, errors
+
+    def input_embeds(self, out: SchedulerOutput, ids: torch.Tensor) -> torch.Tensor | None:
+        """The step's input embeddings (N, C) when a prefill chunk's sequence carries prompt embeddings (media):
+        its prompt rows from ``seq.prompt_embeds``, every other row embed_tokens(ids); None when none does."""
+        firsts = [0, *itertools.accumulate(chunk.length for chunk in out.prefills)]
+        chunks = [(c, first) for c, first in zip(out.prefills, firsts, strict=False) if c.seq.prompt_embeds is not None]
+        if not chunks:
+            return None
+        x = self.model.embed_tokens(ids)  # (N, C)
+        for chunk, first in chunks:  # a recomputed (preempted) sequence's outputs are plain tokens
+            end = min(chunk.start + chunk.length, len(chunk.seq.prompt_token_ids))
+            if end > chunk.start:
+                x[first:first + end - chunk.start] = chunk.seq.prompt_embeds[chunk.start:end]
+        return x
 
     # ------------------------------------------------------------------------------------------ speculative
     def _draft(self, out: SchedulerOutput) -> tuple[list[list[int]], dict[int, DraftPicker], dict[int, Exception]]:

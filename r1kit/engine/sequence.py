@@ -70,6 +70,10 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of each output token (params.logprobs set)
     guide: Any = None  # r1kit.structured.Guide of a request with params.structured (its matcher's state)
     prompt_logprobs: list[TokenLogprob | None] | None = field(init=False)  # by position (params.prompt_logprobs)
+    # the prompt's input embeddings (len(prompt), C) when they are not embed_tokens(prompt) (media merged at
+    # placeholders, r1kit.multimodal); cache_salt (a hash of them) starts its prefix-cache hash chain
+    prompt_embeds: Any = None
+    cache_salt: bytes | None = None
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)

@@ -209,15 +209,17 @@ class Transformer(nn.Module):
         return (logits, x) if return_hidden else logits
 
     def forward_paged(self, ids: torch.Tensor, batch: PagedBatch, kv_pool: list[tuple[torch.Tensor, ...]],
-                      return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                      return_hidden: bool = False, inputs_embeds: torch.Tensor | None = None
+                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """ids (N,) flat packed tokens of several sequences -> logits (M, V) of the rows batch.logits_rows
         (all N rows when None). Writes the tokens' KV into kv_pool (from new_paged_cache) at
         batch.slot_mapping; RoPE per token position. No MTP, no cache object: the engine owns the slots.
-        With return_hidden, also the final hidden states of all N rows before the norm (N, C), for the MTP."""
+        With return_hidden, also the final hidden states of all N rows before the norm (N, C), for the MTP.
+        inputs_embeds (N, C), when given, replaces embed_tokens(ids) (media merged at placeholders)."""
         if batch.max_ctx_len > self.config.max_position_embeddings:
             raise ContextLengthError(f"{batch.max_ctx_len} tokens exceed the model's context "
                                      f"(max_position_embeddings = {self.config.max_position_embeddings})")
-        x = self.hook_embed(self.embed_tokens(ids)[None])  # (1, N, C)
+        x = self.hook_embed((self.embed_tokens(ids) if inputs_embeds is None else inputs_embeds)[None])  # (1, N, C)
         rope = self.rotary(batch.positions[None], x.dtype)  # (1, N, D/2) each
         for layer, kv in zip(self.layers, kv_pool, strict=True):
             x = layer.forward_paged(x, rope, batch, kv)

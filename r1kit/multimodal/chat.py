@@ -19,7 +19,7 @@ import torch
 from r1kit.generate import SamplingParams, generate_tokens
 from r1kit.multimodal.config import MODALITIES
 from r1kit.multimodal.media import load_audio, load_dicom, load_image
-from r1kit.multimodal.model import Media, MediaError, VisionAudioLM
+from r1kit.multimodal.model import Media, MediaError, MissingEncoderError, VisionAudioLM
 from r1kit.multimodal.prompt import insert_placeholders
 from r1kit.tokenizer import Tokenizer
 
@@ -45,10 +45,10 @@ def decode_part(vl: VisionAudioLM, part: Mapping[str, Any], name: str) -> tuple[
     """One media content part -> Media (and a DICOM summary); errors name the part."""
     kind = part.get("type")
     cfg = vl.config
-    if kind in ("image", "dicom"):
-        vl.encoder("image")
-    elif kind == "audio":
-        vl.encoder("audio")
+    try:
+        vl.encoder("audio" if kind == "audio" else "image")
+    except MissingEncoderError as e:
+        raise MissingEncoderError(f"{name}: {e}") from None
     if kind == "image":
         if part.get("image") is None:
             raise MediaError(f"{name}: an image part needs an 'image' field (path, bytes, array or PIL image)")
@@ -65,9 +65,9 @@ def decode_part(vl: VisionAudioLM, part: Mapping[str, Any], name: str) -> tuple[
 
 
 def encode_media_chat(vl: VisionAudioLM, tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]],
-                      thinking: bool = True) -> MediaPrompt:
+                      thinking: bool = True, tools: Sequence[Mapping[str, Any]] | None = None) -> MediaPrompt:
     """Messages with content parts -> MediaPrompt. Text parts are joined; each user message's media go after its
-    <｜User｜> tag in part order."""
+    <｜User｜> tag in part order. ``tools``: OpenAI function tools, rendered by the chat template."""
     plain, turns, media, dicom = [], [], [], []
     for i, message in enumerate(messages):
         content = message.get("content")
@@ -95,10 +95,19 @@ def encode_media_chat(vl: VisionAudioLM, tokenizer: Tokenizer, messages: Sequenc
         plain.append({**message, "content": "".join(texts)})
         if message.get("role") == "user":
             turns.append(kinds)
-    ids = tokenizer.encode_chat(plain, add_generation_prompt=True, thinking=thinking)
+    ids = tokenizer.encode_chat(plain, add_generation_prompt=True, thinking=thinking, tools=tools)
     counts = {k: vl.num_tokens(k) for k in {m.kind for m in media}}
     ids, _ = insert_placeholders(ids, [0] * len(ids), turns, tokenizer, counts)
     return MediaPrompt(ids, media, dicom)
+
+
+def prompt_embeddings(vl: VisionAudioLM, prompt: MediaPrompt) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prompt's input embeddings (T, C) with its media merged (exactly as generate_with_media's prefill) and
+    the gate's weights (M,) over MODALITIES: what the paged engine takes as ``prompt_embeds``."""
+    with torch.inference_mode():
+        device = vl.lm.embed_tokens.weight.device
+        embeds, weights = vl.embed(torch.tensor([prompt.ids], device=device), [list(prompt.media)])
+    return embeds[0], weights[0]
 
 
 def generate_with_media(vl: VisionAudioLM, prompts: Sequence[MediaPrompt], params: SamplingParams,

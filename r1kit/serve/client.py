@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -60,6 +62,7 @@ class Completion:
     server: str
     tool_calls: list[dict] = field(default_factory=list)  # OpenAI's form: {"id", "type", "function": {...}}
     logprobs: list[tuple[str, float]] | None = None  # (token text, logprob) per generated token, with logprobs=k
+    modality_weights: dict[str, float] | None = None  # a chat with images / audio: the modality gate's weights
 
 
 @dataclass
@@ -72,6 +75,7 @@ class Chunk:
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    modality_weights: dict[str, float] | None = None  # the last chunk of a chat with images / audio
 
 
 def _address(target: str) -> tuple[int, str]:
@@ -130,11 +134,33 @@ def _sampling(max_new_tokens: int | None, temperature: float | None, top_k: int 
 
 
 def _message(m: dict) -> pb.ChatMessage:
-    """A chat message (OpenAI's form) as the proto's."""
+    """A chat message (OpenAI's form; content may be R1Model.chat's parts: text, {"type": "image", "image": BYTES |
+    PATH}, {"type": "audio", "audio": BYTES | PATH} (WAV)) as the proto's: media become attachments, text joined."""
     calls = [pb.ToolCall(id=c.get("id", ""), name=c["function"]["name"], arguments=c["function"]["arguments"])
              for c in m.get("tool_calls") or []]
-    return pb.ChatMessage(role=m["role"], content=m.get("content") or "", tool_calls=calls,
-                          tool_call_id=m.get("tool_call_id") or "")
+    content, attachments = m.get("content") or "", []
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            kind = part.get("type")
+            if kind == "text":
+                texts.append(part.get("text") or "")
+            elif kind in ("image", "audio"):
+                attachments.append(pb.Attachment(**{kind: _media_bytes(part.get(kind), kind)}))
+            else:
+                raise ValueError(f"content part of type {kind!r}: R1Client sends text, image and audio parts")
+        content = "".join(texts)
+    return pb.ChatMessage(role=m["role"], content=content, tool_calls=calls, tool_call_id=m.get("tool_call_id") or "",
+                          attachments=attachments)
+
+
+def _media_bytes(src: bytes | str | os.PathLike, kind: str) -> bytes:
+    """An attachment's file bytes: given as bytes, or read from a path."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return bytes(src)
+    if isinstance(src, (str, os.PathLike)):
+        return Path(src).read_bytes()
+    raise ValueError(f"an {kind} part needs the file's bytes or its path, not {type(src).__name__}")
 
 
 def _tool(tool: dict) -> pb.Tool:
@@ -198,7 +224,9 @@ class R1Client:
              timeout: float | None = None, tools: Sequence[dict] | None = None, tool_choice: str | None = None,
              logprobs: int | None = None) -> Completion | Iterator[Chunk]:
         """Answer ``messages`` ([{"role": ..., "content": ...}], OpenAI's assistant ``tool_calls`` and tool
-        messages' ``tool_call_id`` too) with the reasoning split from the answer.
+        messages' ``tool_call_id`` too) with the reasoning split from the answer. A user message's content may be
+        a list of parts with images and audio, as R1Model.chat takes them (``{"type": "image", "image": PNG_BYTES
+        or PATH}``, ``{"type": "audio", "audio": WAV_BYTES or PATH}``, text parts); ``Completion.modality_weights``.
 
         Without max_new_tokens the server allows up to 1024 new tokens (as far as the context allows).
         ``tools``: OpenAI function tools; ``tool_choice``: "auto", "none", "required" or a function name (enforced);
@@ -251,7 +279,7 @@ class R1Client:
         logprobs = [(e.text, e.logprob) for e in reply.logprobs] if request.sampling.HasField("logprobs") else None
         return Completion(reply.text, reply.reasoning, reply.content, FINISH_REASONS[reply.finish_reason],
                           reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.request_id, reply.model,
-                          server, calls, logprobs)
+                          server, calls, logprobs, dict(reply.modality_weights) or None)
 
     def _stream(self, request: pb.GenerateRequest, timeout: float | None) -> Iterator[Chunk]:
         call = self.stub.GenerateStream(request, timeout=self._deadline(timeout), wait_for_ready=self.wait_for_ready,
@@ -262,7 +290,8 @@ class R1Client:
                     yield Chunk(chunk.text, chunk.reasoning, chunk.content)
                 else:
                     yield Chunk(chunk.text, chunk.reasoning, chunk.content, FINISH_REASONS[chunk.finish_reason],
-                                chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+                                chunk.usage.prompt_tokens, chunk.usage.completion_tokens,
+                                dict(chunk.modality_weights) or None)
         except grpc.RpcError as e:
             raise R1ClientError(e.code(), e.details()) from None
         finally:

@@ -33,6 +33,7 @@ import torch
 from r1kit.api import BUNDLED_DIR, R1Model
 from r1kit.engine import LLMEngine, SchedulerError
 from r1kit.engine.config import EngineConfig
+from r1kit.engine.llm_engine import check_prompt_embeds
 from r1kit.generate import GenerationError, SamplingParams, TokenLogprob, check_budget, check_prompt
 from r1kit.model.transformer import ContextLengthError
 from r1kit.safety.shield import Screening, Shield
@@ -86,6 +87,8 @@ class RequestHandle:
         self.tokenizer = tokenizer
         self.token_ids: list[int] = []  # the generated tokens (tool calls are parsed from them)
         self.guide: Guide | None = None  # the grammar of a structured-output request (set by submit)
+        self.prompt_embeds: torch.Tensor | None = None  # the prompt's input embeddings, with media (set by submit)
+        self.modality_weights: dict[str, float] | None = None  # the modality gate's, with media (set by the server)
         self.logprobs: list[TokenLogprob] = []  # of each generated token (params.logprobs)
         self.prompt_logprobs: list[TokenLogprob | None] | None = None  # of each prompt token (params.prompt_logprobs)
         self._text = TextStream(tokenizer, params.stop, stop_ids)
@@ -324,7 +327,7 @@ class EngineService:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, *, request_id: str | None = None,
                timeout: float | None = None, screening: Screening | None = None,
-               after_think: bool = False) -> RequestHandle:
+               after_think: bool = False, prompt_embeds: torch.Tensor | None = None) -> RequestHandle:
         """Queue a request; returns its handle at once.
 
         Raises GenerationError (bad params or token ids, or more KV blocks than the cache holds),
@@ -332,9 +335,13 @@ class EngineService:
         ``timeout`` overrides the service's request_timeout for this request. ``screening``: the shield's
         verdict on the request's text (``shield.screen``; None with a shield: redaction and audit only).
         ``params.structured``: the grammar is compiled here (StructuredError); with ``after_think`` (a chat whose
-        prompt opened ``<think>``) it applies after the model's ``</think>``.
+        prompt opened ``<think>``) it applies after the model's ``</think>``. ``prompt_embeds`` (len(prompt_ids), C):
+        the prompt's input embeddings (media merged at placeholders: `r1kit.serve.media_parts`), see
+        `LLMEngine.add_request`.
         """
         prompt = self._check(prompt_ids, params)
+        if prompt_embeds is not None:
+            check_prompt_embeds(prompt_embeds, len(prompt), self.model.config.hidden_size)
         guide = self.new_guide(params.structured, after_think) if params.structured is not None else None
         if screening is None and self.shield is not None:
             screening = self.shield.unscreened(model=self.model_name)
@@ -352,7 +359,7 @@ class EngineService:
                 raise GenerationError(f"request id {rid!r} is already in use")
             handle = RequestHandle(self, rid, prompt, params, self._stop_ids, tok,
                                    None if timeout is None else time.monotonic() + timeout, screening)
-            handle.guide = guide
+            handle.guide, handle.prompt_embeds = guide, prompt_embeds
             self._waiting.append(handle)
             self._counters["requests_total"] += 1
             self._lock.notify_all()
@@ -446,7 +453,8 @@ class EngineService:
                     admitted.append(handle)
             for handle in admitted:
                 try:
-                    self.engine.add_request(handle.request_id, handle.prompt_ids, handle.params, handle.guide)
+                    self.engine.add_request(handle.request_id, handle.prompt_ids, handle.params, handle.guide,
+                                            prompt_embeds=handle.prompt_embeds)
                 except (ValueError, SchedulerError) as e:  # submit() checked these: only a race lands here
                     self._fail(handle, e)
             if self.engine.has_unfinished():

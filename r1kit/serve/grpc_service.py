@@ -24,6 +24,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -33,6 +34,7 @@ from concurrent import futures
 from typing import NamedTuple
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -47,6 +49,7 @@ from r1kit.serve.engine_service import (
     ServiceClosedError,
     TextDelta,
 )
+from r1kit.serve.media_parts import MediaPartError, MediaRequest, media_chat
 from r1kit.serve.ports import PortError, check_free, check_port
 from r1kit.serve.proto import r1kit_pb2 as pb
 from r1kit.serve.proto import r1kit_pb2_grpc as pb_grpc
@@ -73,6 +76,8 @@ class _Prepared(NamedTuple):
     chat: bool  # split reasoning from content
     thinking: bool
     tools: ToolCallParser | None = None  # a chat with tools: its calls parsed from the answer
+    prompt_embeds: torch.Tensor | None = None  # a chat with attachments: its prompt's embeddings (media merged)
+    modality_weights: dict[str, float] | None = None  # ... and the modality gate's weights
 
 
 # ---------------------------------------------------------------------------------------------------- requests
@@ -127,7 +132,7 @@ def _chat_messages(chat: pb.ChatPrompt) -> list[dict]:
     for i, m in enumerate(chat.messages):
         if m.role not in CHAT_ROLES:
             raise InvalidRequest(f"chat.messages[{i}].role = {m.role!r}: expected one of {', '.join(CHAT_ROLES)}")
-        if not m.content and m.role != "assistant":
+        if not m.content and m.role != "assistant" and not m.attachments:
             raise InvalidRequest(f"chat.messages[{i}].content is empty: a {m.role} message needs text")
         message: dict = {"role": CHAT_ROLES[m.role], "content": m.content}
         if m.tool_calls:
@@ -137,6 +142,31 @@ def _chat_messages(chat: pb.ChatPrompt) -> list[dict]:
             message["tool_call_id"] = m.tool_call_id
         messages.append(message)
     return messages
+
+
+def _media_request(service: EngineService, chat: pb.ChatPrompt, messages: list[dict], thinking: bool,
+                   tools: ToolCallParser | None) -> MediaRequest:
+    """A chat with attachments (each user message's attachments, then its text) as a MediaRequest
+    (r1kit.serve.media_parts); InvalidRequest naming chat.messages[i].attachments[j] for a bad one."""
+    converted = []
+    for i, (m, message) in enumerate(zip(chat.messages, messages, strict=True)):
+        if not m.attachments:
+            converted.append(message)
+            continue
+        if message["role"] != "user":
+            raise InvalidRequest(f"chat.messages[{i}].attachments: only a user message may carry attachments")
+        parts = []
+        for j, a in enumerate(m.attachments):
+            kind = a.WhichOneof("media")
+            if kind is None:
+                raise InvalidRequest(f"chat.messages[{i}].attachments[{j}]: set its image or audio bytes")
+            parts.append({"type": kind, kind: a.image if kind == "image" else a.audio})
+        converted.append({**message, "content": [*parts, {"type": "text", "text": m.content}]})
+    try:
+        return media_chat(service.model, converted, thinking, tools.offered if tools else None)
+    except MediaPartError as e:  # its part index is the attachment's: the text comes after them
+        raise InvalidRequest(re.sub(r"^messages\[(\d+)\]\.content\[(\d+)\]", r"chat.messages[\1].attachments[\2]",
+                                    e.message)) from None
 
 
 def _tool_parser(service: EngineService, chat: pb.ChatPrompt) -> ToolCallParser | None:
@@ -170,6 +200,7 @@ def _prepare(service: EngineService, request: pb.GenerateRequest) -> _Prepared:
     kind = request.WhichOneof("prompt")
     if kind is None:
         raise InvalidRequest("the request has no prompt: set `text` (a completion) or `chat` (messages)")
+    embeds = weights = None
     if kind == "text":
         if not request.text:
             raise InvalidRequest("text is empty: give a prompt to continue")
@@ -178,10 +209,14 @@ def _prepare(service: EngineService, request: pb.GenerateRequest) -> _Prepared:
         messages = _chat_messages(request.chat)
         thinking = request.chat.thinking if request.chat.HasField("thinking") else True
         tools = _tool_parser(service, request.chat)
-        ids = service.encode_chat(messages, thinking=thinking, tools=tools.offered if tools else None)
+        if any(m.attachments for m in request.chat.messages):
+            media = _media_request(service, request.chat, messages, thinking, tools)
+            ids, embeds, weights = media.ids, media.embeds, media.modality_weights
+        else:
+            ids = service.encode_chat(messages, thinking=thinking, tools=tools.offered if tools else None)
     default = default_max_new_tokens(len(ids), service.context_length, "chat" if kind == "chat" else "completion")
     params = _sampling_params(request.sampling, default, tools)
-    return _Prepared(ids, params, kind == "chat", thinking, tools)
+    return _Prepared(ids, params, kind == "chat", thinking, tools, embeds, weights)
 
 
 def _screen(service: EngineService, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Screening | None:
@@ -285,7 +320,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         return pb.GenerateResponse(
             request_id=handle.request_id, model=self.service.model_name, text="".join(text),
             reasoning="".join(reasoning), content=answer, finish_reason=reason, usage=self._usage(handle),
-            tool_calls=calls, **collector.logprobs())
+            tool_calls=calls, modality_weights=prepared.modality_weights, **collector.logprobs())
 
     def GenerateStream(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateChunk]:
         prepared, handle = self._submit(request, context)
@@ -296,7 +331,8 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
                 answer, calls, reason = collector.answer(content)
                 yield pb.GenerateChunk(request_id=handle.request_id, model=self.service.model_name, text=text,
                                        reasoning=reasoning, content=answer, finish_reason=reason,
-                                       usage=self._usage(handle), tool_calls=calls, **collector.logprobs())
+                                       usage=self._usage(handle), tool_calls=calls,
+                                       modality_weights=prepared.modality_weights, **collector.logprobs())
             elif text:
                 yield pb.GenerateChunk(request_id=handle.request_id, model=self.service.model_name, text=text,
                                        reasoning=reasoning, content=content, **collector.logprobs())
@@ -313,7 +349,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
             after_think = prepared.chat and self.service.model.tokenizer.starts_in_reasoning(prepared.thinking)
             handle = self.service.submit(prepared.prompt_ids, prepared.params, request_id=request.request_id or None,
                                          timeout=timeout, screening=_screen(self.service, request, context),
-                                         after_think=after_think)
+                                         after_think=after_think, prompt_embeds=prepared.prompt_embeds)
         except QueueFullError as e:
             _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry later or on another replica")
         except ServiceClosedError as e:

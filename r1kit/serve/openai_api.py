@@ -57,6 +57,7 @@ from r1kit.generate import (
 from r1kit.model.transformer import ContextLengthError
 from r1kit.safety.shield import InputBlocked, Screening
 from r1kit.serve.engine_service import EngineService, QueueFullError, RequestHandle, ServiceClosedError, TextDelta
+from r1kit.serve.media_parts import MediaPartError, MediaRequest, has_media_parts, prepare_media_chat
 from r1kit.sessions import SessionError, SessionStore
 from r1kit.structured import StructuredError
 from r1kit.tokenizer import PlainStreamParser, ReasoningStreamParser, TokenizerError
@@ -146,11 +147,14 @@ class CompletionRequest(_Request):
 
 
 class ContentPart(BaseModel):
-    """One part of a message's content array; only text parts can be read (see _message_text)."""
+    """One part of a message's content array: text (see _message_text), or media for a model with encoders
+    (image_url, input_audio: r1kit.serve.media_parts)."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
     type: str
     text: str | None = None
+    image_url: dict[str, Any] | str | None = None
+    input_audio: dict[str, Any] | None = None
 
 
 class ChatMessage(BaseModel):
@@ -317,15 +321,23 @@ def _add_generation_routes(app: FastAPI, service: EngineService, max_tokens_limi
         _check_model(service, body.model)
         _refuse_unsupported(body)
         tools = _tool_parser(service, body)
-        messages = _session_messages(service, sessions, body, _chat_messages(body.messages), tools)
-        ids = [_encode(lambda: service.encode_chat(messages, thinking=True, tools=tools and tools.offered), "messages")]
+        media = await _media_request(service, body, tools)
+        if media is None:
+            messages = _session_messages(service, sessions, body, _chat_messages(body.messages), tools)
+            ids = [_encode(lambda: service.encode_chat(messages, thinking=True, tools=tools and tools.offered),
+                           "messages")]
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
-        meta = _Meta(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", service.model_name, ids)
-        users = [m["content"] for m in messages if m["role"] == "user"]  # the operator's system prompt is trusted
+        meta = _Meta(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", service.model_name,
+                     ids if media is None else [media.ids])
+        if media is not None:  # an extra field on every response object of the request
+            meta.extra["modality_weights"] = media.modality_weights
+        # the operator's system prompt is trusted
+        users = media.user_texts if media else [m["content"] for m in messages if m["role"] == "user"]
         if (screening := _screen(service, request, body, users, meta)) and screening.refusal is not None:
             return _refusal(body, meta, screening.refusal)
-        handles = _submit(service, body, ids, "chat", max_tokens_limit, screening, tools)
+        handles = _submit(service, body, meta.prompts, "chat", max_tokens_limit, screening, tools,
+                          media and media.embeds)
         if body.session_id is not None:
             return await _session_answer(request, sessions, body, messages, handles, meta, service, tools)
         if body.stream:
@@ -601,6 +613,22 @@ def _message_text(message: ChatMessage, i: int) -> str:
     return "\n".join(part.text for part in message.content)
 
 
+async def _media_request(service: EngineService, body: ChatCompletionRequest, tools: ToolCallParser | None
+                         ) -> MediaRequest | None:
+    """A chat with image_url / input_audio parts as a MediaRequest (decoded and encoded off the event loop; None
+    for a text chat); 400 or 413 naming the part at fault (r1kit.serve.media_parts)."""
+    if not has_media_parts(body.messages):
+        return None
+    if body.session_id is not None:
+        raise APIError(400, "session_id: a chat with media attachments cannot be kept in a session",
+                       param="session_id")
+    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    try:
+        return await asyncio.to_thread(prepare_media_chat, service.model, messages, True, tools and tools.offered)
+    except MediaPartError as e:
+        raise APIError(e.status, e.message, code=e.code, param=e.param) from None
+
+
 def _encode(encode: Callable[[], list[int]], param: str) -> list[int]:
     try:
         return encode()
@@ -613,10 +641,11 @@ def _encode(encode: Callable[[], list[int]], param: str) -> list[int]:
 
 
 def _submit(service: EngineService, body: _Request, prompts: list[list[int]], kind: str,
-            limit: int | None, screening: Screening | None = None, tools: ToolCallParser | None = None
-            ) -> list[RequestHandle]:
+            limit: int | None, screening: Screening | None = None, tools: ToolCallParser | None = None,
+            prompt_embeds: Any = None) -> list[RequestHandle]:
     """Submit n requests per prompt (all or none); the sampling fields map onto SamplingParams (``tools``: a
-    chat's tool parser, whose tool_choice may constrain the answer)."""
+    chat's tool parser, whose tool_choice may constrain the answer; ``prompt_embeds``: a media chat's, for its
+    one prompt)."""
     if limit is not None and body.max_tokens is not None and body.max_tokens > limit:
         raise APIError(400, f"max_tokens = {body.max_tokens} exceeds this server's limit of {limit}",
                        param="max_tokens")
@@ -638,7 +667,8 @@ def _submit(service: EngineService, body: _Request, prompts: list[list[int]], ki
                                         structured=_structured_spec(body, tools),
                                         **{k: v for k, v in given.items() if v is not None})
                 after_think = kind == "chat" and service.model.tokenizer.starts_in_reasoning()
-                handles.append(service.submit(ids, params, screening=screening, after_think=after_think))
+                handles.append(service.submit(ids, params, screening=screening, after_think=after_think,
+                                              prompt_embeds=prompt_embeds))
     except BaseException as e:
         for h in handles:
             h.abort()
@@ -703,9 +733,11 @@ class _Meta:
     def __init__(self, id_: str, obj: str, model: str, prompts: list[list[int]]):
         self.id, self.object, self.model, self.prompts = id_, obj, model, prompts
         self.created = int(time.time())
+        self.extra: dict[str, Any] = {}  # r1kit's extra fields (a media chat's modality_weights)
 
     def envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
+                **self.extra}
 
     def chunk(self, obj: str, choice: dict[str, Any]) -> bytes:
         """The server-sent event of one streamed choice."""

@@ -24,37 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dr1kit/serve/proto/r1kit.proto\x12\x08r1kit.v1\"j\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12&\n\ntool_calls\x18\x03 \x03(\x0b\x32\x12.r1kit.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\x8d\x01\n\nChatPrompt\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.r1kit.v1.ChatMessage\x12\x15\n\x08thinking\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1d\n\x05tools\x18\x03 \x03(\x0b\x32\x0e.r1kit.v1.Tool\x12\x13\n\x0btool_choice\x18\x04 \x01(\tB\x0b\n\t_thinking\"\xa8\x03\n\x0fSamplingOptions\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x05\x88\x01\x01\x12\x13\n\x0bjson_schema\x18\x08 \x01(\t\x12\x13\n\x0bjson_object\x18\t \x01(\x08\x12\r\n\x05regex\x18\n \x01(\t\x12\x0e\n\x06\x63hoice\x18\x0b \x03(\t\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x06\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\r \x01(\x05H\x07\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\x92\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12$\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x14.r1kit.v1.ChatPromptH\x00\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.r1kit.v1.SamplingOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x08\n\x06prompt\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\":\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"m\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12!\n\x03top\x18\x04 \x03(\x0b\x32\x14.r1kit.v1.TopLogprob\x12\x0c\n\x04none\x18\x05 \x01(\x08\"\xb9\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\treasoning\x18\x04 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x05 \x01(\t\x12-\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x16.r1kit.v1.FinishReason\x12\x1e\n\x05usage\x18\x07 \x01(\x0b\x32\x0f.r1kit.v1.Usage\x12&\n\ntool_calls\x18\x08 \x03(\x0b\x32\x12.r1kit.v1.ToolCall\x12(\n\x08logprobs\x18\t \x03(\x0b\x32\x16.r1kit.v1.TokenLogprob\x12/\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x16.r1kit.v1.TokenLogprob\"\xb6\x02\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\treasoning\x18\x04 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x05 \x01(\t\x12-\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x16.r1kit.v1.FinishReason\x12\x1e\n\x05usage\x18\x07 \x01(\x0b\x32\x0f.r1kit.v1.Usage\x12&\n\ntool_calls\x18\x08 \x03(\x0b\x32\x12.r1kit.v1.ToolCall\x12(\n\x08logprobs\x18\t \x03(\x0b\x32\x16.r1kit.v1.TokenLogprob\x12/\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x16.r1kit.v1.TokenLogprob*}\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x03\x32\x96\x01\n\tGenerator\x12\x41\n\x08Generate\x12\x19.r1kit.v1.GenerateRequest\x1a\x1a.r1kit.v1.GenerateResponse\x12\x46\n\x0eGenerateStream\x12\x19.r1kit.v1.GenerateRequest\x1a\x17.r1kit.v1.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dr1kit/serve/proto/r1kit.proto\x12\x08r1kit.v1\"\x95\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12&\n\ntool_calls\x18\x03 \x03(\x0b\x32\x12.r1kit.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12)\n\x0b\x61ttachments\x18\x05 \x03(\x0b\x32\x14.r1kit.v1.Attachment\"7\n\nAttachment\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12\x0f\n\x05\x61udio\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05media\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\x8d\x01\n\nChatPrompt\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.r1kit.v1.ChatMessage\x12\x15\n\x08thinking\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1d\n\x05tools\x18\x03 \x03(\x0b\x32\x0e.r1kit.v1.Tool\x12\x13\n\x0btool_choice\x18\x04 \x01(\tB\x0b\n\t_thinking\"\xa8\x03\n\x0fSamplingOptions\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x05\x88\x01\x01\x12\x13\n\x0bjson_schema\x18\x08 \x01(\t\x12\x13\n\x0bjson_object\x18\t \x01(\x08\x12\r\n\x05regex\x18\n \x01(\t\x12\x0e\n\x06\x63hoice\x18\x0b \x03(\t\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x06\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\r \x01(\x05H\x07\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\x92\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12$\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x14.r1kit.v1.ChatPromptH\x00\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.r1kit.v1.SamplingOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x08\n\x06prompt\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\":\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"m\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12!\n\x03top\x18\x04 \x03(\x0b\x32\x14.r1kit.v1.TopLogprob\x12\x0c\n\x04none\x18\x05 \x01(\x08\"\xbc\x03\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\treasoning\x18\x04 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x05 \x01(\t\x12-\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x16.r1kit.v1.FinishReason\x12\x1e\n\x05usage\x18\x07 \x01(\x0b\x32\x0f.r1kit.v1.Usage\x12&\n\ntool_calls\x18\x08 \x03(\x0b\x32\x12.r1kit.v1.ToolCall\x12(\n\x08logprobs\x18\t \x03(\x0b\x32\x16.r1kit.v1.TokenLogprob\x12/\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x16.r1kit.v1.TokenLogprob\x12I\n\x10modality_weights\x18\x0b \x03(\x0b\x32/.r1kit.v1.GenerateResponse.ModalityWeightsEntry\x1a\x36\n\x14ModalityWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xb6\x03\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\treasoning\x18\x04 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x05 \x01(\t\x12-\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x16.r1kit.v1.FinishReason\x12\x1e\n\x05usage\x18\x07 \x01(\x0b\x32\x0f.r1kit.v1.Usage\x12&\n\ntool_calls\x18\x08 \x03(\x0b\x32\x12.r1kit.v1.ToolCall\x12(\n\x08logprobs\x18\t \x03(\x0b\x32\x16.r1kit.v1.TokenLogprob\x12/\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x16.r1kit.v1.TokenLogprob\x12\x46\n\x10modality_weights\x18\x0b \x03(\x0b\x32,.r1kit.v1.GenerateChunk.ModalityWeightsEntry\x1a\x36\n\x14ModalityWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01*}\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x03\x32\x96\x01\n\tGenerator\x12\x41\n\x08Generate\x12\x19.r1kit.v1.GenerateRequest\x1a\x1a.r1kit.v1.GenerateResponse\x12\x46\n\x0eGenerateStream\x12\x19.r1kit.v1.GenerateRequest\x1a\x17.r1kit.v1.GenerateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'r1kit.serve.proto.r1kit_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1872
-  _globals['_FINISHREASON']._serialized_end=1997
-  _globals['_CHATMESSAGE']._serialized_start=43
-  _globals['_CHATMESSAGE']._serialized_end=149
-  _globals['_TOOL']._serialized_start=151
-  _globals['_TOOL']._serialized_end=212
-  _globals['_TOOLCALL']._serialized_start=214
-  _globals['_TOOLCALL']._serialized_end=269
-  _globals['_CHATPROMPT']._serialized_start=272
-  _globals['_CHATPROMPT']._serialized_end=413
-  _globals['_SAMPLINGOPTIONS']._serialized_start=416
-  _globals['_SAMPLINGOPTIONS']._serialized_end=840
-  _globals['_GENERATEREQUEST']._serialized_start=843
-  _globals['_GENERATEREQUEST']._serialized_end=989
-  _globals['_USAGE']._serialized_start=991
-  _globals['_USAGE']._serialized_end=1070
-  _globals['_TOPLOGPROB']._serialized_start=1072
-  _globals['_TOPLOGPROB']._serialized_end=1130
-  _globals['_TOKENLOGPROB']._serialized_start=1132
-  _globals['_TOKENLOGPROB']._serialized_end=1241
-  _globals['_GENERATERESPONSE']._serialized_start=1244
-  _globals['_GENERATERESPONSE']._serialized_end=1557
-  _globals['_GENERATECHUNK']._serialized_start=1560
-  _globals['_GENERATECHUNK']._serialized_end=1870
-  _globals['_GENERATOR']._serialized_start=2000
-  _globals['_GENERATOR']._serialized_end=2150
+  _globals['_GENERATERESPONSE_MODALITYWEIGHTSENTRY']._loaded_options = None
+  _globals['_GENERATERESPONSE_MODALITYWEIGHTSENTRY']._serialized_options = b'8\001'
+  _globals['_GENERATECHUNK_MODALITYWEIGHTSENTRY']._loaded_options = None
+  _globals['_GENERATECHUNK_MODALITYWEIGHTSENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=2232
+  _globals['_FINISHREASON']._serialized_end=2357
+  _globals['_CHATMESSAGE']._serialized_start=44
+  _globals['_CHATMESSAGE']._serialized_end=193
+  _globals['_ATTACHMENT']._serialized_start=195
+  _globals['_ATTACHMENT']._serialized_end=250
+  _globals['_TOOL']._serialized_start=252
+  _globals['_TOOL']._serialized_end=313
+  _globals['_TOOLCALL']._serialized_start=315
+  _globals['_TOOLCALL']._serialized_end=370
+  _globals['_CHATPROMPT']._serialized_start=373
+  _globals['_CHATPROMPT']._serialized_end=514
+  _globals['_SAMPLINGOPTIONS']._serialized_start=517
+  _globals['_SAMPLINGOPTIONS']._serialized_end=941
+  _globals['_GENERATEREQUEST']._serialized_start=944
+  _globals['_GENERATEREQUEST']._serialized_end=1090
+  _globals['_USAGE']._serialized_start=1092
+  _globals['_USAGE']._serialized_end=1171
+  _globals['_TOPLOGPROB']._serialized_start=1173
+  _globals['_TOPLOGPROB']._serialized_end=1231
+  _globals['_TOKENLOGPROB']._serialized_start=1233
+  _globals['_TOKENLOGPROB']._serialized_end=1342
+  _globals['_GENERATERESPONSE']._serialized_start=1345
+  _globals['_GENERATERESPONSE']._serialized_end=1789
+  _globals['_GENERATERESPONSE_MODALITYWEIGHTSENTRY']._serialized_start=1735
+  _globals['_GENERATERESPONSE_MODALITYWEIGHTSENTRY']._serialized_end=1789
+  _globals['_GENERATECHUNK']._serialized_start=1792
+  _globals['_GENERATECHUNK']._serialized_end=2230
+  _globals['_GENERATECHUNK_MODALITYWEIGHTSENTRY']._serialized_start=1735
+  _globals['_GENERATECHUNK_MODALITYWEIGHTSENTRY']._serialized_end=1789
+  _globals['_GENERATOR']._serialized_start=2360
+  _globals['_GENERATOR']._serialized_end=2510
 # @@protoc_insertion_point(module_scope)
