@@ -67,14 +67,23 @@ def run(model: Any, messages: Sequence[Mapping[str, Any]], tools: Mapping[str, C
     conversation = [dict(m) for m in messages]
     for step in range(1, max_steps + 1):
         reply = model.chat(conversation, tools=offered, **chat)
-        if not reply.tool_calls:
-            conversation.append({"role": "assistant", "content": reply.content})
+        if advance(conversation, reply, tools):
             return AgentResult(reply, conversation, step, "answer")
-        conversation.append({"role": "assistant", "content": None,
-                             "tool_calls": [call.to_openai() for call in reply.tool_calls]})
-        conversation += [{"role": "tool", "tool_call_id": call.id, "content": _call(tools, call)}
-                         for call in reply.tool_calls]
     return AgentResult(reply, conversation, max_steps, "max_steps")
+
+
+def advance(conversation: list[dict[str, Any]], reply: Any, tools: Mapping[str, Callable[..., Any]]) -> bool:
+    """One model turn of the loop: append ``reply`` (its ``content`` and ``tool_calls``) to ``conversation`` and,
+    for calls, run them and append their results as ``tool`` messages. True when the reply made no call (the
+    answer). A batched evaluation (r1kit.eval.tool_use) drives many conversations through it in lockstep."""
+    if not reply.tool_calls:
+        conversation.append({"role": "assistant", "content": reply.content})
+        return True
+    conversation.append({"role": "assistant", "content": None,
+                         "tool_calls": [call.to_openai() for call in reply.tool_calls]})
+    conversation += [{"role": "tool", "tool_call_id": call.id, "content": _call(tools, call)}
+                     for call in reply.tool_calls]
+    return False
 
 
 def _call(tools: Mapping[str, Callable[..., Any]], call: ToolCall) -> str:
