@@ -36,6 +36,7 @@ from r1kit.eval import eval_arithmetic, heldout_ids, perplexity
 from r1kit.tokenizer import Tokenizer
 from r1kit.train.data import KINDS
 
+KD_DATA = Path(__file__).resolve().parents[1] / "configs" / "compress-kd.yaml"  # half code, half arithmetic
 ROWS: dict[str, tuple[str, dict]] = {  # row -> (method, options), the most telling first (a cut-short run keeps them)
     "int8": ("int8", {}),
     "int4": ("int4", {}),
@@ -44,6 +45,7 @@ ROWS: dict[str, tuple[str, dict]] = {  # row -> (method, options), the most tell
     "qat-int8": ("qat-int8", {}),
     "qat-int4": ("qat-int4", {}),
     "qat-int4 + kd": ("qat-int4", {"kd": True}),  # QAT on the divergence to the original (r1kit.train.distill)
+    "qat-int4 + kd (code+arith data)": ("qat-int4", {"kd": True, "data": str(KD_DATA)}),
     "fine-tune (control)": ("prune-unstructured", {"sparsity": 0.0}),  # QAT's fine-tune without quantization
     "fine-tune + int4 (control)": ("int4", {}),  # ... then post-training int4: what QAT must beat
     "prune-2:4": ("prune-2:4", {}),
@@ -63,14 +65,15 @@ ROWS["prune-2:4 + distill"] = ("distill", {})  # recovered from the original as 
 ROWS["prune-structured + distill"] = ("distill", {})
 ROWS["prune-structured + distill + int4 gptq"] = ("int4", {"calibration": "gptq"})
 # rows that fine-tune --qat-steps steps (the same recipe)
-TRAINS = ("qat-int8", "qat-int4", "qat-int4 + kd", "fine-tune (control)", "prune-2:4 + recovery",
-          "prune-2:4 + distill", "prune-structured + distill")
+TRAINS = ("qat-int8", "qat-int4", "qat-int4 + kd", "qat-int4 + kd (code+arith data)", "fine-tune (control)",
+          "prune-2:4 + recovery", "prune-2:4 + distill", "prune-structured + distill")
 CHAINED = {COMBINED: "prune-structured", "fine-tune + int4 (control)": "fine-tune (control)",  # row -> its source row
            "prune-2:4 + distill": "prune-2:4", "prune-structured + distill": "prune-structured",
            "prune-structured + distill + int4 gptq": "prune-structured + distill"}
 FOLDERS = {"int4 gptq": "int4-gptq", "int4 awq": "int4-awq", "fine-tune (control)": "finetune",
            "experts 8->6 dropped": "experts6-drop", "experts 8->6 merged": "experts6-merge",
-           "prune-2:4 + recovery": "prune24-ft", "qat-int4 + kd": "qat-int4-kd", "prune-2:4 + distill": "prune24-kd",
+           "prune-2:4 + recovery": "prune24-ft", "qat-int4 + kd": "qat-int4-kd",
+           "qat-int4 + kd (code+arith data)": "qat-int4-kd-mix", "prune-2:4 + distill": "prune24-kd",
            "prune-structured + distill": "structured-kd",
            "prune-structured + distill + int4 gptq": "structured-kd-gptq",
            "fine-tune + int4 (control)": "finetune-int4", COMBINED: "structured-int4"}
