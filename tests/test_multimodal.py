@@ -231,3 +231,89 @@ def test_bundled_nano_vl_reads_held_out_digits():
         hits += reply.content == str(int(y[i]))
         assert sum(reply.modality_weights.values()) == pytest.approx(1.0, abs=1e-3)
     assert hits == 4
+
+
+# ---------------------------------------------------------------------------------------------------- per-token gate
+
+
+def test_per_token_gate_weighs_every_position(tokenizer):
+    """per_token: each position's weights sum to one over the present modalities, starts as the fixed gate, and
+    scales every position by its own modality's weight x the number present (hand computation); a text-only row
+    is untouched; fixed and ablate keep their per-sample behaviour."""
+    torch.manual_seed(0)
+    x, present = torch.randn(2, 5, 8), torch.tensor([[True, True, False], [True, False, False]])
+    gate = ModalityGate(8, GateConfig(mode="per_token"))
+    torch.testing.assert_close(gate.token_weights(x, present)[0], torch.tensor([[0.5, 0.5, 0.0]] * 5))  # at init
+    with torch.no_grad():
+        gate.token_score.weight.normal_()
+    w = gate.token_weights(x, present)  # (B, T, M)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 5))
+    assert (w[0, :, 2] == 0).all() and (w[1, :, 0] == 1).all() and w[0, :, 0].std() > 0.01  # varies by position
+    ref = torch.softmax(nn_layer_norm(x[0]) @ gate.token_score.weight[:2].T + gate.token_score.bias[:2], -1)
+    torch.testing.assert_close(w[0, :, :2], ref, atol=1e-5, rtol=1e-5)
+    ablated = ModalityGate(8, GateConfig(mode="per_token", ablate=["image"]))
+    assert (ablated.token_weights(x, present)[0] == torch.tensor([1.0, 0.0, 0.0])).all()
+
+    vl = tiny_vl(tokenizer, gate="per_token")
+    with torch.no_grad():
+        vl.gate.token_score.weight.normal_(0, 1.0)
+    ids = tokenizer.encode_chat([{"role": "user", "content": "Which digit?"}], add_generation_prompt=True)
+    ids, _ = insert_placeholders(ids, [0] * len(ids), [["image"]], tokenizer, {"image": vl.num_tokens("image")})
+    image, x_ids = torch.rand(1, 8, 8), torch.tensor([ids])
+    embeds, weights = vl.embed(x_ids, [[Media("image", image)]])
+    with torch.no_grad():
+        raw = vl.lm.embed_tokens(x_ids)[0]
+        slots = x_ids[0] == placeholder_ids(tokenizer)["image"]
+        raw[slots] = vl.encode("image", [image])[0]
+        tw = torch.softmax(nn_layer_norm(raw, vl.gate.norm) @ vl.gate.token_score.weight[:2].T
+                           + vl.gate.token_score.bias[:2] + vl.gate.bias[:2], -1)  # (T, 2): text, image
+    own = torch.where(slots, tw[:, 1], tw[:, 0])  # each position's own modality's weight
+    torch.testing.assert_close(embeds[0], raw * (2 * own)[:, None], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weights[0], torch.cat([tw.mean(0), torch.zeros(1)]), atol=1e-5, rtol=1e-5)
+    text = torch.tensor([tokenizer.encode_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True)])
+    assert torch.equal(vl.embed(text, [[]])[0], vl.lm.embed_tokens(text))
+    with pytest.raises(TrainConfigError, match="gate.mode"):
+        GateConfig(mode="per_pixel")
+
+
+def nn_layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm | None = None) -> torch.Tensor:
+    """Hand LayerNorm over the last dimension (eps 1e-5), with norm's affine parameters when given."""
+    y = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    return y if norm is None else y * norm.weight + norm.bias
+
+
+def test_conv_stem_vit_and_affine_jitter():
+    """stem conv: a 3x3 convolution (checked against unfolded 3x3 windows), GELU, then the patch embedding; the
+    affine jitter at zero strength is the identity and stays in [0, 1]."""
+    from r1kit.multimodal.data import jitter_images
+
+    cfg = ImageEncoderConfig(image_size=8, patch_size=2, dim=16, layers=1, heads=2, stem="conv", stem_channels=4)
+    enc = ViTEncoder(cfg)
+    x = torch.rand(2, 1, 8, 8)
+    windows = torch.nn.functional.unfold(x, 3, padding=1)  # (B, 9, 64)
+    conv = enc.stem[0].weight.reshape(4, 9) @ windows + enc.stem[0].bias[:, None]  # (B, 4, 64)
+    feats = torch.nn.functional.gelu(conv).reshape(2, 4, 8, 8)
+    patches = feats.unfold(2, 2, 2).unfold(3, 2, 2).permute(0, 2, 3, 1, 4, 5).reshape(2, 16, 16)  # (B, N, S*p*p)
+    ref = patches @ enc.patch_embed.weight.reshape(16, -1).T + enc.patch_embed.bias
+    torch.testing.assert_close(enc.patchify(x), ref, atol=1e-5, rtol=1e-5)
+    assert enc(x).shape == (2, 16, 16)
+    with pytest.raises(TrainConfigError, match="image.stem"):
+        ImageEncoderConfig(stem="resnet")
+    g = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(jitter_images(x, g, 0.0, 0.0, 0.0), x, atol=1e-6, rtol=0)
+    j = jitter_images(x, g)
+    assert j.shape == x.shape and 0 <= j.min() and j.max() <= 1 and not torch.allclose(j, x)
+
+
+def test_trainable_parts_by_modality(tokenizer):
+    """A stage may train one modality's encoder or projector ("projectors.image"); everything else is frozen."""
+    from r1kit.multimodal.train import StageSection, trainable
+
+    vl = tiny_vl(tokenizer)
+    params = trainable(vl, ["projectors.image", "contrastive"])
+    names = {n for n, p in vl.named_parameters() if p.requires_grad}
+    assert names == {n for n, _ in vl.named_parameters() if n.startswith("projectors.image.")} | {
+        "contrastive.logit_scale"}
+    assert len(params) == len(names)
+    with pytest.raises(TrainConfigError, match=r"unknown part\(s\) \['projectors.smell'\]"):
+        StageSection(train=["projectors.smell"])

@@ -42,6 +42,7 @@ def test_staged_run_logs_resumes_and_saves(run):
     recipe, final = run
     rows = (final.parent / "metrics.jsonl").read_text().splitlines()
     assert [r.split('"stage": "')[1].split('"')[0] for r in rows] == ["align"] * 2 + ["instruct"] * 2
+    assert '"match": ' in rows[0] and '"match": ' not in rows[-1]  # the image-caption match loss where asked
     assert (final / "multimodal" / "encoders.safetensors").is_file() and (final / "loss.png").is_file()
     before = (final / "model.safetensors").read_bytes()
     assert train_vl(recipe, resume=True) == final  # everything done: only re-finalised
@@ -50,6 +51,28 @@ def test_staged_run_logs_resumes_and_saves(run):
         from r1kit.train.config import build_dataclass
 
         build_dataclass(VLRecipe, {"stages": [{"stepz": 3}]}, "x").stage_list()
+
+
+def test_init_from_loads_matching_weights_and_leaves_the_rest_fresh(run):
+    """A second recipe starting from the first's model: same-shaped weights loaded (language model, audio
+    encoder), the init_fresh prefixes and a changed image encoder (conv stem) left as initialised."""
+    import torch
+
+    from r1kit.multimodal.model import VisionAudioLM
+    from r1kit.multimodal.train import build, init_weights
+
+    recipe, final = run
+    base = VisionAudioLM.from_pretrained(final)
+    recipe2 = type(recipe)(**{**vars(recipe), "init_from": str(final), "init_fresh": ["projectors.image"]})
+    recipe2.multimodal = {**recipe.multimodal, "image": {**recipe.multimodal["image"], "stem": "conv"}}
+    vl, tokenizer = build(recipe2)
+    assert tokenizer.vocab_size == base.lm.config.vocab_size  # the base model's tokenizer
+    fresh = init_weights(vl, final, recipe2.init_fresh)
+    assert "encoders.image.stem.0.weight" in fresh and "encoders.image.patch_embed.weight" in fresh
+    assert "projectors.image.fc1.weight" in fresh and not any(k.startswith(("lm.", "encoders.audio")) for k in fresh)
+    torch.testing.assert_close(vl.lm.embed_tokens.weight, base.lm.embed_tokens.weight)
+    torch.testing.assert_close(vl.encoders["audio"].frame_embed.weight, base.encoders["audio"].frame_embed.weight)
+    assert not torch.equal(vl.projectors["image"].fc1.weight, base.projectors["image"].fc1.weight)
 
 
 def test_chat_with_image_audio_and_dicom_parts(model):

@@ -74,13 +74,17 @@ def sinusoidal_positions(n: int, dim: int) -> torch.Tensor:
 class ViTEncoder(nn.Module):
     """Grayscale images (B, 1, H, W) in [0, 1], H = W = image_size -> patch embeddings (B, N, D), N = patches.
 
-    Patch embedding (a strided convolution = a linear map of each flattened patch), learned positions, pre-norm
-    transformer layers, final LayerNorm."""
+    Patch embedding (a strided convolution = a linear map of each flattened patch; with stem "conv", of the
+    patch's 3x3-convolution features), learned positions, pre-norm transformer layers, final LayerNorm."""
 
     def __init__(self, cfg: ImageEncoderConfig):
         super().__init__()
         self.config = cfg
-        self.patch_embed = nn.Conv2d(1, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
+        channels = 1
+        if cfg.stem == "conv":  # early convolutions (Xiao et al. 2021): (B, 1, H, W) -> (B, S, H, W)
+            channels = cfg.stem_channels
+            self.stem = nn.Sequential(nn.Conv2d(1, channels, 3, padding=1), nn.GELU())
+        self.patch_embed = nn.Conv2d(channels, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_tokens, cfg.dim) * 0.02)
         self.layers = encoder_layers(cfg.dim, cfg.heads, cfg.layers)
         self.norm = nn.LayerNorm(cfg.dim)
@@ -94,6 +98,8 @@ class ViTEncoder(nn.Module):
         size = self.config.image_size
         if images.dim() != 4 or images.shape[1:] != (1, size, size):
             raise ValueError(f"image tensor must be (B, 1, {size}, {size}), got {tuple(images.shape)}")
+        if self.config.stem == "conv":
+            images = self.stem(images)
         return self.patch_embed(images).flatten(2).transpose(1, 2)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -101,12 +101,8 @@ def retrieval_recall_at_1(vl: VisionAudioLM, tokenizer: Tokenizer, clips: Sequen
     out = {}
     for kind, (labels, pooled_fn) in targets.items():
         caps = [D.image_caption(d) if kind == "image" else D.audio_caption(D.DIGIT_WORDS[d]) for d in range(10)]
-        ids = [tokenizer.encode_plain(c) for c in caps]
-        T = max(map(len, ids))
-        t, m = torch.zeros(10, T, dtype=torch.long), torch.zeros(10, T, dtype=torch.bool)
-        for i, row in enumerate(ids):
-            t[i, :len(row)], m[i, :len(row)] = torch.tensor(row), True
-        sim = vl.contrastive.logits(pooled_fn(), vl.text_embedding(t, m))  # (N, 10)
+        sim = vl.contrastive.logits(pooled_fn(), vl.caption_embeddings([tokenizer.encode_plain(c) for c in caps]))
+        # (N, 10)
         labels_t = torch.tensor(labels)
         out[f"{kind}_to_text"] = float((sim.argmax(1) == labels_t).float().mean())
         out[f"text_to_{kind}"] = float((labels_t[sim.argmax(0)] == torch.arange(10)).float().mean())

@@ -93,6 +93,15 @@ class VisionAudioLM(nn.Module):
         m = mask[..., None].to(e.dtype)
         return (e * m).sum(1) / m.sum(1).clamp(min=1)
 
+    def caption_embeddings(self, rows: list[list[int]]) -> torch.Tensor:
+        """Pooled embeddings (n, C) of n token-id rows of different lengths (text_embedding, padding masked)."""
+        T = max(map(len, rows))
+        ids = torch.zeros(len(rows), T, dtype=torch.long, device=self.lm.embed_tokens.weight.device)
+        mask = torch.zeros(len(rows), T, dtype=torch.bool, device=ids.device)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), True
+        return self.text_embedding(ids, mask)
+
     def placeholder_mask(self, ids: torch.Tensor, kind: str) -> torch.Tensor:
         return ids == self.placeholder_ids[kind]
 
@@ -144,6 +153,20 @@ class VisionAudioLM(nn.Module):
         text = kind_of == 0
         pooled[:, 0] = self.text_embedding(ids, text)
         present[:, 0] = text.any(1)
+        return self.apply_gate(x, pooled, present, kind_of)
+
+    def apply_gate(self, x: torch.Tensor, pooled: torch.Tensor, present: torch.Tensor, kind_of: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale the merged embeddings x (B, T, C) by the gate: each position by its modality's (kind_of (B, T))
+        weight x the number present (B, M). Per-sample modes weigh from the pooled embeddings (B, M, C); per_token
+        weighs every position from its own embedding, reporting the positions' mean weights. -> (x, (B, M))."""
+        if self.gate.config.mode == "per_token":
+            token_w = self.gate.token_weights(x, present)  # (B, T, M)
+            weights = token_w.mean(1)  # (B, M), still summing to one
+            if present[:, 1:].any():
+                n = present.sum(-1, keepdim=True).to(token_w.dtype)  # (B, 1)
+                x = x * (token_w.gather(2, kind_of[..., None])[..., 0] * n).to(x.dtype)[..., None]
+            return x, weights
         weights = self.gate(pooled, present)  # (B, M)
         if present[:, 1:].any():
             scale = self.gate.scales(weights, present).to(x.dtype)  # (B, M)

@@ -2,7 +2,9 @@
 
     r1kit train-vl --config configs/nano-vl.yaml [--resume]
 
-Stage "align": the CLIP contrastive loss between pooled media embeddings (image, audio) and their captions'
+Stage "vision" (match_weight): each training image's pooled embedding against the 10 digit captions' with
+cross-entropy (CLIP's zero-shot classifier as a loss), many images per step, the language model frozen. Stage
+"align": the CLIP contrastive loss between pooled media embeddings (image, audio) and their captions'
 text embeddings, plus captioning (the language model writes the caption after the placeholders). Stage
 "instruct": mixed chat (image, audio, image + audio, text-only questions) with the loss on the assistant turns.
 Each stage names what trains (encoders, projectors, gate, contrastive, lm). The loop's pieces are the text
@@ -37,7 +39,9 @@ from r1kit.train.loop import latest_usable_checkpoint, load_training_checkpoint,
 from r1kit.train.plots import plot_metrics
 
 log = logging.getLogger("r1kit")
-PARTS = ("encoders", "projectors", "gate", "contrastive", "lm")
+PARTS = ("encoders", "projectors", "gate", "contrastive", "lm")  # also "encoders.image", "projectors.audio", ...
+MEDIA_PARTS = tuple(f"{p}.{k}" for p in ("encoders", "projectors") for k in ("image", "audio"))
+AUGMENTATIONS = ("shift", "affine")  # data.augment_images, data.jitter_images
 CHAT_MIX = {"image": 0.4, "audio": 0.35, "same": 0.15, "text": 0.1}
 
 
@@ -49,6 +53,7 @@ class StageSection:
     steps: int = 500
     batch_size: int = 32
     learning_rate: float = 2e-3
+    weight_decay: float = 0.0  # AdamW's
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
     schedule: str = "cosine"
@@ -58,12 +63,16 @@ class StageSection:
     train: list[str] = field(default_factory=lambda: list(PARTS))
     # the chat examples' kinds and their shares: image / audio questions, image + audio "same digit?", text only
     chat_mix: dict[str, float] = field(default_factory=lambda: dict(CHAT_MIX))
-    augment_images: bool = True  # random 1-pixel shifts and contrast jitter of the training digits
+    augment_images: bool = True  # augment the training digits, with:
+    augmentation: str = "shift"  # 1-pixel shifts + contrast jitter, or "affine": sub-pixel shift, rotation, zoom
+    match_weight: float = 0.0  # images vs the 10 digit captions, cross-entropy over batch_size images (match_loss)
 
     def __post_init__(self) -> None:
-        bad = [p for p in self.train if p not in PARTS]
+        if self.augmentation not in AUGMENTATIONS:
+            raise TrainConfigError(f"augmentation must be one of {list(AUGMENTATIONS)}, not {self.augmentation!r}")
+        bad = [p for p in self.train if p not in PARTS + MEDIA_PARTS]
         if bad:
-            raise TrainConfigError(f"train: unknown part(s) {bad}; parts: {list(PARTS)}")
+            raise TrainConfigError(f"train: unknown part(s) {bad}; parts: {list(PARTS + MEDIA_PARTS)}")
         bad = sorted(set(self.chat_mix) - set(CHAT_MIX))
         if bad or sum(self.chat_mix.values()) <= 0:
             raise TrainConfigError(f"chat_mix: kinds must be among {list(CHAT_MIX)} with a positive total, got "
@@ -79,6 +88,10 @@ class VLRecipe:
     """A vision-audio-language training recipe (configs/nano-vl.yaml)."""
 
     tokenizer: str | None = None  # a model folder whose tokenizer is used (placeholders added); None: train one
+    # a model folder (an earlier recipe's final/) whose weights and tokenizer start this recipe; weights under the
+    # init_fresh prefixes, or whose shape differs from this recipe's model, start fresh (logged)
+    init_from: str | None = None
+    init_fresh: list[str] = field(default_factory=list)
     tokenizer_vocab: int = 512  # byte-level BPE trained on the recipe's own texts (when tokenizer is None)
     model: ModelSection = field(default_factory=ModelSection)
     multimodal: dict[str, Any] = field(default_factory=dict)  # MultimodalConfig fields
@@ -119,11 +132,22 @@ class VLData:
         self.by_word = {w: [i for i, t in enumerate(self.words) if t == w] for w in set(self.words)}
         self.by_label = {d: (self.labels == d).nonzero().flatten().tolist() for d in range(10)}
         self.rng, self.gen = random.Random(recipe.seed), torch.Generator().manual_seed(recipe.seed)
-        self.augment = True  # set per stage (StageSection.augment_images)
+        self.augment: str | None = "shift"  # set per stage (StageSection.augment_images, augmentation)
+
+    def image_tensor(self, index: list[int]) -> torch.Tensor:
+        """Training images (n, 1, 8, 8), augmented as the stage says."""
+        x = self.images[index]
+        if self.augment == "shift":
+            return D.augment_images(x, self.gen)
+        return D.jitter_images(x, self.gen) if self.augment == "affine" else x
 
     def image(self, i: int) -> Media:
-        x = D.augment_images(self.images[i:i + 1], self.gen)[0] if self.augment else self.images[i]
-        return Media("image", x, f"digit image {i}")
+        return Media("image", self.image_tensor([i])[0], f"digit image {i}")
+
+    def image_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """n distinct training images, augmented (n, 1, 8, 8), and their labels (n,)."""
+        index = self.rng.sample(range(len(self.labels)), min(n, len(self.labels)))
+        return self.image_tensor(index), self.labels[index]
 
     def audio(self, i: int) -> Media:
         return Media("audio", self.waves[i], f"clip {i}")
@@ -207,14 +231,17 @@ def contrastive_loss(vl: VisionAudioLM, data: VLData) -> torch.Tensor:
         if kind not in vl.encoders:
             continue
         pooled = vl.encode(kind, [m.data for m in media]).mean(1)  # (n, C)
-        ids = [data.tokenizer.encode_plain(c) for c in caps]
-        T = max(map(len, ids))
-        t = torch.zeros(len(ids), T, dtype=torch.long)
-        m = torch.zeros(len(ids), T, dtype=torch.bool)
-        for i, row in enumerate(ids):
-            t[i, :len(row)], m[i, :len(row)] = torch.tensor(row), True
-        total = total + vl.contrastive(pooled, vl.text_embedding(t, m))
+        total = total + vl.contrastive(pooled, vl.caption_embeddings([data.tokenizer.encode_plain(c) for c in caps]))
     return total
+
+
+def match_loss(vl: VisionAudioLM, data: VLData, n: int) -> torch.Tensor:
+    """Cross-entropy of n training images' pooled embeddings (n, C) against the 10 digit captions' (10, C), with
+    the contrastive head's scaled cosine logits (n, 10): CLIP's zero-shot classifier, trained."""
+    x, labels = data.image_batch(n)
+    pooled = vl.encode("image", list(x)).mean(1)  # (n, C)
+    captions = vl.caption_embeddings([data.tokenizer.encode_plain(D.image_caption(d)) for d in range(10)])
+    return torch.nn.functional.cross_entropy(vl.contrastive.logits(pooled, captions), labels)
 
 
 def lm_loss(vl: VisionAudioLM, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[Media]]]
@@ -228,18 +255,22 @@ def lm_loss(vl: VisionAudioLM, batch: tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 def trainable(vl: VisionAudioLM, parts: list[str]) -> list[torch.nn.Parameter]:
-    """Set requires_grad by part; the parameters that train."""
+    """Set requires_grad by part ("encoders", or one modality's: "encoders.image"); the parameters that train."""
     modules = {"encoders": vl.encoders, "projectors": vl.projectors, "gate": vl.gate, "contrastive": vl.contrastive,
                "lm": vl.lm}
     for name, module in modules.items():
         module.requires_grad_(name in parts)
+    for part in parts:
+        group, _, kind = part.partition(".")
+        if kind and kind in modules[group]:
+            modules[group][kind].requires_grad_(True)
     return [p for p in vl.parameters() if p.requires_grad]
 
 
 def build(recipe: VLRecipe) -> tuple[VisionAudioLM, Tokenizer]:
     """A fresh model: the recipe's language model (vocabulary = the tokenizer's, placeholders included)."""
-    if recipe.tokenizer is not None:
-        tokenizer = add_media_tokens(Tokenizer.from_dir(recipe.tokenizer))
+    if (source := recipe.tokenizer or recipe.init_from) is not None:
+        tokenizer = add_media_tokens(Tokenizer.from_dir(source))
     else:
         tokenizer = train_bpe_tokenizer(D.corpus_texts(recipe.seed), recipe.tokenizer_vocab,
                                         DEEPSEEK_SPECIAL_TOKENS + list(PLACEHOLDER_TOKENS.values()), split_digits=True)
@@ -250,14 +281,33 @@ def build(recipe: VLRecipe) -> tuple[VisionAudioLM, Tokenizer]:
     return VisionAudioLM(lm, recipe.multimodal_config(), placeholder_ids(tokenizer)), tokenizer
 
 
+def init_weights(vl: VisionAudioLM, folder: str | Path, fresh: list[str]) -> list[str]:
+    """Load a model folder's weights (language model and multimodal files) into vl where name and shape match,
+    except under the `fresh` prefixes; returns (and logs) the names left as initialised."""
+    from safetensors.torch import load_file
+
+    from r1kit.checkpoint import load_model
+    from r1kit.multimodal.model import WEIGHTS_FILE
+
+    source = {f"lm.{k}": v for k, v in load_model(folder, dtype=torch.float32).state_dict().items()}
+    source.update({k: v.float() for k, v in load_file(str(Path(folder) / WEIGHTS_FILE)).items()})
+    own = vl.state_dict()
+    usable = {k: v for k, v in source.items()
+              if k in own and v.shape == own[k].shape and not any(k.startswith(p) for p in fresh)}
+    vl.load_state_dict(usable, strict=False)
+    left = [k for k in own if k not in usable]
+    log.info("init_from %s: %d tensors loaded; fresh: %s", folder, len(usable), ", ".join(left) or "none")
+    return left
+
+
 def run_stage(vl: VisionAudioLM, data: VLData, stage: StageSection, out: Path, start: int, metrics: Any,
               save: Any) -> None:
     """Train one stage from step `start`; save(step, opt) is called at checkpoints and at the end."""
     from tqdm import tqdm
 
     params = trainable(vl, stage.train)
-    data.augment = stage.augment_images
-    opt = torch.optim.AdamW(params, lr=stage.learning_rate, weight_decay=0.0)
+    data.augment = stage.augmentation if stage.augment_images else None
+    opt = torch.optim.AdamW(params, lr=stage.learning_rate, weight_decay=stage.weight_decay)
     if start and (state := save.optimizer_state) is not None:
         opt.load_state_dict(state)
     vl.train()
@@ -267,6 +317,8 @@ def run_stage(vl: VisionAudioLM, data: VLData, stage: StageSection, out: Path, s
         for group in opt.param_groups:
             group["lr"] = lr_at(step, stage)  # type: ignore[arg-type]
         parts = {}
+        if stage.match_weight:
+            parts["match"] = stage.match_weight * match_loss(vl, data, stage.batch_size)
         if stage.contrastive_weight:
             parts["contrastive"] = stage.contrastive_weight * contrastive_loss(vl, data)
         if stage.caption_weight:
@@ -329,6 +381,8 @@ def train_vl(recipe: VLRecipe, resume: bool = False) -> Path:
         first_stage, start, ckpt.optimizer_state = state["stage"], state["step"], state["optimizer"]
         if start >= stages[first_stage].steps:
             first_stage, start, ckpt.optimizer_state = first_stage + 1, 0, None
+    elif recipe.init_from is not None:
+        init_weights(vl, recipe.init_from, recipe.init_fresh)
     metrics_file = out / "metrics.jsonl"
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
     with metrics_file.open("a") as f:
@@ -355,7 +409,8 @@ def finalize(vl: VisionAudioLM, tokenizer: Tokenizer, out: Path, recipe: VLRecip
     vl.save(final, dtype=torch.bfloat16)
     plot_metrics(out / "metrics.jsonl", final / "loss.png")
     summary = {"recipe": recipe.out_dir, "stages": recipe.stages, "params_lm": vl.lm.num_params(),
-               "params_total": sum(p.numel() for p in vl.parameters())}
+               "params_total": sum(p.numel() for p in vl.parameters()), "init_from": recipe.init_from,
+               "history": stage_history(recipe, out / "metrics.jsonl")}
     atomic_write(final / "training_summary.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
     return final
 
@@ -365,3 +420,25 @@ def load_checkpoint_model(recipe: VLRecipe, file: Path) -> tuple[VisionAudioLM, 
     vl, tokenizer = build(recipe)
     vl.load_state_dict(load_training_checkpoint(file)["model"])
     return vl.eval(), tokenizer
+
+
+def stage_history(recipe: VLRecipe, metrics_file: Path) -> list[dict[str, Any]]:
+    """Every stage that made this model, the init_from model's first: run, name, steps, seconds of steps (the
+    largest elapsed_s logged for the stage; a resumed stage counts from its restart)."""
+    history: list[dict[str, Any]] = []
+    if recipe.init_from is not None and (base := Path(recipe.init_from) / "training_summary.json").is_file():
+        summary = json.loads(base.read_text())
+        history = summary.get("history") or [  # a summary from before history was kept: its run's metrics
+            {"run": summary["recipe"], "name": st["name"], "steps": st["steps"],
+             "elapsed_s": stage_seconds(Path(recipe.init_from).parent / "metrics.jsonl", st["name"])}
+            for st in summary["stages"]]
+    return history + [{"run": recipe.out_dir, "name": st.name, "steps": st.steps,
+                       "elapsed_s": stage_seconds(metrics_file, st.name)} for st in recipe.stage_list()]
+
+
+def stage_seconds(metrics_file: Path, stage: str) -> float | None:
+    """The largest elapsed_s metrics_file logged for a stage; None without the file or the stage."""
+    if not metrics_file.is_file():
+        return None
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    return max((r["elapsed_s"] for r in rows if r.get("stage") == stage), default=None)
