@@ -3,19 +3,15 @@ one module-scoped server with an API key; the reference is r1kit.interpret.expla
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 
 import pytest
 import torch
+from http_helpers import request_json, serve
 
 from r1kit.api import R1Model
 from r1kit.interpret import ExplainConfig, explain, to_json
 from r1kit.interpret.explain import prompt_ids
-from r1kit.serve.engine_service import EngineService
-from r1kit.serve.openai_api import running_server
 
 try:  # the chromium fixture and helpers of the chat page's tests (skipped there without selenium)
     from selenium.webdriver.common.by import By
@@ -39,23 +35,12 @@ def model() -> R1Model:
 
 @pytest.fixture(scope="module")
 def base_url(model) -> Iterator[str]:
-    service = EngineService(model)
-    service.start()
-    try:
-        with running_server(service, api_key=KEY) as url:
-            yield url
-    finally:
-        service.shutdown(drain=False)
+    with serve(model, api_key=KEY) as (url, _):
+        yield url
 
 
 def post(url: str, body: dict, key: str | None = KEY) -> tuple[int, dict]:
-    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
-    req = urllib.request.Request(url + "/v1/explain", json.dumps(body).encode(), headers, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    return request_json(url, "/v1/explain", body, key=key, timeout=60)
 
 
 def test_explain_endpoint_matches_explain_and_refuses_bad_requests(model, base_url):

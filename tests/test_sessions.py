@@ -4,8 +4,6 @@ conversation (prompt tokens equal the full history's), the prefix cache serves t
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from r1kit.sessions import SessionConfig, SessionError, SessionStore, extractive_summary, split_turns
@@ -82,34 +80,22 @@ def test_record_bounds_turns_expires_and_evicts() -> None:
 # ---------------------------------------------------------------------------------------------------- HTTP
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    from http_helpers import serve
+
     from r1kit.api import R1Model, random_checkpoint
-    from r1kit.serve.engine_service import EngineService
-    from r1kit.serve.openai_api import running_server
     from r1kit.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir("r1kit/nano")
     folder = random_checkpoint(tmp_path_factory.mktemp("m"), "tiny-dense", tokenizer=tok)
     model = R1Model.from_pretrained(folder, device="cpu", dtype="fp32")
-    service = EngineService(model)
-    service.start()
-    try:
-        with running_server(service, sessions=SessionStore(SessionConfig(policy="truncate"))) as url:
-            yield url, service, model
-    finally:
-        service.shutdown(drain=False)
+    with serve(model, sessions=SessionStore(SessionConfig(policy="truncate"))) as (url, service):
+        yield url, service, model
 
 
 def _call(url: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-    import urllib.error
-    import urllib.request
+    from http_helpers import request_json
 
-    req = urllib.request.Request(url + path, data=json.dumps(body).encode() if body else None, method=method,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=300) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    return request_json(url, path, body or None, method=method)
 
 
 def test_http_session_keeps_the_conversation(server, monkeypatch) -> None:

@@ -136,36 +136,23 @@ def test_parser_reads_token_ids_with_special_markers(families, family, text) -> 
 
 @pytest.fixture(scope="module")
 def qwen_server(families, tmp_path_factory):
+    from http_helpers import serve
     from test_chat_template import write_family
 
     from r1kit.api import R1Model, random_checkpoint
-    from r1kit.serve.engine_service import EngineService
-    from r1kit.serve.openai_api import running_server
 
     base, _ = families
     folder = write_family(base, random_checkpoint(tmp_path_factory.mktemp("m"), "tiny-dense", tokenizer=base),
                           "qwen2")
     model = R1Model.from_pretrained(folder, device="cpu", dtype="fp32")
-    service = EngineService(model)
-    service.start()
-    try:
-        with running_server(service) as url:
-            yield url, service, model, folder
-    finally:
-        service.shutdown(drain=False)
+    with serve(model) as (url, service):
+        yield url, service, model, folder
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
-    import urllib.error
-    import urllib.request
+    from http_helpers import request_json
 
-    req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=300) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    return request_json(url, "/v1/chat/completions", body)
 
 
 def test_http_tools_rendered_and_tool_messages(qwen_server) -> None:

@@ -10,10 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from http_helpers import serve
 
 from r1kit.api import R1Model
-from r1kit.serve.engine_service import EngineService
-from r1kit.serve.openai_api import running_server
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.chrome.service import Service  # noqa: E402
@@ -43,13 +42,8 @@ def model() -> R1Model:
 
 @pytest.fixture(scope="module")
 def base_url(model) -> Iterator[str]:
-    service = EngineService(model)
-    service.start()
-    try:
-        with running_server(service, api_key=KEY) as url:
-            yield url
-    finally:
-        service.shutdown(drain=False)
+    with serve(model, api_key=KEY) as (url, _):
+        yield url
 
 
 @pytest.fixture
