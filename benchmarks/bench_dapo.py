@@ -33,7 +33,12 @@ def run_arm(args: argparse.Namespace, name: str, enable: bool) -> list[dict[str,
                                filter_groups={"enable": enable, "max_num_gen_batches": args.max_num_gen_batches})
     if not (out / "final" / "model.safetensors").is_file():
         train_grpo(cfg, resume=True, progress=True)  # a fresh run when there is no checkpoint yet
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(args, name)
+
+
+def read_metrics(args: argparse.Namespace, name: str) -> list[dict[str, Any]]:
+    """An arm's metrics.jsonl records (the steps it has run so far)."""
+    return [json.loads(line) for line in (Path(args.out) / name / "metrics.jsonl").read_text().splitlines()]
 
 
 def evaluate(args: argparse.Namespace, name: str, folder: str) -> dict[str, float]:
@@ -72,11 +77,13 @@ def main() -> None:
     p.add_argument("--kinds", default="sub3,add3")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/dapo")
+    p.add_argument("--arms", default="grpo,dapo", help="the arms to run now (a finished arm's metrics are reused)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     groups = GRPOConfig.from_yaml(args.recipe).prompts_per_step
-    arms = {"grpo": run_arm(args, "grpo", False), "dapo": run_arm(args, "dapo", True)}
+    arms = {name: run_arm(args, name, name == "dapo") if name in args.arms.split(",") else read_metrics(args, name)
+            for name in ("grpo", "dapo")}
     result: dict[str, Any] = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
                               "recipe": args.recipe, "init": args.init, "groups_per_step": groups,
                               "arms": {k: summarize(v, groups) for k, v in arms.items()},
