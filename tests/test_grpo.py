@@ -390,3 +390,14 @@ def test_dynamic_sampling_in_a_run_logs_its_rounds(tiny_run):
         assert 1 <= r["filter_rounds"] <= 3 and r["groups_kept"] <= 2
         assert r["informative_groups"] == r["groups_kept"] and r["trained_rows"] == 4 * r["groups_kept"]
         assert r["groups_dropped"] == round(r["zero_std_groups"] * 2 * r["filter_rounds"])
+
+
+def test_a_checkpoint_from_before_filter_groups_resumes(tmp_path):
+    # a key the checkpointed run did not have ran with its default: resumable; a changed one is refused by name
+    from r1kit.train.loop import TrainingError, _check_same_recipe
+
+    now = GRPOConfig().to_dict()
+    old = {k: v for k, v in now.items() if k != "filter_groups"}
+    _check_same_recipe(old, now, tmp_path, GRPOConfig)
+    with pytest.raises(TrainingError, match=r"differs from the checkpointed run in \['filter_groups'\]"):
+        _check_same_recipe(old, GRPOConfig(filter_groups={"enable": True}).to_dict(), tmp_path, GRPOConfig)

@@ -181,9 +181,9 @@ _RESUMABLE_CHANGES = {"max_steps", "token_budget", "out_dir", "eval_interval", "
                       "keep_checkpoints", "log_interval", "threads", "distributed"}
 
 
-def _check_same_recipe(saved: dict[str, Any], now: dict[str, Any], out: Path) -> None:
-    # a key the checkpointed run did not have yet (added to TrainConfig since) ran with its default
-    defaults = TrainConfig().to_dict()  # sections too (e.g. `continual`, absent from older checkpoints)
+def _check_same_recipe(saved: dict[str, Any], now: dict[str, Any], out: Path, kind: type = TrainConfig) -> None:
+    # a key the checkpointed run did not have yet (added to its config class since) ran with its default
+    defaults = kind().to_dict()  # sections too (e.g. `continual`, GRPO's `filter_groups`, absent from older ones)
     changed = sorted(k for k in set(saved) | set(now)
                      if k not in _RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != now.get(k))
     if changed:
@@ -264,7 +264,7 @@ def open_run_dir(out: Path, cfg: TrainConfig, resume: bool) -> dict[str, Any] | 
     if not resume and checkpoint_files(out):
         raise TrainingError(f"{out}: already holds checkpoints; pass resume=True (--resume) or another out_dir")
     if state is not None:
-        _check_same_recipe(state.get("config", {}), cfg.to_dict(), out)
+        _check_same_recipe(state.get("config", {}), cfg.to_dict(), out, type(cfg))
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     return state
 
