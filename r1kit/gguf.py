@@ -24,7 +24,8 @@ What is read:
                 as the routing bias ``e_score_correction_bias``; a tensor of another type or an unknown name:
                 GGUFError naming the tensor
   tokenizer     ``tokenizer.ggml.*`` of a byte-level BPE (model "gpt2": Qwen2, Llama-3) rebuilt as tokenizer.json
-                with the pre-tokenizer regex of ``tokenizer.ggml.pre``; control tokens special; bos/eos ids; the
+                with the pre-tokenizer regex(es) of ``tokenizer.ggml.pre`` (qwen2, llama-bpe, deepseek-v3; another
+                one: GPT-2's byte-level split); control tokens special; bos/eos ids; the
                 ``tokenizer.chat_template`` into tokenizer_config.json. SentencePiece vocabularies ("llama" model)
                 are refused (the weights can still be converted with ``tokenizer=False``).
 """
@@ -60,12 +61,16 @@ _DEEPSEEK2_NAMES = {**{k: v for k, v in _LAYER_NAMES.items() if k not in ("attn_
                     "attn_k_b": "self_attn.k_b_proj", "attn_v_b": "self_attn.v_b_proj"}
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight"}
-# tokenizer.ggml.pre -> the pre-tokenizer split regex (as llama.cpp's llama-vocab and the HF tokenizers use)
-_PRE_REGEX = {
+# tokenizer.ggml.pre -> the pre-tokenizer split regex(es), applied in order (as llama.cpp's llama-vocab and the HF
+# tokenizers use)
+_PRE_REGEX: dict[str, str | tuple[str, ...]] = {
     "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
              r"\s+(?!\S)|\s+",
     "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                  r"\s*[\r\n]+|\s+(?!\S)|\s+",
+    "deepseek-v3": (r"\p{N}{1,3}", "[一-龥぀-ゟ゠-ヿ]+",
+                    r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+|"""
+                    r""" ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""),
 }
 _CONTROL, _USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
 
@@ -266,8 +271,9 @@ def tokenizer_files(meta: dict[str, Any], source: str) -> tuple[str, dict[str, A
     backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
     pre = meta.get("tokenizer.ggml.pre", "gpt2")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre not in _PRE_REGEX)
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(_PRE_REGEX[pre]), "isolated"), byte_level]) if pre in _PRE_REGEX else byte_level
+    regexes = _PRE_REGEX.get(pre, ())
+    splits = [pre_tokenizers.Split(Regex(r), "isolated") for r in ((regexes,) if isinstance(regexes, str) else regexes)]
+    backend.pre_tokenizer = pre_tokenizers.Sequence([*splits, byte_level]) if splits else byte_level
     backend.decoder = decoders.ByteLevel()
     typed = list(zip(tokens, types, strict=True))
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in typed if k == _CONTROL])

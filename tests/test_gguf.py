@@ -272,3 +272,18 @@ def test_unsupported_architecture_lists_the_supported_ones() -> None:
 
     with pytest.raises(GGUFError, match=r"general.architecture = 'mamba'; r1kit reads llama, qwen2, deepseek2"):
         hf_config({"general.architecture": "mamba"}, 10, False, "m.gguf")
+
+
+def test_deepseek_v3_pre_tokenizer_splits_as_llama_cpp() -> None:
+    # tokenizer.ggml.pre "deepseek-v3": llama.cpp's three regexes in order (digits in threes, CJK runs, then words /
+    # punctuation / newlines), then the byte-level map; the pieces below are the regexes applied by hand
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    from r1kit.gguf import tokenizer_files
+
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b"], "tokenizer.ggml.pre": "deepseek-v3"}
+    tok = Tokenizer.from_str(tokenizer_files(meta, "t.gguf")[0])
+    got = [piece for piece, _ in tok.pre_tokenizer.pre_tokenize_str("Hello, world! 1234567 你好世界 a.b\n\nx")]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    want = ["Hello", ",", " world", "!", " ", "123", "456", "7", " ", "你好世界", " a", ".b", "\n\n", "x"]
+    assert got == [byte_level.pre_tokenize_str(w)[0][0] for w in want]
