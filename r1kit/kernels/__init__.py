@@ -14,6 +14,9 @@ CI sets ``R1KIT_REQUIRE_KERNELS=1`` so that they must).
     from r1kit import kernels
     kernels.accelerate(model)          # its nn.Linear modules take the kernel for <= 8 rows (bf16, CPU, no grad)
     y = kernels.linear(x, w, bias)     # the same dispatch for a bare weight
+
+`r1kit.kernels.paged_attention` (`paged_attention.c`, any CPU) is the engine's decode attention over the paged
+KV pools; `compile_library` builds and caches both sources.
 """
 
 from __future__ import annotations
