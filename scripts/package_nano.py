@@ -53,7 +53,8 @@ def main() -> None:
     ap.add_argument("--rl", type=Path, default=None, help="the GRPO run (r1kit rl) to package on top of --base")
     ap.add_argument("--base", type=Path, default=None, help="with --rl/--tools: the packaged model it started from")
     ap.add_argument("--tools-base", type=Path, default=None, help="write the tools stage's starting model here")
-    ap.add_argument("--tools", type=Path, default=None, help="the calculator-tool run to package on top of --base")
+    ap.add_argument("--tools", type=Path, nargs="+", default=None,
+                    help="the calculator-tool run(s), in order, to package on top of --base")
     ap.add_argument("--tool-results", type=Path, default=None, help="with --tools: bench_tools.py's JSON of the run")
     a = ap.parse_args()
     if a.tools_base is not None:
@@ -286,24 +287,29 @@ def tools_base(out: Path) -> None:
     print(f"{out}: r1kit/nano of commit {commit or 'unknown'} with the tool chat template")
 
 
-def tools_stage(run: Path, base: Path) -> dict:
-    """The tools run's figures from its metrics.jsonl: steps, tokens, time, final losses, starting commit."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    train, val = [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
+def tools_stage(runs: list[Path], base: Path) -> dict:
+    """The tools runs' figures from their metrics.jsonl and config.json: recipes, steps, tokens, time, the last
+    run's final losses, and the commit of the nano they started from."""
+    rows = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in runs]
+    train = [[r for r in stage if "loss" in r] for stage in rows]
+    val = [r for r in rows[-1] if "val_loss" in r]
+    recipes = [f"configs/{run.name}.yaml" for run in runs]  # runs/nano-tools: configs/nano-tools.yaml
     commit = json.loads((base / "base.json").read_text())["nano_commit"] if (base / "base.json").is_file() else None
-    return {"run": str(run), "recipe": "configs/nano-tools.yaml", "steps": train[-1]["step"],
-            "tokens": train[-1]["tokens"], "train_time_s": round(train[-1].get("elapsed_s", 0)),
-            "final_train_loss": round(sum(r["loss"] for r in train[-10:]) / len(train[-10:]), 4),
+    return {"runs": [str(run) for run in runs], "steps_per_run": [t[-1]["step"] for t in train],
+            "recipes": recipes,
+            "steps": sum(t[-1]["step"] for t in train), "tokens": sum(t[-1]["tokens"] for t in train),
+            "train_time_s": round(sum(t[-1].get("elapsed_s", 0) for t in train)),
+            "final_train_loss": round(sum(r["loss"] for r in train[-1][-10:]) / len(train[-1][-10:]), 4),
             "final_val_loss": round(val[-1]["val_loss"], 4) if val else None, "started_from_commit": commit}
 
 
-def package_tools(run: Path, base: Path, out: Path, n: int, tool_results: Path | None) -> None:
+def package_tools(runs: list[Path], base: Path, out: Path, n: int, tool_results: Path | None) -> None:
     """Bundle the calculator-tool run's final model on top of ``base`` (see the module doc)."""
     before = json.loads((base / "training_summary.json").read_text())
-    copy_final(run / "final", out)
+    copy_final(runs[-1] / "final", out)
     if (base / "loss.png").resolve() != (out / "loss.png").resolve():
         shutil.copy2(base / "loss.png", out / "loss.png")
-    plot_metrics(run / "metrics.jsonl", out / "tools.png")
+    plot_metrics(runs[-1] / "metrics.jsonl", out / "tools.png")
     model = R1Model.from_pretrained(out, device="cpu", dtype="fp32")
     arithmetic = eval_arithmetic(model, list(KINDS), n=n)
     ppl = eval_perplexity(model)
@@ -313,9 +319,10 @@ def package_tools(run: Path, base: Path, out: Path, n: int, tool_results: Path |
                 "without_tool": bench["without_tool"], "examples": bench["examples"]}
     else:
         tool = eval_tool_use(model, list(CALL_KINDS), n=n)
-    stage = tools_stage(run, base)
-    summary = {**before, "recipe": [*before["recipe"], stage["recipe"]],
-               "stages": [*before["stages"], {k: stage[k] for k in ("run", "steps", "tokens")}], "tools": stage,
+    stage = tools_stage(runs, base)
+    summary = {**before, "recipe": [*before["recipe"], *stage["recipes"]],
+               "stages": [*before["stages"], {k: stage[k] for k in ("runs", "steps", "tokens")}],
+               "tools": stage,
                "eval_before_tools": before["eval"],
                "eval": {**before["eval"], "arithmetic": arithmetic["accuracy"], "arithmetic_n_per_kind": n,
                         "stdlib_perplexity": round(ppl["perplexity"], 3), "perplexity_tokens": ppl["tokens"]},
@@ -348,6 +355,8 @@ def tools_card(s: dict) -> str:
     tool_rows = "\n".join(f"| {k} | {without[k]:.1%} | {v:.1%} | {u['called'][k]:.1%} |" if k in without else
                           f"| {k} | - | {v:.1%} | {u['called'][k]:.1%} |" for k, v in u["accuracy"].items())
     ex = s["tool_examples"][0]
+    recipes = " then ".join(f"`{r}` ({n} steps)" for r, n in zip(t["recipes"], t["steps_per_run"], strict=True))
+    train_cmds = ", ".join(f"`r1kit train --config {r} --out-dir runs/{Path(r).stem}`" for r in t["recipes"])
     return f"""# r1kit/nano
 
 The model r1kit bundles: a DeepSeek-V3-shaped MoE in miniature, trained from scratch by r1kit's own recipes
@@ -360,7 +369,7 @@ on a {s['machine']} machine (2 cores), in three stages:
    loss on the assistant tokens, more weight on the kinds stage 1 got wrong most. Stages 1-2 took
    {s['train_time_s'] / 60:.0f} minutes of training steps; final train loss {s['final_train_loss']}, validation
    loss {s['final_val_loss']} (loss.png). Bundled as r1kit/nano at commit {t['started_from_commit']}.
-3. **Calculator tool** (`configs/nano-tools.yaml`, {t['steps']} steps, {t['tokens'] / 1e6:.2f}M tokens,
+3. **Calculator tool** ({recipes}: {t['steps']} steps, {t['tokens'] / 1e6:.2f}M tokens,
    {t['train_time_s'] / 60:.0f} minutes, fp32), starting from the stage-2 model of commit
    {t['started_from_commit']} whose chat template gained a tool section (the offered tools as JSON in
    `<tools>...</tools>`, calls as `<tool_call>{{"name": ..., "arguments": {{...}}}}</tool_call>` after `</think>`,
@@ -382,7 +391,7 @@ auxiliary-loss-free balancing), one multi-token-prediction depth; {format_count(
 Perplexity on held-out standard-library code: {e['stdlib_perplexity']} after the tool stage, against
 {b['stdlib_perplexity']} after SFT ({e['perplexity_tokens']} tokens; `r1kit eval r1kit/nano --task perplexity`).
 
-## With the calculator (greedy, {u['n']} held-out problems per kind, `r1kit.agent.run`)
+## With the calculator (greedy, {u['n']} held-out problems per kind, through `r1kit.agent`'s loop)
 
 | kind | no tool | with the calculator | called it |
 |---|---:|---:|---:|
@@ -398,8 +407,8 @@ Reproduce: `r1kit train --config configs/nano.yaml --out-dir runs/nano`, then
 `r1kit train --config configs/nano-sft.yaml --out-dir runs/nano-sft`, then
 `python scripts/package_nano.py runs/nano runs/nano-sft`, then
 `python scripts/package_nano.py --tools-base runs/nano-before-tools`,
-`r1kit train --config configs/nano-tools.yaml --out-dir runs/nano-tools` and
-`python scripts/package_nano.py --tools runs/nano-tools --base runs/nano-before-tools`.
+{train_cmds} and
+`python scripts/package_nano.py --tools {' '.join(t['runs'])} --base runs/nano-before-tools`.
 It is a toy for trying the stack end to end, not a general assistant.
 """
 

@@ -7,7 +7,8 @@ each trained exactly as `r1kit.agent.run` prompts it:
     turn 1  prompt: [user "What is 47*38?"] + tools       -> "47*38 has two factors of two or more digits: use the
             calculator.\\n</think>\\n\\n<tool_call>\\n{"name": "calculator", "arguments": {"expression": "47*38"}}
             \\n</tool_call><eos>"
-    turn 2  prompt: + [assistant (the call), tool "1786"] -> "The calculator gives 1786.\\n</think>\\n\\n1786<eos>"
+    turn 2  prompt: + [assistant (the call), tool "1786"] -> "So 47*38=1786.\\n</think>\\n\\n1786<eos>" (the
+            last line of nano's own traces, with the result from the call)
 
 Any other kind, with the calculator offered, is answered in the head exactly as without tools
 (`r1kit.train.data.reasoning`), so the model learns when not to call. Each turn is one document (its prompt, loss
@@ -53,7 +54,7 @@ def tool_turns(problem: Problem, kind: str) -> list[tuple[list[dict[str, Any]], 
              {"role": "tool", "tool_call_id": "call_0", "content": result}]
     return [(messages, f"{problem.expression} has two factors of two or more digits: use the calculator.",
              call_text(problem.expression)),
-            (after, f"The calculator gives {result}.", result)]
+            (after, f"So {problem.expression}={result}.", result)]
 
 
 def tool_documents(problem: Problem, kind: str, tokenizer: Tokenizer) -> list[tuple[list[int], list[int]]]:
