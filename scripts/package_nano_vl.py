@@ -70,7 +70,8 @@ def model_card(bench: dict, summary: dict, metrics: list[dict], mm: dict, pertok
                                    bench["gate_fixed"], bench["recall_at_1"], bench["peers"])
     stages, train_s = stage_lines(summary, metrics)
     img = mm["config"]["image"]
-    stem = (f"a 3x3 convolution stem ({img['stem_channels']} channels) then " if img.get("stem") == "conv" else "")
+    stem = (f"{img.get('stem_layers', 1)} 3x3 convolutions ({img['stem_channels']} channels, GELU) then "
+            if img.get("stem") == "conv" else "")
     voices = ", ".join(f"{v} {pct(a)}" for v, a in s["per_voice"].items())
     rows = "\n".join(f"| {name} | {pct(ours)} | {pct(eq)} | {peer} |" for name, ours, eq, peer in (
         ('"What digit is this?" (297 images)', d["accuracy"], fixed["digit_images"],

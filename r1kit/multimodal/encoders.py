@@ -75,7 +75,8 @@ class ViTEncoder(nn.Module):
     """Grayscale images (B, 1, H, W) in [0, 1], H = W = image_size -> patch embeddings (B, N, D), N = patches.
 
     Patch embedding (a strided convolution = a linear map of each flattened patch; with stem "conv", of the
-    patch's 3x3-convolution features), learned positions, pre-norm transformer layers, final LayerNorm."""
+    patch's features after stem_layers 3x3 convolutions), learned positions, pre-norm transformer layers, final
+    LayerNorm."""
 
     def __init__(self, cfg: ImageEncoderConfig):
         super().__init__()
@@ -83,7 +84,8 @@ class ViTEncoder(nn.Module):
         channels = 1
         if cfg.stem == "conv":  # early convolutions (Xiao et al. 2021): (B, 1, H, W) -> (B, S, H, W)
             channels = cfg.stem_channels
-            self.stem = nn.Sequential(nn.Conv2d(1, channels, 3, padding=1), nn.GELU())
+            self.stem = nn.Sequential(*[m for i in range(cfg.stem_layers) for m in (
+                nn.Conv2d(1 if i == 0 else channels, channels, 3, padding=1), nn.GELU())])
         self.patch_embed = nn.Conv2d(channels, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_tokens, cfg.dim) * 0.02)
         self.layers = encoder_layers(cfg.dim, cfg.heads, cfg.layers)
