@@ -387,7 +387,9 @@ def finetune(job: Job, prepare: Callable[[Transformer], None], from_init: bool =
     """Fine-tune MODEL for options.max_steps through r1kit.train.loop.train, `prepare` applied to the model
     before the optimizer is built; returns the trained model (eval mode) and the loop's summary. `from_init`:
     the model is MODEL in its own architecture (compressed shapes and structure), not the recipe's; options.kd:
-    the loss is the divergence to the teacher (kd_objective; the recipe's MTP loss off), not the cross-entropy."""
+    the loss is the divergence to the teacher (kd_objective), not the cross-entropy, and the recipe's MTP loss and
+    expert re-balancing are off (the routing bias stays the teacher's: balancing on the training data's loads moved
+    nano's arithmetic experts)."""
     from r1kit.train.config import TrainConfig
     from r1kit.train.loop import train
 
@@ -401,7 +403,7 @@ def finetune(job: Job, prepare: Callable[[Transformer], None], from_init: bool =
         learning_rate=o.learning_rate, warmup_steps=min(10, o.max_steps), batch_size=o.batch_size,
         seq_len=o.seq_len, eval_interval=o.max_steps, checkpoint_interval=o.max_steps,
         log_interval=max(1, o.max_steps // 10), threads=torch.get_num_threads(), precision=o.precision,
-        **({"mtp_loss_weight": 0.0} if o.kd else {}))
+        **({"mtp_loss_weight": 0.0, "moe_balance_rate": 0.0} if o.kd else {}))
     cfg.model.from_init = from_init
     objective, teacher = kd_objective(job, o.device) if o.kd else (None, None)
     cfg.data.arithmetic_examples = min(cfg.data.arithmetic_examples, 20_000)  # a short run needs little data
