@@ -23,6 +23,13 @@ from r1kit.train.distill import DistillError, LogitDistillation, LossSection
 FIT = {"batch_size": 4, "seq_len": 32, "learning_rate": 3e-3}
 
 
+@pytest.fixture(autouse=True)
+def no_plots(monkeypatch):
+    """The fine-tune's final loss and expert-load PNGs (tested in test_train) are most of a tiny run's time."""
+    monkeypatch.setattr("r1kit.train.loop.plot_metrics", lambda *a, **k: None)
+    monkeypatch.setattr("r1kit.train.loop.plot_expert_load", lambda *a, **k: [])
+
+
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
     file = tmp_path_factory.mktemp("recipe") / "recipe.yaml"
