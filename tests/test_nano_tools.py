@@ -111,7 +111,8 @@ def test_tool_stream_and_config(tok) -> None:
     assert 0 < float(stream.mask.float().mean()) < 1
     with pytest.raises(ValueError, match="unknown"):
         tool_stream(tok, 2, seed=0, kinds={"mul4x4": 1.0})
-    cfg = TrainConfig.from_yaml("configs/nano-tools.yaml")
-    assert cfg.data.mixture["tools"] > 0 and "mul2x2" in cfg.data.tool_kinds
+    for recipe in ("configs/nano-tools.yaml", "configs/nano-tools-2.yaml", "configs/nano-tools-3.yaml"):
+        cfg = TrainConfig.from_yaml(recipe)
+        assert cfg.data.mixture["tools"] > 0 and "mul2x2" in cfg.data.tool_kinds, recipe
     with pytest.raises(TrainConfigError, match="tool_kinds"):
         TrainConfig.from_dict({"data": {"mixture": {"tools": 1.0}, "tool_kinds": {"mul9": 1.0}}})
