@@ -136,7 +136,8 @@ def test_content_parts_developer_role_and_null_assistant_content(model, base):
         c.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": [
             {"type": "text", "text": "What is in"},
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
-    assert "image_url" in err.value.body["message"] and err.value.body["param"] == "messages.0.content.1.type"
+    assert "messages[0].content[1]" in err.value.body["message"] and "image" in err.value.body["message"]
+    assert err.value.body["param"] == "messages.0.content.1.type"
     for content in (None, [{"type": "text"}]):
         status, error = request(base, "POST", "/v1/chat/completions", json.dumps(
             {"model": MODEL, "messages": [{"role": "user", "content": content}]}).encode())

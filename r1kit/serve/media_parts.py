@@ -170,8 +170,10 @@ def media_chat(model: Any, messages: Sequence[Mapping[str, Any]], thinking: bool
     vl = getattr(model, "multimodal", None)
     if vl is None:
         i, j = found[0] if found else (0, 0)
+        kind = _part_type(converted[i]["content"][j]) if found else "media"
         raise MediaPartError(f"messages[{i}].content[{j}]: this model reads text only (it has no image or audio "
-                             "encoder)", _param(i, j, "type"), code="unsupported_content")
+                             f"encoder), so it cannot read this {kind} part", _param(i, j, "type"),
+                             code="unsupported_content")
     try:
         prompt = encode_media_chat(vl, model.tokenizer, converted, thinking, tools)
     except MissingEncoderError as e:
