@@ -72,15 +72,21 @@ def main() -> None:
         return
     if not a.runs:
         sys.exit("give the training runs stage by stage, or --rl RUN --base FOLDER")
-    final = a.runs[-1] / "final"
+    package_stages(a.runs, a.out, a.n)
+
+
+def package_stages(runs: list[Path], out: Path, n: int) -> None:
+    """Package the pretraining/SFT runs (stage by stage) as `out`: weights, loss.png across the stages, the
+    held-out evaluation, training_summary.json and the model card."""
+    final = runs[-1] / "final"
     missing = [f for f in FILES if not (final / f).is_file()]
     if missing:
         sys.exit(f"{final}: missing {missing}; did the run finish?")
-    a.out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     for f in FILES:
-        shutil.copy2(final / f, a.out / f)
+        shutil.copy2(final / f, out / f)
     rows, offset, elapsed, stages = [], 0, 0.0, []
-    for run in a.runs:  # one token axis across the stages
+    for run in runs:  # one token axis across the stages
         stage = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         for r in stage:
             r["tokens"] += offset
@@ -89,19 +95,19 @@ def main() -> None:
         stages.append({"run": str(run), "steps": last["step"], "tokens": last["tokens"] - offset})
         offset, elapsed = last["tokens"], last["elapsed_s"]
         rows += stage
-    combined = a.out / "metrics.jsonl"
+    combined = out / "metrics.jsonl"
     combined.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    plot_metrics(combined, a.out / "loss.png")
+    plot_metrics(combined, out / "loss.png")
     combined.unlink()
 
-    model = R1Model.from_pretrained(a.out, device="cpu", dtype="fp32")
-    arithmetic = eval_arithmetic(model, list(KINDS), n=a.n)
+    model = R1Model.from_pretrained(out, device="cpu", dtype="fp32")
+    arithmetic = eval_arithmetic(model, list(KINDS), n=n)
     ppl = eval_perplexity(model)
     train_rows = [r for r in rows if "loss" in r]
     val_rows = [r for r in rows if "val_loss" in r]
     info = model.info()
     summary = {
-        "recipe": ["configs/nano.yaml", "configs/nano-sft.yaml"][:len(a.runs)], "stages": stages,
+        "recipe": ["configs/nano.yaml", "configs/nano-sft.yaml"][:len(runs)], "stages": stages,
         "params_total": info["params_total"], "params_active": info["params_active"],
         "steps": sum(s["steps"] for s in stages), "tokens": train_rows[-1]["tokens"],
         "train_time_s": round(train_rows[-1]["elapsed_s"]), "machine": f"{platform.machine()}, CPU",
@@ -109,17 +115,17 @@ def main() -> None:
         "final_val_loss": round(val_rows[-1]["val_loss"], 4),
         "final_maxvio": train_rows[-1].get("maxvio"),
         "stdlib_of_python": platform.python_version(),
-        "eval": {"arithmetic": arithmetic["accuracy"], "arithmetic_n_per_kind": a.n,
+        "eval": {"arithmetic": arithmetic["accuracy"], "arithmetic_n_per_kind": n,
                  "stdlib_perplexity": round(ppl["perplexity"], 3), "perplexity_tokens": ppl["tokens"],
                  "perplexity_windows": ppl["windows"], "perplexity_window": ppl["window"],
                  "perplexity_of_tokens": ppl["of_tokens"]},
         "examples": arithmetic["examples"][::3],
     }
-    (a.out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     acc = "\n".join(f"| {k} | {v:.1%} |" for k, v in arithmetic["accuracy"].items())
     ex = summary["examples"][0]
     per_stage = " + ".join(str(s["steps"]) for s in stages)
-    (a.out / "README.md").write_text(f"""# r1kit/nano
+    (out / "README.md").write_text(f"""# r1kit/nano
 
 The model r1kit bundles: a DeepSeek-V3-shaped MoE in miniature, trained from scratch by r1kit's own
 recipes (`configs/nano.yaml`, then `configs/nano-sft.yaml`) on a {summary['machine']} machine (2 cores) in
@@ -135,7 +141,7 @@ recipes (`configs/nano.yaml`, then `configs/nano-sft.yaml`) on a {summary['machi
   {summary['final_train_loss']}, validation loss {summary['final_val_loss']} (on the last stage's validation
   mixture, mostly arithmetic: the drop at the stage boundary in loss.png is the mixture changing).
 
-## Held-out evaluation (greedy, {a.n} problems per kind)
+## Held-out evaluation (greedy, {n} problems per kind)
 
 | kind | accuracy |
 |---|---:|
