@@ -218,6 +218,18 @@ def example_block(ex: dict) -> str:
     return f"Example ({ex['question']}):\n```\n<think>\n{ex['reasoning']}\n</think>\n{ex['answer']}\n```"
 
 
+def pretrain_sft_stages(s: dict) -> str:
+    """Stages 1-2 of a model card (pretraining, SFT) from the packaged model's training_summary `s`."""
+    pre, sft = s["stages"][0], s["stages"][1]
+    return f"""1. **Pretraining** (`configs/nano.yaml`, {pre['steps']} steps, {pre['tokens'] / 1e6:.1f}M tokens):
+   the Python {s['stdlib_of_python']} standard library's source and generated arithmetic problems answered in
+   the R1 format, with step-by-step `<think>` traces.
+2. **SFT** (`configs/nano-sft.yaml`, {sft['steps']} steps, {sft['tokens'] / 1e6:.1f}M tokens):
+   loss on the assistant tokens, more weight on the kinds stage 1 got wrong most. Stages 1-2 took
+   {s['train_time_s'] / 60:.0f} minutes of training steps; final train loss {s['final_train_loss']}, validation
+   loss {s['final_val_loss']} (loss.png)."""
+
+
 def rl_card(s: dict) -> str:
     """The model card of the SFT + RL model: stages, before/after table, curves, recipe."""
     rl, b, e = s["rl"], s["eval_before_rl"], s["eval"]
@@ -230,13 +242,7 @@ def rl_card(s: dict) -> str:
 The model r1kit bundles: a DeepSeek-V3-shaped MoE in miniature, trained from scratch by r1kit's own recipes
 on a {s['machine']} machine (2 cores), in three stages as DeepSeek-R1 was post-trained:
 
-1. **Pretraining** (`configs/nano.yaml`, {s['stages'][0]['steps']} steps, {s['stages'][0]['tokens'] / 1e6:.1f}M tokens):
-   the Python {s['stdlib_of_python']} standard library's source and generated arithmetic problems answered in
-   the R1 format, with step-by-step `<think>` traces.
-2. **SFT** (`configs/nano-sft.yaml`, {s['stages'][1]['steps']} steps, {s['stages'][1]['tokens'] / 1e6:.1f}M tokens):
-   loss on the assistant tokens, more weight on the kinds stage 1 got wrong most. Stages 1-2 took
-   {s['train_time_s'] / 60:.0f} minutes of training steps; final train loss {s['final_train_loss']}, validation
-   loss {s['final_val_loss']} (loss.png).
+{pretrain_sft_stages(s)}
 3. **RL: GRPO with verifiable rewards** (`configs/grpo-nano.yaml`, `r1kit rl`): {rl['steps']} steps of
    {c['generation_batch_size'] // c['num_generations']} training problems x {c['num_generations']} sampled
    completions ({rl['completions']} completions, {rl['rollout_tokens'] / 1e6:.2f}M generated tokens) through
@@ -368,13 +374,7 @@ def tools_card(s: dict) -> str:
 The model r1kit bundles: a DeepSeek-V3-shaped MoE in miniature, trained from scratch by r1kit's own recipes
 on a {s['machine']} machine (2 cores), in three stages:
 
-1. **Pretraining** (`configs/nano.yaml`, {s['stages'][0]['steps']} steps, {s['stages'][0]['tokens'] / 1e6:.1f}M tokens):
-   the Python {s['stdlib_of_python']} standard library's source and generated arithmetic problems answered in
-   the R1 format, with step-by-step `<think>` traces.
-2. **SFT** (`configs/nano-sft.yaml`, {s['stages'][1]['steps']} steps, {s['stages'][1]['tokens'] / 1e6:.1f}M tokens):
-   loss on the assistant tokens, more weight on the kinds stage 1 got wrong most. Stages 1-2 took
-   {s['train_time_s'] / 60:.0f} minutes of training steps; final train loss {s['final_train_loss']}, validation
-   loss {s['final_val_loss']} (loss.png). Bundled as r1kit/nano at commit {t['started_from_commit']}.
+{pretrain_sft_stages(s)} Bundled as r1kit/nano at commit {t['started_from_commit']}.
 3. **Calculator tool** ({recipes}: {t['steps']} steps, {t['tokens'] / 1e6:.2f}M tokens,
    {t['train_time_s'] / 60:.0f} minutes, fp32), starting from the stage-2 model of commit
    {t['started_from_commit']} whose chat template gained a tool section (the offered tools as JSON in
