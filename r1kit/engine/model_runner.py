@@ -116,10 +116,10 @@ class ModelRunner:
     def input_embeds(self, out: SchedulerOutput, ids: torch.Tensor) -> torch.Tensor | None:
         """The step's input embeddings (N, C) when a prefill chunk's sequence carries prompt embeddings (media):
         its prompt rows from ``seq.prompt_embeds``, every other row embed_tokens(ids); None when none does."""
+        if all(c.seq.prompt_embeds is None for c in out.prefills):  # text only (every decode step): no work
+            return None
         firsts = [0, *itertools.accumulate(chunk.length for chunk in out.prefills)]
         chunks = [(c, first) for c, first in zip(out.prefills, firsts, strict=False) if c.seq.prompt_embeds is not None]
-        if not chunks:
-            return None
         x = self.model.embed_tokens(ids)  # (N, C)
         for chunk, first in chunks:  # a recomputed (preempted) sequence's outputs are plain tokens
             end = min(chunk.start + chunk.length, len(chunk.seq.prompt_token_ids))
